@@ -1,0 +1,140 @@
+// Package spoacmd is the haconnect-spoa command: flags, wiring and lifetime
+// of an authorization agent with its metrics listener.
+package spoacmd
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/haconnect/haconnect/internal/consulflags"
+	"github.com/haconnect/haconnect/internal/logging"
+	"github.com/haconnect/haconnect/spoa"
+	"github.com/haconnect/haconnect/spoa/authz"
+)
+
+// Options are the command's settings.
+type Options struct {
+	Listen        string
+	MetricsListen string
+	Target        string
+	StaleWindow   time.Duration
+	TTL           time.Duration
+	Consul        consulflags.Flags
+	Log           logging.Flags
+}
+
+// Register adds the command's flags to fs.
+func (o *Options) Register(fs *flag.FlagSet) {
+	fs.StringVar(&o.Listen, "listen", "127.0.0.1:12345", "SPOP listen address: host:port, or unix:/path for a unix socket")
+	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus /metrics on this host:port (off when empty)")
+	fs.StringVar(&o.Target, "target", "", "destination service checked when a message has no target argument")
+	fs.DurationVar(&o.StaleWindow, "stale-window", 5*time.Minute, "how long cached decisions are served while Consul is unreachable")
+	fs.DurationVar(&o.TTL, "ttl", time.Second, "how long HAProxy may reuse a decision on an open connection (sent as ttl_ms)")
+	o.Consul.Register(fs)
+	o.Log.Register(fs)
+}
+
+// Run parses args, serves until ctx is done and returns the exit code.
+func Run(ctx context.Context, args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("haconnect-spoa", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o Options
+	o.Register(fs)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "haconnect-spoa: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if err := Serve(ctx, o, stderr); err != nil {
+		fmt.Fprintf(stderr, "haconnect-spoa: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// Serve runs an agent with options o until ctx is done.
+func Serve(ctx context.Context, o Options, logOut io.Writer) error {
+	if o.StaleWindow < 0 {
+		return fmt.Errorf("-stale-window must not be negative")
+	}
+	if o.TTL <= 0 || o.TTL > time.Hour {
+		return fmt.Errorf("-ttl must be in (0, 1h], got %s", o.TTL)
+	}
+	log, err := o.Log.New("haconnect-spoa", logOut)
+	if err != nil {
+		return err
+	}
+	consulCfg, err := o.Consul.Config()
+	if err != nil {
+		return err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	az, err := authz.New(authz.Config{
+		Consul:      consulCfg,
+		Logger:      log.Named("authz"),
+		Metrics:     authz.NewMetrics(reg),
+		StaleWindow: o.StaleWindow,
+	})
+	if err != nil {
+		return err
+	}
+	srv, err := spoa.NewServer(spoa.Config{
+		Decider:    az,
+		Target:     o.Target,
+		TTL:        o.TTL,
+		Logger:     log,
+		Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	l, err := spoa.Listen(o.Listen)
+	if err != nil {
+		return fmt.Errorf("-listen: %w", err)
+	}
+	var ml net.Listener
+	if o.MetricsListen != "" {
+		if ml, err = net.Listen("tcp", o.MetricsListen); err != nil {
+			l.Close()
+			return fmt.Errorf("-metrics-listen: %w", err)
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var targets []string
+	if o.Target != "" {
+		targets = append(targets, o.Target)
+	}
+	az.Start(ctx, targets...)
+	if ml != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = hs.Serve(ml) }()
+		defer hs.Close()
+		log.Info("serving metrics", "addr", ml.Addr().String())
+	}
+	log.Info("serving SPOP", "addr", l.Addr().String(), "target", o.Target,
+		"consul", consulCfg.Address, "stale_window", o.StaleWindow, "ttl", o.TTL)
+	err = srv.Serve(ctx, l)
+	log.Info("stopped")
+	return err
+}

@@ -1,0 +1,582 @@
+// Package authz decides whether a caller, identified by its client
+// certificate, may connect to a destination service, from Consul intentions.
+//
+// Decisions follow /v1/agent/connect/authorize exactly: the intentions that
+// match the destination, in Consul's precedence order (as returned by
+// /v1/connect/intentions/match), are walked and the first whose source matches
+// the caller decides; with no match the ACL default policy decides (learned
+// from the agent's authorize endpoint, the only place that reports it). Two
+// checks the agent endpoint does not make are added: the certificate must
+// carry exactly one Consul service SPIFFE ID, and its trust domain must be the
+// cluster's (from the CA roots).
+//
+// Decisions are cached per destination and certificate. Each destination's
+// intentions are kept current by a blocking query; a change re-evaluates the
+// cache at once, so a new connection sees it within the time Consul takes to
+// answer the blocking query. Evaluating locally rather than calling the agent
+// on a miss also avoids caching an answer from the agent's own intention
+// cache while it still lags behind a change.
+//
+// When Consul cannot be reached, cached decisions keep being served for
+// Config.StaleWindow after the last successful contact; anything not cached,
+// and everything past the window, is denied.
+package authz
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+)
+
+// Config configures an Authorizer.
+type Config struct {
+	// Consul is the agent's client configuration (api.DefaultConfig() reads
+	// CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...).
+	Consul *api.Config
+	Logger hclog.Logger
+	// Metrics may be nil.
+	Metrics *Metrics
+	// StaleWindow is how long cached decisions are served while Consul is
+	// unreachable (default 5m).
+	StaleWindow time.Duration
+	// MaxTargets bounds the destinations one authorizer watches (default 64).
+	MaxTargets int
+	// MaxEntries bounds the cached decisions per destination (default 10000).
+	MaxEntries int
+	// WaitTime is the blocking queries' wait (default 60s).
+	WaitTime time.Duration
+	// StartTimeout is how long a request for a destination seen for the
+	// first time waits for its intentions (default 2s).
+	StartTimeout time.Duration
+	// DefaultPolicyTTL is how long the learned ACL default policy is reused
+	// before it is asked again (default 1m).
+	DefaultPolicyTTL time.Duration
+	// CallTimeout bounds non-blocking Consul calls (default 2s).
+	CallTimeout time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Consul == nil {
+		c.Consul = api.DefaultConfig()
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	if c.StaleWindow <= 0 {
+		c.StaleWindow = 5 * time.Minute
+	}
+	if c.MaxTargets <= 0 {
+		c.MaxTargets = 64
+	}
+	if c.MaxEntries <= 0 {
+		c.MaxEntries = 10000
+	}
+	if c.WaitTime <= 0 {
+		c.WaitTime = 60 * time.Second
+	}
+	if c.StartTimeout <= 0 {
+		c.StartTimeout = 2 * time.Second
+	}
+	if c.DefaultPolicyTTL <= 0 {
+		c.DefaultPolicyTTL = time.Minute
+	}
+	if c.CallTimeout <= 0 {
+		c.CallTimeout = 2 * time.Second
+	}
+}
+
+// Authorizer makes and caches decisions. Create it with New and start its
+// watches with Start.
+type Authorizer struct {
+	cfg   Config
+	log   hclog.Logger
+	watch *api.Client // blocking queries, bounded by contexts
+	call  *api.Client // one-shot calls, bounded by CallTimeout
+
+	ctx context.Context
+
+	roots       health
+	trustDomain atomic.Pointer[string]
+
+	mu      sync.RWMutex
+	targets map[string]*target
+}
+
+// target is the state kept for one destination service.
+type target struct {
+	name   string
+	health health
+
+	mu         sync.RWMutex
+	gen        uint64            // bumped on every intention change
+	intentions []*api.Intention  // precedence order, as Consul returns them
+	entries    map[string]*entry // by certificate DER
+
+	defaultPolicy atomic.Pointer[defaultPolicy]
+}
+
+type entry struct {
+	id       Identity
+	gen      uint64
+	decision *Decision
+}
+
+type defaultPolicy struct {
+	allow   bool
+	learned time.Time
+}
+
+// health tracks one blocking query; it is read on the hot path.
+type health struct {
+	loaded  chan struct{} // closed after the first successful answer
+	once    sync.Once
+	healthy atomic.Bool
+	lastOK  atomic.Int64 // unix nanoseconds
+}
+
+func newHealth() health { return health{loaded: make(chan struct{})} }
+
+func (h *health) ok(now time.Time) {
+	h.lastOK.Store(now.UnixNano())
+	h.healthy.Store(true)
+	h.once.Do(func() { close(h.loaded) })
+}
+
+// fresh reports whether data from this query may still be used.
+func (h *health) fresh(now time.Time, window time.Duration) bool {
+	if h.healthy.Load() {
+		return true
+	}
+	last := h.lastOK.Load()
+	return last != 0 && now.UnixNano()-last <= int64(window)
+}
+
+func (h *health) isLoaded() bool {
+	select {
+	case <-h.loaded:
+		return true
+	default:
+		return false
+	}
+}
+
+// New checks the configuration and creates an Authorizer.
+func New(cfg Config) (*Authorizer, error) {
+	cfg.setDefaults()
+	watch, err := api.NewClient(cfg.Consul)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	callCfg := *cfg.Consul
+	hc, err := api.NewHttpClient(callCfg.Transport, callCfg.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	hc.Timeout = cfg.CallTimeout
+	callCfg.HttpClient = hc
+	call, err := api.NewClient(&callCfg)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	return &Authorizer{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		watch:   watch,
+		call:    call,
+		roots:   newHealth(),
+		targets: map[string]*target{},
+	}, nil
+}
+
+// Start begins watching the CA roots and the given destinations; watches
+// stop when ctx is done. Destinations seen later in requests are watched from
+// their first request on.
+func (a *Authorizer) Start(ctx context.Context, targets ...string) {
+	a.ctx = ctx
+	go a.loop(ctx, queryRoots, "CA roots", &a.roots, a.queryRoots)
+	for _, t := range targets {
+		a.target(t)
+	}
+}
+
+// Ready blocks until the CA roots and the given destinations' intentions are
+// loaded, or ctx is done.
+func (a *Authorizer) Ready(ctx context.Context, targets ...string) error {
+	wait := []<-chan struct{}{a.roots.loaded}
+	for _, name := range targets {
+		t := a.target(name)
+		if t == nil {
+			return fmt.Errorf("too many destinations")
+		}
+		wait = append(wait, t.health.loaded)
+	}
+	for _, ch := range wait {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Decide answers whether the holder of the DER certificate may reach target.
+// It never blocks on Consul for a cached caller.
+func (a *Authorizer) Decide(targetName string, der []byte) *Decision {
+	start := time.Now()
+	d := a.decide(targetName, der, start)
+	a.cfg.Metrics.observe(d, start)
+	return d
+}
+
+func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
+	if len(der) == 0 {
+		return deny(ReasonNoCertificate)
+	}
+	if name == "" {
+		return deny(ReasonNoTarget)
+	}
+	t := a.target(name)
+	if t == nil {
+		return deny(ReasonTooManyTargets)
+	}
+	fresh := a.roots.fresh(now, a.cfg.StaleWindow) && t.health.fresh(now, a.cfg.StaleWindow)
+
+	t.mu.RLock()
+	e := t.entries[string(der)]
+	hit := e != nil && e.gen == t.gen && now.Before(e.id.NotAfter)
+	var d *Decision
+	if hit {
+		d = e.decision
+	}
+	t.mu.RUnlock()
+	a.cfg.Metrics.lookup(hit)
+	if hit {
+		if !fresh {
+			return deny(ReasonConsulStale)
+		}
+		return d
+	}
+	return a.miss(t, der)
+}
+
+// miss decides for a caller that is not cached. It needs a healthy Consul.
+func (a *Authorizer) miss(t *target, der []byte) *Decision {
+	if !a.waitLoaded(&a.roots) || !a.waitLoaded(&t.health) {
+		return deny(ReasonConsulUnavailable)
+	}
+	if !a.roots.healthy.Load() || !t.health.healthy.Load() {
+		return deny(ReasonConsulUnavailable)
+	}
+	id, reason, err := ParseIdentity(der)
+	if err != nil {
+		a.log.Debug("denied: unusable client certificate", "target", t.name, "reason", reason.String(), "error", err)
+		return deny(reason)
+	}
+	if td := *a.trustDomain.Load(); id.ID.TrustDomain().Name() != td {
+		a.log.Warn("denied: certificate from a foreign trust domain", "target", t.name,
+			"spiffe", id.ID.String(), "trust_domain", td)
+		return newDecision(false, ReasonTrustDomain, &id)
+	}
+
+	t.mu.RLock()
+	gen, list := t.gen, t.intentions
+	t.mu.RUnlock()
+	d, cacheable := a.evaluate(t, list, &id)
+	if !cacheable {
+		return d
+	}
+	t.mu.Lock()
+	if t.gen == gen { // else an update raced us; the next request re-evaluates
+		if len(t.entries) >= a.cfg.MaxEntries {
+			for k := range t.entries { // evict an arbitrary entry
+				delete(t.entries, k)
+				break
+			}
+		}
+		t.entries[string(der)] = &entry{id: id, gen: gen, decision: d}
+	}
+	t.mu.Unlock()
+	return d
+}
+
+func (a *Authorizer) waitLoaded(h *health) bool {
+	if h.isLoaded() {
+		return true
+	}
+	timer := time.NewTimer(a.cfg.StartTimeout)
+	defer timer.Stop()
+	select {
+	case <-h.loaded:
+		return true
+	case <-timer.C:
+		return false
+	}
+}
+
+// evaluate applies the intentions (in precedence order) to the caller. The
+// boolean says whether the decision may be cached.
+func (a *Authorizer) evaluate(t *target, list []*api.Intention, id *Identity) (*Decision, bool) {
+	for _, ixn := range list {
+		if !sourceMatches(ixn, id) {
+			continue
+		}
+		if len(ixn.Permissions) > 0 {
+			// As the agent does: an L7 intention cannot be decided at L4.
+			return newDecision(false, ReasonL7Intention, id), true
+		}
+		if ixn.Action == api.IntentionActionAllow {
+			return newDecision(true, ReasonIntentionAllow, id), true
+		}
+		return newDecision(false, ReasonIntentionDeny, id), true
+	}
+	allow, reason, err := a.defaultDecision(t, id)
+	if err != nil {
+		a.log.Error("denied: cannot learn the default intention policy", "target", t.name,
+			"spiffe", id.ID.String(), "error", err)
+		return newDecision(false, reason, id), false
+	}
+	if allow {
+		return newDecision(true, ReasonDefaultAllow, id), true
+	}
+	return newDecision(false, ReasonDefaultDeny, id), true
+}
+
+// sourceMatches mirrors Consul's matching of an intention's source against a
+// local caller.
+func sourceMatches(ixn *api.Intention, id *Identity) bool {
+	if ixn.SourcePeer != "" || ixn.SourceSamenessGroup != "" {
+		return false // a peer's callers carry another trust domain
+	}
+	if ixn.SourceType != "" && ixn.SourceType != api.IntentionSourceConsul {
+		return false
+	}
+	if orDefault(ixn.SourcePartition) != id.Partition {
+		return false
+	}
+	if ns := orDefault(ixn.SourceNS); ns != "*" && ns != id.Namespace {
+		return false
+	}
+	return ixn.SourceName == "*" || ixn.SourceName == id.Service
+}
+
+func orDefault(s string) string {
+	if s == "" {
+		return "default"
+	}
+	return s
+}
+
+// defaultReasonPrefix is how the agent's authorize endpoint words a decision
+// taken by the ACL default policy.
+const defaultReasonPrefix = "Default behavior"
+
+// defaultDecision returns the ACL default policy for callers no intention
+// matches. Consul exposes it only through the authorize endpoint, so it asks
+// that endpoint about this caller. The agent answers from its own intention
+// cache, which may lag a change by a few milliseconds; while it still reports
+// a matching intention that our list no longer has (or the reverse), ask
+// again briefly, then give up and deny.
+func (a *Authorizer) defaultDecision(t *target, id *Identity) (bool, Reason, error) {
+	if p := t.defaultPolicy.Load(); p != nil && time.Since(p.learned) < a.cfg.DefaultPolicyTTL {
+		return p.allow, 0, nil
+	}
+	deadline := time.Now().Add(250 * time.Millisecond)
+	for {
+		res, err := a.call.Agent().ConnectAuthorize(&api.AgentAuthorizeParams{
+			Target:        t.name,
+			ClientCertURI: id.ID.String(),
+		})
+		if err != nil {
+			a.cfg.Metrics.consulError(queryAuthorize)
+			return false, ReasonConsulError, explainACL(err, t.name)
+		}
+		if strings.HasPrefix(res.Reason, defaultReasonPrefix) {
+			t.defaultPolicy.Store(&defaultPolicy{allow: res.Authorized, learned: time.Now()})
+			return res.Authorized, 0, nil
+		}
+		if time.Now().After(deadline) {
+			return false, ReasonConsulInconsistent,
+				fmt.Errorf("the agent still answers %q where no intention matches", res.Reason)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// explainACL names the missing permission when the agent refuses a call.
+func explainACL(err error, targetName string) error {
+	var se api.StatusError
+	if errors.As(err, &se) && se.Code == 403 {
+		return fmt.Errorf("%w (the token needs service:write on %q to call /v1/agent/connect/authorize)", err, targetName)
+	}
+	return err
+}
+
+// target returns the state for a destination, creating it and starting its
+// watch the first time. It returns nil past MaxTargets.
+func (a *Authorizer) target(name string) *target {
+	a.mu.RLock()
+	t := a.targets[name]
+	a.mu.RUnlock()
+	if t != nil {
+		return t
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if t = a.targets[name]; t != nil {
+		return t
+	}
+	if len(a.targets) >= a.cfg.MaxTargets {
+		a.log.Warn("denied: too many destinations for one authorizer", "target", name, "max", a.cfg.MaxTargets)
+		return nil
+	}
+	t = &target{name: name, health: newHealth(), entries: map[string]*entry{}}
+	a.targets[name] = t
+	go a.loop(a.ctx, queryIntentions, "intentions for "+name, &t.health, func(ctx context.Context, index uint64) (uint64, error) {
+		return a.queryIntentions(ctx, t, index)
+	})
+	return t
+}
+
+func (a *Authorizer) queryRoots(ctx context.Context, index uint64) (uint64, error) {
+	roots, meta, err := a.watch.Agent().ConnectCARoots(a.blocking(ctx, index))
+	if err != nil {
+		return 0, err
+	}
+	if roots.TrustDomain == "" {
+		return 0, errors.New("consul reports no trust domain (is Connect enabled?)")
+	}
+	if old := a.trustDomain.Load(); old == nil || *old != roots.TrustDomain {
+		td := roots.TrustDomain
+		a.trustDomain.Store(&td)
+		a.log.Info("trust domain loaded", "trust_domain", td)
+	}
+	return meta.LastIndex, nil
+}
+
+func (a *Authorizer) queryIntentions(ctx context.Context, t *target, index uint64) (uint64, error) {
+	res, meta, err := a.watch.Connect().IntentionMatch(&api.IntentionMatch{
+		By:    api.IntentionMatchDestination,
+		Names: []string{t.name},
+	}, a.blocking(ctx, index))
+	if err != nil {
+		return 0, err
+	}
+	if meta.LastIndex != index || !t.health.isLoaded() {
+		a.apply(t, res[t.name])
+	}
+	return meta.LastIndex, nil
+}
+
+func (a *Authorizer) blocking(ctx context.Context, index uint64) *api.QueryOptions {
+	q := &api.QueryOptions{WaitIndex: index, WaitTime: a.cfg.WaitTime}
+	return q.WithContext(ctx)
+}
+
+// apply installs a new intention list and re-evaluates the cached callers
+// against it. Until an entry is re-evaluated its generation is old, so a
+// request for it takes the miss path rather than an outdated answer.
+func (a *Authorizer) apply(t *target, list []*api.Intention) {
+	t.mu.Lock()
+	t.gen++
+	gen := t.gen
+	t.intentions = list
+	ids := make(map[string]Identity, len(t.entries))
+	for k, e := range t.entries {
+		ids[k] = e.id
+	}
+	t.mu.Unlock()
+	a.cfg.Metrics.intentionUpdate()
+	a.log.Debug("intentions changed", "target", t.name, "count", len(list), "cached_callers", len(ids))
+
+	fresh := make(map[string]*Decision, len(ids))
+	for k, id := range ids {
+		if d, ok := a.evaluate(t, list, &id); ok {
+			fresh[k] = d
+		}
+	}
+	t.mu.Lock()
+	if t.gen == gen {
+		for k, d := range fresh {
+			if e := t.entries[k]; e != nil {
+				t.entries[k] = &entry{id: e.id, gen: gen, decision: d}
+			}
+		}
+	}
+	t.mu.Unlock()
+}
+
+// loop runs one blocking query for as long as ctx lives, tracking its
+// health and logging each change of state once.
+func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
+	fetch func(ctx context.Context, index uint64) (uint64, error)) {
+	var index uint64
+	backoff := 50 * time.Millisecond
+	staleLogged := false
+	for ctx.Err() == nil {
+		qctx, cancel := context.WithTimeout(ctx, a.cfg.WaitTime+15*time.Second)
+		next, err := fetch(qctx, index)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		now := time.Now()
+		if err != nil {
+			a.cfg.Metrics.consulError(query)
+			if h.healthy.Swap(false) || !h.isLoaded() && backoff == 50*time.Millisecond {
+				a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
+					"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
+				a.cfg.Metrics.setConsulUp(false)
+			}
+			if !staleLogged && !h.fresh(now, a.cfg.StaleWindow) && h.isLoaded() {
+				a.log.Error("consul unreachable past the stale window: denying every caller", "watch", what)
+				staleLogged = true
+			}
+			index = 0
+			sleep(ctx, backoff)
+			backoff = min(backoff*2, 2*time.Second)
+			continue
+		}
+		if !h.healthy.Load() && h.isLoaded() {
+			a.log.Info("consul reachable again", "watch", what)
+		}
+		h.ok(now)
+		a.cfg.Metrics.setConsulUp(a.allHealthy())
+		staleLogged = false
+		backoff = 50 * time.Millisecond
+		if next < index { // the index went backwards (e.g. a snapshot restore): start over
+			next = 0
+		}
+		index = next
+	}
+}
+
+func (a *Authorizer) allHealthy() bool {
+	if !a.roots.healthy.Load() {
+		return false
+	}
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	for _, t := range a.targets {
+		if !t.health.healthy.Load() {
+			return false
+		}
+	}
+	return true
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}

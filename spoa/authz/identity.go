@@ -1,0 +1,68 @@
+package authz
+
+import (
+	"crypto/x509"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// Identity is the Consul service a client certificate was issued to.
+type Identity struct {
+	// ID is the certificate's SPIFFE ID, e.g.
+	// spiffe://<cluster-uuid>.consul/ns/default/dc/dc1/svc/web.
+	ID         spiffeid.ID
+	Partition  string
+	Namespace  string
+	Datacenter string
+	Service    string
+	// NotAfter is when the certificate expires; a cached decision is not
+	// used past it.
+	NotAfter time.Time
+}
+
+// ParseIdentity reads the Consul service identity from a DER certificate. It
+// requires exactly one URI SAN holding a Consul service SPIFFE ID:
+//
+//	spiffe://<td>/ns/<ns>/dc/<dc>/svc/<name>
+//	spiffe://<td>/ap/<partition>/ns/<ns>/dc/<dc>/svc/<name>
+//
+// The chain itself is not verified here: HAProxy did that during the TLS
+// handshake (`verify required` with the Consul roots as `ca-file`).
+func ParseIdentity(der []byte) (Identity, Reason, error) {
+	if len(der) == 0 {
+		return Identity{}, ReasonNoCertificate, fmt.Errorf("no client certificate")
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return Identity{}, ReasonBadCertificate, fmt.Errorf("parse certificate: %w", err)
+	}
+	id, err := x509svid.IDFromCert(cert)
+	if err != nil {
+		return Identity{}, ReasonNotSPIFFE, err
+	}
+	ident, err := serviceIdentity(id)
+	if err != nil {
+		return Identity{}, ReasonNotService, err
+	}
+	ident.NotAfter = cert.NotAfter
+	return ident, 0, nil
+}
+
+func serviceIdentity(id spiffeid.ID) (Identity, error) {
+	seg := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	ident := Identity{ID: id, Partition: "default"}
+	if len(seg) == 8 && seg[0] == "ap" {
+		ident.Partition = seg[1]
+		seg = seg[2:]
+	}
+	if len(seg) != 6 || seg[0] != "ns" || seg[2] != "dc" || seg[4] != "svc" ||
+		seg[1] == "" || seg[3] == "" || seg[5] == "" {
+		return Identity{}, fmt.Errorf("SPIFFE ID %q is not a Consul service identity", id)
+	}
+	ident.Namespace, ident.Datacenter, ident.Service = seg[1], seg[3], seg[5]
+	return ident, nil
+}

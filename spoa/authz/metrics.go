@@ -1,0 +1,118 @@
+package authz
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the authorizer's Prometheus collectors. Every labelled child is
+// resolved up front so that recording a decision allocates nothing.
+type Metrics struct {
+	decisions      [2][numReasons]prometheus.Counter // [allow][reason]
+	cacheHits      prometheus.Counter
+	cacheMisses    prometheus.Counter
+	latency        prometheus.Histogram
+	consulErrors   map[string]prometheus.Counter
+	consulUp       prometheus.Gauge
+	intentionLoads prometheus.Counter
+}
+
+// Consul queries the authorizer makes, as they label consul_errors_total.
+const (
+	queryRoots      = "ca_roots"
+	queryIntentions = "intention_match"
+	queryAuthorize  = "authorize"
+)
+
+// NewMetrics creates the collectors and registers them with reg (nil: not
+// registered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	decisions := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "haconnect", Subsystem: "spoa", Name: "decisions_total",
+		Help: "Authorization decisions by result (allow/deny) and reason.",
+	}, []string{"result", "reason"})
+	lookups := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "haconnect", Subsystem: "spoa", Name: "cache_lookups_total",
+		Help: "Decision cache lookups by result (hit/miss).",
+	}, []string{"result"})
+	errs := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "haconnect", Subsystem: "spoa", Name: "consul_errors_total",
+		Help: "Failed Consul requests by query.",
+	}, []string{"query"})
+	m := &Metrics{
+		cacheHits:   lookups.WithLabelValues("hit"),
+		cacheMisses: lookups.WithLabelValues("miss"),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "decision_duration_seconds",
+			Help:    "Time to reach a decision, cache hits included.",
+			Buckets: []float64{1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 5e-3, 2.5e-2, 0.1, 0.5},
+		}),
+		consulErrors: map[string]prometheus.Counter{},
+		consulUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "consul_up",
+			Help: "1 while every Consul watch of the authorizer is healthy, else 0.",
+		}),
+		intentionLoads: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "intention_updates_total",
+			Help: "Intention changes applied to the decision cache.",
+		}),
+	}
+	for _, r := range Reasons() {
+		m.decisions[0][r] = decisions.WithLabelValues("deny", r.String())
+		m.decisions[1][r] = decisions.WithLabelValues("allow", r.String())
+	}
+	for _, q := range []string{queryRoots, queryIntentions, queryAuthorize} {
+		m.consulErrors[q] = errs.WithLabelValues(q)
+	}
+	if reg != nil {
+		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads)
+	}
+	return m
+}
+
+func (m *Metrics) observe(d *Decision, start time.Time) {
+	if m == nil {
+		return
+	}
+	allow := 0
+	if d.Allow {
+		allow = 1
+	}
+	m.decisions[allow][d.Reason].Inc()
+	m.latency.Observe(time.Since(start).Seconds())
+}
+
+func (m *Metrics) lookup(hit bool) {
+	if m == nil {
+		return
+	}
+	if hit {
+		m.cacheHits.Inc()
+	} else {
+		m.cacheMisses.Inc()
+	}
+}
+
+func (m *Metrics) consulError(query string) {
+	if m != nil {
+		m.consulErrors[query].Inc()
+	}
+}
+
+func (m *Metrics) setConsulUp(up bool) {
+	if m == nil {
+		return
+	}
+	if up {
+		m.consulUp.Set(1)
+	} else {
+		m.consulUp.Set(0)
+	}
+}
+
+func (m *Metrics) intentionUpdate() {
+	if m != nil {
+		m.intentionLoads.Inc()
+	}
+}
