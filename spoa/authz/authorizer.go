@@ -50,7 +50,8 @@ type Config struct {
 	MaxTargets int
 	// MaxEntries bounds the cached decisions per destination (default 10000).
 	MaxEntries int
-	// WaitTime is the blocking queries' wait (default 60s).
+	// WaitTime is the blocking queries' wait (default 60s, at most a
+	// quarter of StaleWindow).
 	WaitTime time.Duration
 	// StartTimeout is how long a request for a destination seen for the
 	// first time waits for its intentions (default 2s).
@@ -81,6 +82,10 @@ func (c *Config) setDefaults() {
 	if c.WaitTime <= 0 {
 		c.WaitTime = 60 * time.Second
 	}
+	// Consul answers a blocking query at the latest after WaitTime, and the
+	// stale window counts from its last answer: keep several answers inside
+	// one window.
+	c.WaitTime = min(c.WaitTime, max(c.StaleWindow/4, time.Second))
 	if c.StartTimeout <= 0 {
 		c.StartTimeout = 2 * time.Second
 	}
