@@ -107,6 +107,7 @@ type Authorizer struct {
 
 	ctx context.Context
 
+	consul      consulState
 	roots       health
 	trustDomain atomic.Pointer[string]
 
@@ -138,30 +139,14 @@ type defaultPolicy struct {
 	learned time.Time
 }
 
-// health tracks one blocking query; it is read on the hot path.
+// health tracks one blocking query.
 type health struct {
 	loaded  chan struct{} // closed after the first successful answer
 	once    sync.Once
-	healthy atomic.Bool
-	lastOK  atomic.Int64 // unix nanoseconds
+	failing atomic.Bool // the last attempt failed
 }
 
 func newHealth() health { return health{loaded: make(chan struct{})} }
-
-func (h *health) ok(now time.Time) {
-	h.lastOK.Store(now.UnixNano())
-	h.healthy.Store(true)
-	h.once.Do(func() { close(h.loaded) })
-}
-
-// fresh reports whether data from this query may still be used.
-func (h *health) fresh(now time.Time, window time.Duration) bool {
-	if h.healthy.Load() {
-		return true
-	}
-	last := h.lastOK.Load()
-	return last != 0 && now.UnixNano()-last <= int64(window)
-}
 
 func (h *health) isLoaded() bool {
 	select {
@@ -170,6 +155,26 @@ func (h *health) isLoaded() bool {
 	default:
 		return false
 	}
+}
+
+// consulState is what the hot path needs to know about Consul: whether any
+// watch is failing, and when Consul last answered any of them.
+type consulState struct {
+	failing     atomic.Int32
+	lastContact atomic.Int64 // unix nanoseconds
+}
+
+// reachable reports whether every watch's last attempt succeeded.
+func (c *consulState) reachable() bool { return c.failing.Load() == 0 }
+
+// fresh reports whether cached decisions may still be served: Consul is
+// reachable, or answered within window.
+func (c *consulState) fresh(now time.Time, window time.Duration) bool {
+	if c.reachable() {
+		return true
+	}
+	last := c.lastContact.Load()
+	return last != 0 && now.UnixNano()-last <= int64(window)
 }
 
 // New checks the configuration and creates an Authorizer.
@@ -252,7 +257,7 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 	if t == nil {
 		return deny(ReasonTooManyTargets)
 	}
-	fresh := a.roots.fresh(now, a.cfg.StaleWindow) && t.health.fresh(now, a.cfg.StaleWindow)
+	fresh := a.consul.fresh(now, a.cfg.StaleWindow)
 
 	t.mu.RLock()
 	e := t.entries[string(der)]
@@ -277,7 +282,7 @@ func (a *Authorizer) miss(t *target, der []byte) *Decision {
 	if !a.waitLoaded(&a.roots) || !a.waitLoaded(&t.health) {
 		return deny(ReasonConsulUnavailable)
 	}
-	if !a.roots.healthy.Load() || !t.health.healthy.Load() {
+	if !a.consul.reachable() {
 		return deny(ReasonConsulUnavailable)
 	}
 	id, reason, err := ParseIdentity(der)
@@ -518,8 +523,8 @@ func (a *Authorizer) apply(t *target, list []*api.Intention) {
 	t.mu.Unlock()
 }
 
-// loop runs one blocking query for as long as ctx lives, tracking its
-// health and logging each change of state once.
+// loop runs one blocking query for as long as ctx lives, tracking Consul's
+// reachability and logging each change of state once.
 func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 	fetch func(ctx context.Context, index uint64) (uint64, error)) {
 	var index uint64
@@ -535,12 +540,13 @@ func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 		now := time.Now()
 		if err != nil {
 			a.cfg.Metrics.consulError(query)
-			if h.healthy.Swap(false) || !h.isLoaded() && backoff == 50*time.Millisecond {
+			if !h.failing.Swap(true) {
+				a.consul.failing.Add(1)
+				a.cfg.Metrics.setConsulUp(false)
 				a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
 					"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
-				a.cfg.Metrics.setConsulUp(false)
 			}
-			if !staleLogged && !h.fresh(now, a.cfg.StaleWindow) && h.isLoaded() {
+			if !staleLogged && !a.consul.fresh(now, a.cfg.StaleWindow) {
 				a.log.Error("consul unreachable past the stale window: denying every caller", "watch", what)
 				staleLogged = true
 			}
@@ -549,11 +555,15 @@ func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 			backoff = min(backoff*2, 2*time.Second)
 			continue
 		}
-		if !h.healthy.Load() && h.isLoaded() {
+		a.consul.lastContact.Store(now.UnixNano())
+		if h.failing.Swap(false) {
+			a.consul.failing.Add(-1)
 			a.log.Info("consul reachable again", "watch", what)
 		}
-		h.ok(now)
-		a.cfg.Metrics.setConsulUp(a.allHealthy())
+		if a.consul.failing.Load() == 0 {
+			a.cfg.Metrics.setConsulUp(true)
+		}
+		h.once.Do(func() { close(h.loaded) })
 		staleLogged = false
 		backoff = 50 * time.Millisecond
 		if next < index { // the index went backwards (e.g. a snapshot restore): start over
@@ -561,20 +571,6 @@ func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 		}
 		index = next
 	}
-}
-
-func (a *Authorizer) allHealthy() bool {
-	if !a.roots.healthy.Load() {
-		return false
-	}
-	a.mu.RLock()
-	defer a.mu.RUnlock()
-	for _, t := range a.targets {
-		if !t.health.healthy.Load() {
-			return false
-		}
-	}
-	return true
 }
 
 func sleep(ctx context.Context, d time.Duration) {
