@@ -248,14 +248,14 @@ func (a *Authorizer) Decide(targetName string, der []byte) *Decision {
 
 func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 	if len(der) == 0 {
-		return deny(ReasonNoCertificate)
+		return Deny(ReasonNoCertificate)
 	}
 	if name == "" {
-		return deny(ReasonNoTarget)
+		return Deny(ReasonNoTarget)
 	}
 	t := a.target(name)
 	if t == nil {
-		return deny(ReasonTooManyTargets)
+		return Deny(ReasonTooManyTargets)
 	}
 	fresh := a.consul.fresh(now, a.cfg.StaleWindow)
 
@@ -270,7 +270,7 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 	a.cfg.Metrics.lookup(hit)
 	if hit {
 		if !fresh {
-			return deny(ReasonConsulStale)
+			return Deny(ReasonConsulStale)
 		}
 		return d
 	}
@@ -280,15 +280,15 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 // miss decides for a caller that is not cached. It needs a healthy Consul.
 func (a *Authorizer) miss(t *target, der []byte) *Decision {
 	if !a.waitLoaded(&a.roots) || !a.waitLoaded(&t.health) {
-		return deny(ReasonConsulUnavailable)
+		return Deny(ReasonConsulUnavailable)
 	}
 	if !a.consul.reachable() {
-		return deny(ReasonConsulUnavailable)
+		return Deny(ReasonConsulUnavailable)
 	}
 	id, reason, err := ParseIdentity(der)
 	if err != nil {
 		a.log.Debug("denied: unusable client certificate", "target", t.name, "reason", reason.String(), "error", err)
-		return deny(reason)
+		return Deny(reason)
 	}
 	if td := *a.trustDomain.Load(); id.ID.TrustDomain().Name() != td {
 		a.log.Warn("denied: certificate from a foreign trust domain", "target", t.name,

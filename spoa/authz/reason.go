@@ -98,5 +98,5 @@ func init() {
 	}
 }
 
-// deny returns the shared caller-less denial for r.
-func deny(r Reason) *Decision { return fixed[r] }
+// Deny returns the shared, caller-less denial for r.
+func Deny(r Reason) *Decision { return fixed[r] }

@@ -1,0 +1,40 @@
+# haconnect: HAProxy as a Consul Connect data plane.
+SHELL := /bin/bash
+GO ?= go
+CONSUL_VERSION ?= 1.16.3
+CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
+export HACONNECT_CONSUL ?= $(CONSUL)
+FUZZTIME ?= 30s
+
+.PHONY: all build tools test unit e2e fuzz bench demo clean
+
+all: build
+
+## build: compile the commands into bin/
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+## tools: install haproxy (apt) and build consul into .tools/ (idempotent)
+tools:
+	bash scripts/tools.sh
+
+## test: every test (unit, end-to-end against real Consul and HAProxy) and a bounded fuzz run
+test: tools
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 20m ./...
+	$(MAKE) fuzz
+
+## fuzz: fuzz the SPOA's wire handling for FUZZTIME
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzAgent$$' -fuzztime $(FUZZTIME) ./spoa
+
+## bench: decision-path and SPOE round-trip benchmarks
+bench: tools
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./spoa/... ./e2e/
+
+## demo: a local SPOA demo: dev Consul, real HAProxy, the SPOA, an app
+demo: tools build
+	bash scripts/demo.sh
+
+clean:
+	rm -rf bin/

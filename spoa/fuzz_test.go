@@ -1,0 +1,90 @@
+package spoa
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/negasus/haproxy-spoe-go/worker"
+
+	"github.com/haconnect/haconnect/spoa/authz"
+	"github.com/haconnect/haconnect/spoa/spop"
+)
+
+// fixedDecider answers every question the same way: the fuzz target is
+// about the byte stream, not about decisions.
+type fixedDecider struct{ d *authz.Decision }
+
+func (f fixedDecider) Decide(string, []byte) *authz.Decision { return f.d }
+
+func fuzzSeeds() [][]byte {
+	var e spop.Encoder
+	hello := append([]byte(nil), e.Hello(spop.DefaultMaxFrameSize, false)...)
+	health := append([]byte(nil), e.Hello(spop.DefaultMaxFrameSize, true)...)
+	msg := append([]byte(nil), e.Notify(1, 1, MessageName,
+		spop.ArgValue{Name: ArgCert, Value: []byte{0x30, 0x82, 0x01, 0x0a}},
+		spop.ArgValue{Name: ArgTarget, Value: "api"})...)
+	wrongTypes := append([]byte(nil), e.Notify(2, 2, MessageName,
+		spop.ArgValue{Name: ArgCert, Value: "not bytes"},
+		spop.ArgValue{Name: ArgTarget, Value: uint64(7)})...)
+	disconnect := append([]byte(nil), e.Begin(spop.TypeHaproxyDisconnect, 0, 0).
+		String("status-code").Typed(uint32(0)).String("message").Typed("bye").Bytes()...)
+	join := func(parts ...[]byte) []byte {
+		var out []byte
+		for _, p := range parts {
+			out = append(out, p...)
+		}
+		return out
+	}
+	return [][]byte{
+		hello, health, join(hello, msg), join(hello, msg, wrongTypes, disconnect),
+		join(hello, msg[:len(msg)-3]),
+		{0, 0, 0, 0, 1}, {0, 0, 0, 1, 1}, {0, 0, 0, 5, 1, 0, 0, 0, 1}, {0x7f, 0xff, 0xff, 0xff, 1},
+		msg, join(hello, []byte{0, 0, 0, 9, 3, 0, 0, 0, 1, 1, 1, 1, 'm'}),
+	}
+}
+
+// FuzzAgent feeds arbitrary bytes to the agent exactly as it is served
+// (spop.Guard in front of the SPOE library, Server.Handle behind it). A
+// panic anywhere kills the fuzzing process and fails the target; a
+// connection that is never finished fails it too.
+func FuzzAgent(f *testing.F) {
+	for _, s := range fuzzSeeds() {
+		f.Add(s)
+	}
+	srv, err := NewServer(Config{Decider: fixedDecider{authz.Deny(authz.ReasonNoTarget)}, Target: "api"})
+	if err != nil {
+		f.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer l.Close()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		client, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer client.Close()
+		server, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := spop.NewGuard(server, spop.Limits{HelloTimeout: time.Second}, nil)
+		done := make(chan struct{})
+		go func() {
+			worker.Handle(g, srv.Handle, libLogger{srv.log})
+			close(done)
+		}()
+		go func() { _, _ = io.Copy(io.Discard, client) }()
+		_, _ = client.Write(data)
+		_ = client.(*net.TCPConn).CloseWrite()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("agent did not finish the connection")
+		}
+	})
+}

@@ -1,0 +1,208 @@
+package spop
+
+import (
+	"encoding/binary"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/negasus/haproxy-spoe-go/logger"
+	"github.com/negasus/haproxy-spoe-go/request"
+	"github.com/negasus/haproxy-spoe-go/worker"
+)
+
+func hello() []byte {
+	var e Encoder
+	return append([]byte(nil), e.Hello(DefaultMaxFrameSize, false)...)
+}
+
+func notify(frameID uint64) []byte {
+	var e Encoder
+	return append([]byte(nil), e.Notify(1, frameID, "haconnect-authz",
+		ArgValue{"cert", []byte{0x30, 0x82, 0x01}}, ArgValue{"target", "api"})...)
+}
+
+// raw builds a frame from a type byte and a payload after the metadata.
+func raw(typ byte, payload ...byte) []byte {
+	body := append([]byte{typ, 0, 0, 0, flagFin, 0, 0}, payload...)
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(body))), body...)
+}
+
+func cat(frames ...[]byte) []byte {
+	var out []byte
+	for _, f := range frames {
+		out = append(out, f...)
+	}
+	return out
+}
+
+// serve runs the real SPOE library behind a Guard on one end of a pipe,
+// writes input to the other end and returns the reject reason seen (if
+// any), the number of messages handled and whether the agent finished.
+func serve(t *testing.T, limits Limits, handler func(*request.Request), input []byte) (string, int) {
+	t.Helper()
+	client, server := tcpPair(t)
+	var reason atomic.Value
+	var handled atomic.Int32
+	g := NewGuard(server, limits, func(r string, _ error) { reason.Store(r) })
+	done := make(chan struct{})
+	go func() {
+		worker.Handle(g, func(r *request.Request) {
+			handled.Add(1)
+			if handler != nil {
+				handler(r)
+			}
+		}, logger.NewNop())
+		close(done)
+	}()
+	go func() { _, _ = io.Copy(io.Discard, client) }()
+	_, _ = client.Write(input)
+	_ = client.CloseWrite() // HAProxy would wait for answers: keep reading them
+	defer client.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("agent did not finish")
+	}
+	r, _ := reason.Load().(string)
+	return r, int(handled.Load())
+}
+
+// tcpPair returns both ends of a loopback TCP connection (unlike net.Pipe,
+// it can be half-closed, so answers still flow after the input ends).
+func tcpPair(t *testing.T) (*net.TCPConn, net.Conn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	client, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client.(*net.TCPConn), server
+}
+
+func TestGuardPassesValidFrames(t *testing.T) {
+	reason, handled := serve(t, Limits{}, nil, cat(hello(), notify(1), notify(2)))
+	if reason != "" || handled != 2 {
+		t.Fatalf("reason %q, handled %d; want none and 2", reason, handled)
+	}
+}
+
+// TestGuardRejects feeds the inputs that crash or exhaust the unguarded
+// library (see design notes) and checks each is refused cleanly.
+func TestGuardRejects(t *testing.T) {
+	long := make([]byte, 300)
+	for i := range long {
+		long[i] = 'a'
+	}
+	var e Encoder
+	stringAsSize := append([]byte(nil), e.Begin(TypeHaproxyHello, 0, 0).String("max-frame-size").Typed("big").Bytes()...)
+	intAsHealthcheck := append([]byte(nil), e.Begin(TypeHaproxyHello, 0, 0).String("healthcheck").Typed(uint32(1)).Bytes()...)
+	nameTooLong := append([]byte(nil), e.Begin(TypeNotify, 1, 1).String(string(long)).Bytes()...)
+	nameTooLong = nameTooLong[:len(nameTooLong)-200] // claims 300 bytes, carries 100
+	binary.BigEndian.PutUint32(nameTooLong, uint32(len(nameTooLong)-4))
+
+	for _, tc := range []struct {
+		name  string
+		input []byte
+		want  string
+	}{
+		{"length 0", []byte{0, 0, 0, 0, TypeHaproxyHello}, RejectFrameLength},
+		{"length 1", []byte{0, 0, 0, 1, TypeHaproxyHello}, RejectFrameLength},
+		{"length 5", []byte{0, 0, 0, 5, TypeHaproxyHello, 0, 0, 0, 1}, RejectFrameLength},
+		{"length 0x7fffffff", []byte{0x7f, 0xff, 0xff, 0xff, TypeHaproxyHello}, RejectFrameLength},
+		{"unknown type", raw(0x42), RejectFrameType},
+		{"agent frame type from the peer", raw(TypeAgentAck), RejectFrameType},
+		{"notify before hello", notify(1), RejectOrder},
+		{"disconnect before hello", raw(TypeHaproxyDisconnect), RejectOrder},
+		{"second hello", cat(hello(), hello()), RejectOrder},
+		{"string where max-frame-size is an int", stringAsSize, RejectBadHello},
+		{"int where healthcheck is a bool", intAsHealthcheck, RejectBadHello},
+		{"short ipv4", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataIPv4, 1, 2)), RejectMalformed},
+		{"short ipv6", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataIPv6, 1, 2, 3)), RejectMalformed},
+		{"message name longer than the frame", cat(hello(), nameTooLong), RejectMalformed},
+		{"missing argument count", cat(hello(), raw(TypeNotify, 1, 'm')), RejectMalformed},
+		{"fewer arguments than announced", cat(hello(), raw(TypeNotify, 1, 'm', 3, 1, 'a', DataNull)), RejectMalformed},
+		{"truncated varint", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataInt64, 0xF5)), RejectMalformed},
+		{"unknown data type", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', 0x0E)), RejectMalformed},
+		{"fragmented frame", cat(hello(), []byte{0, 0, 0, 7, TypeNotify, 0, 0, 0, 0, 1, 1}), RejectNotFin},
+		{"truncated frame", cat(hello(), []byte{0, 0, 0, 50, TypeNotify, 0, 0, 0, 1}), RejectFrameLength},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reason, handled := serve(t, Limits{}, nil, tc.input)
+			if reason != tc.want {
+				t.Fatalf("reject reason %q, want %q", reason, tc.want)
+			}
+			if handled != 0 {
+				t.Fatalf("%d messages reached the handler", handled)
+			}
+		})
+	}
+}
+
+func TestGuardHelloTimeout(t *testing.T) {
+	client, server := net.Pipe()
+	defer client.Close()
+	var reason atomic.Value
+	g := NewGuard(server, Limits{HelloTimeout: 50 * time.Millisecond}, func(r string, _ error) { reason.Store(r) })
+	done := make(chan struct{})
+	go func() { worker.Handle(g, func(*request.Request) {}, logger.NewNop()); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a silent connection was kept open")
+	}
+	if r, _ := reason.Load().(string); r != RejectHelloTimeout {
+		t.Fatalf("reason %q, want %q", r, RejectHelloTimeout)
+	}
+}
+
+func TestGuardBoundsInFlightMessages(t *testing.T) {
+	const limit = 4
+	var running, peak atomic.Int32
+	var mu sync.Mutex
+	handler := func(*request.Request) {
+		n := running.Add(1)
+		mu.Lock()
+		if n > peak.Load() {
+			peak.Store(n)
+		}
+		mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+		running.Add(-1)
+	}
+	frames := [][]byte{hello()}
+	for i := 1; i <= 40; i++ {
+		frames = append(frames, notify(uint64(i)))
+	}
+	reason, handled := serve(t, Limits{MaxInFlight: limit}, handler, cat(frames...))
+	if reason != "" || handled != 40 {
+		t.Fatalf("reason %q handled %d, want none and 40", reason, handled)
+	}
+	if p := peak.Load(); p > limit {
+		t.Fatalf("%d messages were handled at once, limit %d", p, limit)
+	}
+}
+
+func TestUvarintRoundTrip(t *testing.T) {
+	for _, v := range []uint64{0, 1, 239, 240, 2287, 2288, 264431, 264432, 1 << 32, 1<<53 - 1} {
+		b := putUvarint(nil, v)
+		got, n := uvarint(b)
+		if got != v || n != len(b) {
+			t.Fatalf("%d: decoded %d using %d of %d bytes", v, got, n, len(b))
+		}
+		if _, n := uvarint(b[:len(b)-1]); len(b) > 1 && n != -1 {
+			t.Fatalf("%d: truncated encoding accepted", v)
+		}
+	}
+}
