@@ -1,0 +1,186 @@
+package authz_test
+
+import (
+	"context"
+	"encoding/pem"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/spoa/authz"
+)
+
+func derOf(t testing.TB, l *harness.Leaf) []byte {
+	t.Helper()
+	b, _ := pem.Decode([]byte(l.CertPEM))
+	if b == nil {
+		t.Fatal("no PEM block in leaf")
+	}
+	return b.Bytes
+}
+
+func start(t testing.TB, c *harness.Consul, targets ...string) *authz.Authorizer {
+	t.Helper()
+	a, err := authz.New(authz.Config{Consul: c.Config(), Metrics: authz.NewMetrics(nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	a.Start(ctx, targets...)
+	rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer rcancel()
+	if err := a.Ready(rctx, targets...); err != nil {
+		t.Fatalf("authorizer not ready: %v", err)
+	}
+	return a
+}
+
+func expect(t *testing.T, a *authz.Authorizer, target string, der []byte, allow bool, reason authz.Reason) {
+	t.Helper()
+	harness.WaitFor(t, 2*time.Second, "decision "+reason.String(), func() bool {
+		d := a.Decide(target, der)
+		return d.Allow == allow && d.Reason == reason
+	})
+}
+
+// TestDecisionsFollowConsul checks each decision path against a real agent,
+// and that the agent's own authorize endpoint agrees wherever it decides.
+func TestDecisionsFollowConsul(t *testing.T) {
+	c := harness.StartConsul(t)
+	a := start(t, c, "api")
+	web, batch := derOf(t, c.IssueLeaf(t, "web")), derOf(t, c.IssueLeaf(t, "batch"))
+
+	t.Run("no intention: the ACL default (allow with ACLs off)", func(t *testing.T) {
+		expect(t, a, "api", web, true, authz.ReasonDefaultAllow)
+	})
+	t.Run("exact source beats wildcard source", func(t *testing.T) {
+		c.SetIntentions(t, "api", harness.Source("web", api.IntentionActionAllow), harness.Source("*", api.IntentionActionDeny))
+		expect(t, a, "api", web, true, authz.ReasonIntentionAllow)
+		expect(t, a, "api", batch, false, authz.ReasonIntentionDeny)
+	})
+	t.Run("a wildcard-destination intention applies and its change is seen", func(t *testing.T) {
+		c.DeleteIntentions(t, "api")
+		c.SetIntentions(t, "*", harness.Source("*", api.IntentionActionDeny))
+		expect(t, a, "api", web, false, authz.ReasonIntentionDeny)
+		c.DeleteIntentions(t, "*")
+		expect(t, a, "api", web, true, authz.ReasonDefaultAllow)
+	})
+	t.Run("an L7 intention cannot be decided at L4: deny", func(t *testing.T) {
+		ok, _, err := c.Client.ConfigEntries().Set(&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "api", Protocol: "http"}, nil)
+		if err != nil || !ok {
+			t.Fatalf("service-defaults: %v", err)
+		}
+		c.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{{
+			Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/v1"},
+		}}})
+		expect(t, a, "api", web, false, authz.ReasonL7Intention)
+		c.DeleteIntentions(t, "api")
+	})
+	t.Run("the agent's authorize endpoint agrees", func(t *testing.T) {
+		c.SetIntentions(t, "api", harness.Source("web", api.IntentionActionAllow), harness.Source("*", api.IntentionActionDeny))
+		for _, tc := range []struct {
+			name string
+			der  []byte
+			uri  string
+		}{{"web", web, "web"}, {"batch", batch, "batch"}} {
+			leaf := c.IssueLeaf(t, tc.uri)
+			expect(t, a, "api", tc.der, tc.name == "web", map[bool]authz.Reason{true: authz.ReasonIntentionAllow, false: authz.ReasonIntentionDeny}[tc.name == "web"])
+			res, err := c.Client.Agent().ConnectAuthorize(&api.AgentAuthorizeParams{Target: "api", ClientCertURI: leaf.URI})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := a.Decide("api", tc.der); d.Allow != res.Authorized {
+				t.Fatalf("%s: haconnect says %v (%s), the agent %v (%s)", tc.name, d.Allow, d.Reason, res.Authorized, res.Reason)
+			}
+		}
+	})
+	t.Run("bad input is denied with its reason", func(t *testing.T) {
+		for _, tc := range []struct {
+			name   string
+			target string
+			der    []byte
+			reason authz.Reason
+		}{
+			{"no certificate", "api", nil, authz.ReasonNoCertificate},
+			{"garbage", "api", []byte("not a certificate"), authz.ReasonBadCertificate},
+			{"no target", "", web, authz.ReasonNoTarget},
+		} {
+			if d := a.Decide(tc.target, tc.der); d.Allow || d.Reason != tc.reason {
+				t.Errorf("%s: %v %s, want deny %s", tc.name, d.Allow, d.Reason, tc.reason)
+			}
+		}
+	})
+}
+
+func TestDestinationsAreBounded(t *testing.T) {
+	c := harness.StartConsul(t)
+	a, err := authz.New(authz.Config{Consul: c.Config(), MaxTargets: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a.Start(ctx)
+	web := derOf(t, c.IssueLeaf(t, "web"))
+	a.Decide("one", web)
+	a.Decide("two", web)
+	if d := a.Decide("three", web); d.Allow || d.Reason != authz.ReasonTooManyTargets {
+		t.Fatalf("third destination: %v %s, want deny too_many_targets", d.Allow, d.Reason)
+	}
+}
+
+// BenchmarkDecideCacheHit measures the hot path: a caller already decided.
+func BenchmarkDecideCacheHit(b *testing.B) {
+	c := harness.StartConsul(b)
+	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
+	a := start(b, c, "api")
+	web := derOf(b, c.IssueLeaf(b, "web"))
+	if d := a.Decide("api", web); !d.Allow {
+		b.Fatalf("warm-up decision: %s", d.Reason)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if d := a.Decide("api", web); !d.Allow {
+				b.Fatal("denied")
+			}
+		}
+	})
+}
+
+// BenchmarkDecideCacheMiss measures a first decision for a caller: parsing
+// its certificate, checking its trust domain and walking the intentions (no
+// Consul call). The cache holds one entry and callers rotate, so every call
+// misses. The certificates are signed by a test CA with Consul's trust
+// domain: the chain is HAProxy's to verify, not the authorizer's.
+func BenchmarkDecideCacheMiss(b *testing.B) {
+	c := harness.StartConsul(b)
+	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
+	_, td := c.RootsPEM(b)
+	ca := harness.NewForeignCA(b)
+	var certs [][]byte
+	for i := 0; i < 16; i++ {
+		certs = append(certs, derOf(b, ca.Issue(b, "spiffe://"+td+"/ns/default/dc/dc1/svc/web")))
+	}
+	a, err := authz.New(authz.Config{Consul: c.Config(), MaxEntries: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a.Start(ctx, "api")
+	if err := a.Ready(ctx, "api"); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if d := a.Decide("api", certs[i%len(certs)]); !d.Allow {
+			b.Fatalf("denied: %s", d.Reason)
+		}
+	}
+}
