@@ -59,8 +59,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	for _, r := range Reasons() {
-		m.decisions[0][r] = decisions.WithLabelValues("deny", r.String())
-		m.decisions[1][r] = decisions.WithLabelValues("allow", r.String())
+		if r == ReasonIntentionAllow || r == ReasonDefaultAllow {
+			m.decisions[1][r] = decisions.WithLabelValues("allow", r.String())
+		} else {
+			m.decisions[0][r] = decisions.WithLabelValues("deny", r.String())
+		}
 	}
 	for _, q := range []string{queryRoots, queryIntentions, queryAuthorize} {
 		m.consulErrors[q] = errs.WithLabelValues(q)
@@ -79,7 +82,9 @@ func (m *Metrics) observe(d *Decision, start time.Time) {
 	if d.Allow {
 		allow = 1
 	}
-	m.decisions[allow][d.Reason].Inc()
+	if c := m.decisions[allow][d.Reason]; c != nil { // nil: a combination that cannot happen
+		c.Inc()
+	}
 	m.latency.Observe(time.Since(start).Seconds())
 }
 
