@@ -1,6 +1,7 @@
 package spoa
 
 import (
+	"context"
 	"io"
 	"net"
 	"testing"
@@ -87,4 +88,36 @@ func FuzzAgent(f *testing.F) {
 			t.Fatal("agent did not finish the connection")
 		}
 	})
+}
+
+// TestServeClosesConnectionsOnStop checks that a stopped agent leaves no
+// HAProxy connection half-served.
+func TestServeClosesConnectionsOnStop(t *testing.T) {
+	srv, err := NewServer(Config{Decider: fixedDecider{authz.Deny(authz.ReasonNoTarget)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }()
+	c, err := spop.Dial("tcp", l.Addr().String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	vars, err := c.Notify(MessageName, spop.ArgValue{Name: ArgCert, Value: []byte{1}})
+	if err != nil || len(vars) == 0 || vars[0].Name != VarAuth || vars[0].Value.Bool {
+		t.Fatalf("answer before stop: %+v %v, want auth=false first", vars, err)
+	}
+	cancel()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+	if _, err := c.Notify(MessageName, spop.ArgValue{Name: ArgCert, Value: []byte{1}}); err == nil {
+		t.Fatal("the connection still answered after the agent stopped")
+	}
 }

@@ -117,7 +117,8 @@ func NewServer(cfg Config) (*Server, error) {
 }
 
 // Serve answers SPOP connections on l until ctx is done or l fails. It
-// closes l.
+// closes l and, when ctx is done, the connections still open (HAProxy
+// reconnects to whichever agent answers next).
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	guarded := &spop.Listener{
 		Listener: netutil.LimitListener(l, s.cfg.MaxConns),
@@ -133,6 +134,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	err := spoe.New(s.Handle, libLogger{s.log}).Serve(guarded)
 	stop()
 	if ctx.Err() != nil {
+		guarded.CloseConns()
 		return nil
 	}
 	return err

@@ -61,6 +61,8 @@ type Guard struct {
 
 	wmu    sync.Mutex
 	wstate writeScanner
+
+	onClose func(*Guard)
 }
 
 // NewGuard wraps conn. onReject may be nil.
@@ -172,7 +174,12 @@ func (g *Guard) Write(p []byte) (int, error) {
 
 // Close closes the connection and wakes a Read waiting for a slot.
 func (g *Guard) Close() error {
-	g.once.Do(func() { close(g.closed) })
+	g.once.Do(func() {
+		close(g.closed)
+		if g.onClose != nil {
+			g.onClose(g)
+		}
+	})
 	return g.Conn.Close()
 }
 
@@ -207,11 +214,15 @@ func (s *writeScanner) scan(p []byte) (acks int) {
 	return acks
 }
 
-// Listener wraps accepted connections in a Guard.
+// Listener wraps accepted connections in a Guard and keeps track of them,
+// so that a stopping agent can close the connections it still serves.
 type Listener struct {
 	net.Listener
 	Limits   Limits
 	OnReject func(reason string, err error)
+
+	mu    sync.Mutex
+	conns map[*Guard]struct{}
 }
 
 // Accept implements net.Listener.
@@ -220,5 +231,32 @@ func (l *Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return NewGuard(c, l.Limits, l.OnReject), nil
+	g := NewGuard(c, l.Limits, l.OnReject)
+	g.onClose = l.forget
+	l.mu.Lock()
+	if l.conns == nil {
+		l.conns = map[*Guard]struct{}{}
+	}
+	l.conns[g] = struct{}{}
+	l.mu.Unlock()
+	return g, nil
+}
+
+func (l *Listener) forget(g *Guard) {
+	l.mu.Lock()
+	delete(l.conns, g)
+	l.mu.Unlock()
+}
+
+// CloseConns closes every connection accepted and still open.
+func (l *Listener) CloseConns() {
+	l.mu.Lock()
+	conns := make([]*Guard, 0, len(l.conns))
+	for g := range l.conns {
+		conns = append(conns, g)
+	}
+	l.mu.Unlock()
+	for _, g := range conns {
+		_ = g.Close()
+	}
 }
