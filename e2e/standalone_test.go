@@ -300,6 +300,24 @@ func TestStandaloneSPOA(t *testing.T) {
 		}
 	})
 
+	t.Run("SPOA hung: denied after the processing timeout, then served again", func(t *testing.T) {
+		if err := s.spoa.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		code, body := s.mustGet(t, "web")
+		took := time.Since(start)
+		_ = s.spoa.Signal(syscall.SIGCONT)
+		if code != 403 || !strings.Contains(body, "authorization_unavailable") {
+			t.Fatalf("with the SPOA stopped: %d %q, want 403 authorization_unavailable", code, body)
+		}
+		t.Logf("denied after %s (timeout processing 500ms)", took)
+		harness.WaitFor(t, 10*time.Second, "web allowed after SIGCONT", func() bool {
+			code, _ := s.mustGet(t, "web")
+			return code == 200
+		})
+	})
+
 	t.Run("SPOA down: denied (fail closed), then served again", func(t *testing.T) {
 		s.spoa.Kill()
 		code, body := s.mustGet(t, "web")
