@@ -24,8 +24,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	spoe "github.com/negasus/haproxy-spoe-go/agent"
 	"github.com/negasus/haproxy-spoe-go/action"
+	spoe "github.com/negasus/haproxy-spoe-go/agent"
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/netutil"
