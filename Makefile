@@ -1,5 +1,7 @@
 # haconnect: HAProxy as a Consul Connect data plane.
 SHELL := /bin/bash
+# Go from the official tarball lives in /usr/local/go/bin, not always on PATH.
+export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 CONSUL_VERSION ?= 1.16.3
 CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
