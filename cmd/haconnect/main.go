@@ -1,0 +1,51 @@
+// Command haconnect runs haconnect's data-plane components:
+//
+//	haconnect sidecar -sidecar-for <service-id>   a Connect sidecar (HAProxy + SPOA)
+//	haconnect spoa ...                            the authorization agent alone
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/haconnect/haconnect/internal/sidecarcmd"
+	"github.com/haconnect/haconnect/internal/spoacmd"
+)
+
+const usage = `usage: haconnect <command> [flags]
+
+commands:
+  sidecar   run a Connect sidecar: HAProxy configured from Consul, with the SPOA
+  spoa      run the authorization agent alone (same as haconnect-spoa)
+
+"haconnect <command> -h" lists a command's flags.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stderr))
+}
+
+func run(ctx context.Context, args []string, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "sidecar":
+		return sidecarcmd.Run(ctx, args[1:], stderr)
+	case "spoa":
+		return spoacmd.Run(ctx, args[1:], stderr)
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stderr, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "haconnect: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+}

@@ -1,0 +1,260 @@
+package e2e
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/harness"
+)
+
+// mesh is a Consul agent with services registered the way Consul users do
+// (a service with a sidecar_service), each proxy run by `haconnect sidecar`.
+type mesh struct {
+	t      *testing.T
+	consul *harness.Consul
+}
+
+// instance is one registered service instance with its app and sidecar.
+type instance struct {
+	id       string
+	app      *httptest.Server
+	port     int // sidecar's public port
+	dir      string
+	sidecar  *harness.Process
+	upstream map[string]int // destination -> local port
+}
+
+func newMesh(t *testing.T) *mesh {
+	return &mesh{t: t, consul: harness.StartConsul(t)}
+}
+
+// add registers an instance of service with an HTTP app and starts its
+// sidecar. upstreams lists destination services.
+func (m *mesh) add(service, id string, upstreams ...string) *instance {
+	t := m.t
+	t.Helper()
+	in := &instance{id: id, port: harness.FreePort(t), dir: harness.TempDir(t), upstream: map[string]int{}}
+	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
+	}))
+	t.Cleanup(in.app.Close)
+	appPort := in.app.Listener.Addr().(*net.TCPAddr).Port
+	var ups []api.Upstream
+	for _, u := range upstreams {
+		in.upstream[u] = harness.FreePort(t)
+		ups = append(ups, api.Upstream{DestinationName: u, LocalBindPort: in.upstream[u],
+			Config: map[string]any{"protocol": "http"}})
+	}
+	reg := &api.AgentServiceRegistration{
+		ID: id, Name: service, Address: "127.0.0.1", Port: appPort,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: in.port,
+			Proxy: &api.AgentServiceConnectProxyConfig{
+				Config:    map[string]any{"protocol": "http", "bind_address": "127.0.0.1"},
+				Upstreams: ups,
+			},
+			Checks: api.AgentServiceChecks{{
+				Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", in.port),
+				Interval: "500ms", Timeout: "200ms",
+			}},
+		}},
+	}
+	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+		t.Fatalf("register %s: %v", id, err)
+	}
+	in.sidecar = harness.Start(t, "sidecar "+id, harness.Binary(t, "haconnect"), "sidecar",
+		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-ttl", "300ms",
+		"-stop-grace", "2s", "-log-level", "debug")
+	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
+	for _, p := range in.upstream {
+		harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", p), 20*time.Second)
+	}
+	return in
+}
+
+// call makes one request from in's app to destination through the sidecar.
+func (in *instance) call(dest string) (int, string, error) {
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/", in.upstream[dest]))
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), nil
+}
+
+// admin asks in's HAProxy a runtime API question.
+func (in *instance) admin(t *testing.T, cmd string) string {
+	t.Helper()
+	c, err := net.Dial("unix", filepath.Join(in.dir, "admin.sock"))
+	if err != nil {
+		t.Fatalf("admin socket: %v", err)
+	}
+	defer c.Close()
+	fmt.Fprintln(c, cmd)
+	b, _ := io.ReadAll(c)
+	return string(b)
+}
+
+// load calls dest from in with workers keep-alive clients until stop is
+// closed, counting outcomes by instance and failures.
+type load struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	byBody     map[string]int
+	errs       []string
+	wg         sync.WaitGroup
+	stop       chan struct{}
+}
+
+func startLoad(in *instance, dest string, workers int) *load {
+	l := &load{byBody: map[string]int{}, stop: make(chan struct{})}
+	for i := 0; i < workers; i++ {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			c := &http.Client{Timeout: 5 * time.Second}
+			url := fmt.Sprintf("http://127.0.0.1:%d/", in.upstream[dest])
+			for {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				resp, err := c.Get(url)
+				if err != nil {
+					l.fail(err.Error())
+					continue
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					l.fail(fmt.Sprintf("%d %s", resp.StatusCode, b))
+					continue
+				}
+				l.ok.Add(1)
+				id, _, _ := strings.Cut(string(b), " ")
+				l.mu.Lock()
+				l.byBody[id]++
+				l.mu.Unlock()
+				time.Sleep(2 * time.Millisecond)
+			}
+		}()
+	}
+	return l
+}
+
+func (l *load) fail(msg string) {
+	l.failed.Add(1)
+	l.mu.Lock()
+	if len(l.errs) < 5 {
+		l.errs = append(l.errs, msg)
+	}
+	l.mu.Unlock()
+}
+
+func (l *load) finish() { close(l.stop); l.wg.Wait() }
+
+func (l *load) check(t *testing.T, what string) {
+	t.Helper()
+	t.Logf("%s: %d requests ok, %d failed, by instance %v", what, l.ok.Load(), l.failed.Load(), l.byBody)
+	if l.failed.Load() > 0 {
+		t.Fatalf("%s: %d requests failed, e.g. %v", what, l.failed.Load(), l.errs)
+	}
+	if l.ok.Load() == 0 {
+		t.Fatalf("%s: no request succeeded", what)
+	}
+}
+
+func TestSidecarMesh(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("*", deny))
+	api1 := m.add("api", "api-1")
+	web := m.add("web", "web-1", "api")
+
+	t.Run("web reaches api through both sidecars", func(t *testing.T) {
+		harness.WaitFor(t, 10*time.Second, "web -> api 200", func() bool {
+			code, body, err := web.call("api")
+			return err == nil && code == 200 && body == "api-1 source=web"
+		})
+	})
+
+	t.Run("deny refuses, allow restores", func(t *testing.T) {
+		m.consul.SetIntentions(t, "api", harness.Source("web", deny))
+		harness.WaitFor(t, 5*time.Second, "web -> api denied", func() bool {
+			code, body, _ := web.call("api")
+			return code == 403 && strings.Contains(body, "intention_deny")
+		})
+		m.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("*", deny))
+		harness.WaitFor(t, 5*time.Second, "web -> api allowed again", func() bool {
+			code, _, _ := web.call("api")
+			return code == 200
+		})
+	})
+
+	t.Run("upstream churn: a new instance gets traffic, a killed one loses none", func(t *testing.T) {
+		api2 := m.add("api", "api-2")
+		harness.WaitFor(t, 15*time.Second, "api-2 in web's pool", func() bool {
+			return serverActive(web.admin(t, "show stat upstream_api 4 -1"), api2.port)
+		})
+		l := startLoad(web, "api", 4)
+		harness.WaitFor(t, 15*time.Second, "traffic on api-2", func() bool {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			return l.byBody["api-2"] >= 20
+		})
+		api2.sidecar.Kill()
+		killed := time.Now()
+		harness.WaitFor(t, 15*time.Second, "api-2 out of web's pool", func() bool {
+			return !serverActive(web.admin(t, "show stat upstream_api 4 -1"), api2.port)
+		})
+		t.Logf("killed instance left the pool %s after the kill", time.Since(killed).Round(time.Millisecond))
+		time.Sleep(500 * time.Millisecond)
+		l.finish()
+		l.check(t, "load across the kill")
+		if l.byBody["api-1"] == 0 {
+			t.Fatal("api-1 got no traffic")
+		}
+	})
+
+	_ = api1
+}
+
+// serverActive reports whether `show stat` lists a server on port that is
+// not in maintenance.
+func serverActive(stat string, port int) bool {
+	for _, line := range strings.Split(stat, "\n") {
+		f := strings.Split(line, ",")
+		if len(f) > 73 && strings.HasSuffix(f[73], fmt.Sprintf(":%d", port)) {
+			return !strings.HasPrefix(f[17], "MAINT")
+		}
+	}
+	return false
+}
+
+var _ = os.Getpid
+var _ = syscall.SIGTERM
+var _ = ecdsa.GenerateKey
+var _ = elliptic.P256
+var _ = rand.Reader
+var _ = x509.MarshalECPrivateKey
+var _ = pem.EncodeToMemory

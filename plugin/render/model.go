@@ -1,0 +1,195 @@
+// Package render turns a sidecar's desired state into a complete HAProxy
+// configuration. It is pure: the same Model always gives the same text,
+// and Validate refuses a Model that would give a broken one.
+package render
+
+import (
+	"encoding/hex"
+	"fmt"
+	"net"
+	"strings"
+)
+
+// Protocols a listener may speak.
+const (
+	ProtocolTCP  = "tcp"
+	ProtocolHTTP = "http"
+)
+
+// Model is everything the configuration depends on.
+type Model struct {
+	// Service is the destination service this sidecar fronts.
+	Service string
+	// Files and sockets, absolute paths.
+	LeafFile    string // leaf certificate followed by its key
+	RootsFile   string // the Connect CA roots
+	SPOEFile    string // written next to the configuration
+	AdminSocket string // runtime API
+	// SPOAAddr is the authorization agent: "unix@/path" or "host:port".
+	SPOAAddr string
+	// AdminBind, if set, serves HAProxy's Prometheus exporter at /metrics
+	// and its stats page at /stats.
+	AdminBind string
+	Inbound   Inbound
+	Upstreams []Upstream
+}
+
+// Inbound is the public mTLS listener in front of the local app.
+type Inbound struct {
+	BindAddr string
+	BindPort int
+	Protocol string
+	// LocalAddr/LocalPort is the app.
+	LocalAddr             string
+	LocalPort             int
+	LocalConnectTimeoutMS int
+	// LocalRequestTimeoutMS bounds an HTTP request to the app (0: 30s).
+	LocalRequestTimeoutMS int
+}
+
+// Upstream is a local listener that reaches a destination through the
+// mesh.
+type Upstream struct {
+	Name       string // destination service
+	Datacenter string
+	BindAddr   string
+	BindPort   int
+	Protocol   string
+	// ConnectTimeoutMS bounds a connection to an upstream instance.
+	ConnectTimeoutMS int
+	// PeerURI is the SPIFFE ID the upstream's certificate must carry.
+	PeerURI string
+	// Servers are slots, filled or empty; a slot keeps its name while the
+	// instance in it lives, so changes can go through the runtime API.
+	Servers []Server
+}
+
+// Server is one upstream slot. An empty Addr is a free (disabled) slot.
+type Server struct {
+	Name string
+	Addr string
+	Port int
+}
+
+// Validate refuses what would render a broken or dangerous configuration.
+func (m *Model) Validate() error {
+	var errs []string
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Sprintf(format, args...)) }
+	if !validName(m.Service) {
+		bad("service name %q", m.Service)
+	}
+	for _, f := range []struct{ name, v string }{{"leaf file", m.LeafFile}, {"roots file", m.RootsFile},
+		{"SPOE file", m.SPOEFile}, {"admin socket", m.AdminSocket}, {"SPOA address", m.SPOAAddr}} {
+		if f.v == "" || strings.ContainsAny(f.v, " \t\n\"'#") {
+			bad("%s %q", f.name, f.v)
+		}
+	}
+	if m.AdminBind != "" {
+		if err := checkHostPort(m.AdminBind); err != nil {
+			bad("admin bind: %v", err)
+		}
+	}
+	in := m.Inbound
+	checkAddr(bad, "inbound bind address", in.BindAddr)
+	checkPort(bad, "inbound port", in.BindPort)
+	checkAddr(bad, "local service address", in.LocalAddr)
+	checkPort(bad, "local service port", in.LocalPort)
+	checkProtocol(bad, "inbound", in.Protocol)
+	ports := map[int]string{in.BindPort: "inbound listener"}
+	for _, u := range m.Upstreams {
+		if !validName(u.Name) {
+			bad("upstream name %q", u.Name)
+		}
+		what := "upstream " + u.Name
+		checkAddr(bad, what+" bind address", u.BindAddr)
+		checkPort(bad, what+" port", u.BindPort)
+		checkProtocol(bad, what, u.Protocol)
+		if other, dup := ports[u.BindPort]; dup {
+			bad("%s port %d is also used by %s", what, u.BindPort, other)
+		}
+		ports[u.BindPort] = what
+		if !strings.HasPrefix(u.PeerURI, "spiffe://") {
+			bad("%s peer URI %q", what, u.PeerURI)
+		}
+		for _, s := range u.Servers {
+			if s.Addr == "" {
+				continue
+			}
+			checkAddr(bad, what+" instance address", s.Addr)
+			checkPort(bad, what+" instance port", s.Port)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("invalid sidecar configuration: %s", strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func validName(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+func checkPort(bad func(string, ...any), what string, p int) {
+	if p < 1 || p > 65535 {
+		bad("%s %d is out of range 1-65535", what, p)
+	}
+}
+
+func checkAddr(bad func(string, ...any), what, a string) {
+	if net.ParseIP(a) == nil {
+		bad("%s %q is not an IP address", what, a)
+	}
+}
+
+func checkProtocol(bad func(string, ...any), what, p string) {
+	if p != ProtocolTCP && p != ProtocolHTTP {
+		bad("%s protocol %q (want tcp or http)", what, p)
+	}
+}
+
+func checkHostPort(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return err
+	}
+	if net.ParseIP(host) == nil {
+		return fmt.Errorf("%q is not an IP address", host)
+	}
+	var p int
+	if _, err := fmt.Sscanf(port, "%d", &p); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("port %q", port)
+	}
+	return nil
+}
+
+// uriSANPattern is the hex form of the DER GeneralName that carries uri as a
+// URI SAN: tag [6] (0x86), its length, the bytes. HAProxy 2.6 cannot match a
+// URI SAN of a server certificate natively; matching this exact encoding in
+// ssl_s_der (the length pins the end of the URI) checks the peer's SPIFFE ID.
+func uriSANPattern(uri string) string {
+	b := []byte{0x86}
+	switch n := len(uri); {
+	case n < 0x80:
+		b = append(b, byte(n))
+	case n < 0x100:
+		b = append(b, 0x81, byte(n))
+	default:
+		b = append(b, 0x82, byte(n>>8), byte(n))
+	}
+	b = append(b, uri...)
+	return strings.ToUpper(hex.EncodeToString(b))
+}
+
+// hostPort formats an address for a HAProxy line. HAProxy splits on the
+// last colon, so IPv6 addresses need no brackets.
+func hostPort(addr string, port int) string {
+	return fmt.Sprintf("%s:%d", addr, port)
+}

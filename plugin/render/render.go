@@ -1,0 +1,85 @@
+package render
+
+import (
+	"bytes"
+	_ "embed"
+	"strings"
+	"text/template"
+)
+
+//go:embed haproxy.cfg.tmpl
+var cfgTemplate string
+
+//go:embed spoe.conf.tmpl
+var spoeTemplate string
+
+var funcs = template.FuncMap{
+	"hostport":  hostPort,
+	"uripattern": uriSANPattern,
+	"msOr": func(ms, def int) int {
+		if ms <= 0 {
+			return def
+		}
+		return ms
+	},
+}
+
+var (
+	cfgTmpl  = template.Must(template.New("haproxy.cfg").Funcs(funcs).Parse(cfgTemplate))
+	spoeTmpl = template.Must(template.New("spoe.conf").Funcs(funcs).Parse(spoeTemplate))
+)
+
+// Output is a rendered configuration.
+type Output struct {
+	// Config is the complete haproxy.cfg.
+	Config string
+	// SPOE is the SPOE engine file, to write at Model.SPOEFile.
+	SPOE string
+	// Shape is Config with every upstream slot's address and state left
+	// out: two outputs with the same Shape differ only in what the runtime
+	// API can change (set server addr/state), so no reload is needed.
+	Shape string
+}
+
+// Render validates m and renders it.
+func Render(m *Model) (*Output, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	cfg, err := execute(cfgTmpl, m, false)
+	if err != nil {
+		return nil, err
+	}
+	shape, err := execute(cfgTmpl, m, true)
+	if err != nil {
+		return nil, err
+	}
+	spoe, err := execute(spoeTmpl, m, false)
+	if err != nil {
+		return nil, err
+	}
+	return &Output{Config: cfg, SPOE: spoe, Shape: shape}, nil
+}
+
+func execute(t *template.Template, m *Model, shape bool) (string, error) {
+	var b bytes.Buffer
+	err := t.Execute(&b, struct {
+		*Model
+		Shape bool
+	}{m, shape})
+	return strings.TrimLeft(b.String(), "\n"), err
+}
+
+// ServerName is the configuration name of an upstream's slot.
+func ServerName(i int) string { return "s" + itoa(i+1) }
+
+// BackendName is the backend of an upstream.
+func BackendName(upstream string) string { return "upstream_" + upstream }
+
+func itoa(i int) string {
+	const digits = "0123456789"
+	if i < 10 {
+		return digits[i : i+1]
+	}
+	return itoa(i/10) + digits[i%10:i%10+1]
+}

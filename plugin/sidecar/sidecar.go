@@ -1,0 +1,425 @@
+// Package sidecar turns a Consul Connect proxy registration into a running
+// HAProxy and keeps it current: the registration, the leaf certificate, the
+// CA roots and the healthy instances of every upstream are watched with
+// blocking queries; each change renders a complete configuration
+// (plugin/render) and applies it through the runtime API when it can, or a
+// hitless reload when it must (plugin/haproxy). Inbound callers are
+// authorized by the SPOA, embedded here unless an external one is named.
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/haconnect/haconnect/plugin/haproxy"
+	"github.com/haconnect/haconnect/plugin/render"
+	"github.com/haconnect/haconnect/spoa"
+	"github.com/haconnect/haconnect/spoa/authz"
+)
+
+// Config configures a sidecar.
+type Config struct {
+	Consul *api.Config
+	// ProxyID is the proxy's service ID; or SidecarFor names the service
+	// ID whose proxy this is (as `consul connect proxy -sidecar-for`).
+	ProxyID    string
+	SidecarFor string
+	// Dir holds the configuration, certificates and sockets (created 0700).
+	Dir           string
+	HAProxyBinary string
+	// SPOAAddr is an external authorization agent (host:port or
+	// unix:/path); empty runs one inside this process.
+	SPOAAddr string
+	// AdminBind serves HAProxy's Prometheus exporter (/metrics) and stats
+	// page (/stats); empty: off.
+	AdminBind   string
+	StaleWindow time.Duration // embedded SPOA (default 5m)
+	TTL         time.Duration // embedded SPOA's ttl_ms (default 1s)
+	// StopGrace is how long HAProxy may take to finish its connections on
+	// shutdown (default 10s).
+	StopGrace  time.Duration
+	Logger     hclog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Sidecar is one running sidecar; create it with New and call Run.
+type Sidecar struct {
+	cfg     Config
+	log     hclog.Logger
+	client  *api.Client
+	metrics *metrics
+
+	changed chan struct{}
+
+	mu        sync.Mutex
+	reg       *proxyConfig
+	regErr    error
+	leaf      *api.LeafCert
+	roots     *api.CARootList
+	endpoints map[string][]endpoint // by upstream key
+	loaded    map[string]bool       // upstream key -> first answer seen
+	watching  map[string]context.CancelFunc
+	pendingAt time.Time // first change not yet applied
+
+	// Owned by the apply loop.
+	proc    *haproxy.Process
+	slots   map[string][]string // upstream key -> instance per slot ("" free)
+	applied appliedState
+}
+
+type endpoint struct {
+	Addr string
+	Port int
+}
+
+func (e endpoint) key() string { return fmt.Sprintf("%s:%d", e.Addr, e.Port) }
+
+type appliedState struct {
+	model             *render.Model
+	out               *render.Output
+	leafPEM, rootsPEM string
+}
+
+// New checks cfg and creates a sidecar.
+func New(cfg Config) (*Sidecar, error) {
+	if (cfg.ProxyID == "") == (cfg.SidecarFor == "") {
+		return nil, errors.New("exactly one of -proxy-id and -sidecar-for is required")
+	}
+	if cfg.Dir == "" {
+		return nil, errors.New("no working directory")
+	}
+	if cfg.Consul == nil {
+		cfg.Consul = api.DefaultConfig()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.StopGrace <= 0 {
+		cfg.StopGrace = 10 * time.Second
+	}
+	bin, err := haproxy.BinaryPath(cfg.HAProxyBinary)
+	if err != nil {
+		return nil, err
+	}
+	cfg.HAProxyBinary = bin
+	client, err := api.NewClient(cfg.Consul)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	abs, err := filepath.Abs(cfg.Dir)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Dir = abs
+	return &Sidecar{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		client:    client,
+		metrics:   newMetrics(cfg.Registerer),
+		changed:   make(chan struct{}, 1),
+		endpoints: map[string][]endpoint{},
+		loaded:    map[string]bool{},
+		watching:  map[string]context.CancelFunc{},
+		slots:     map[string][]string{},
+	}, nil
+}
+
+func (s *Sidecar) path(name string) string { return filepath.Join(s.cfg.Dir, name) }
+
+// Run serves until ctx is done, then stops HAProxy gracefully. It returns
+// nil after a requested stop.
+func (s *Sidecar) Run(ctx context.Context) error {
+	if err := os.MkdirAll(s.cfg.Dir, 0o700); err != nil {
+		return fmt.Errorf("working directory: %w", err)
+	}
+	proxyID, err := s.resolveProxyID(ctx)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	go s.watch(ctx, "proxy registration "+proxyID, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+		svc, meta, err := s.client.Agent().Service(proxyID, q.WithContext(ctx))
+		if err != nil {
+			return blockingResult{}, err
+		}
+		reg, rerr := readRegistration(svc)
+		s.update(func() { s.reg, s.regErr = reg, rerr })
+		if rerr != nil {
+			s.log.Error("proxy registration rejected: keeping the running configuration", "proxy_id", proxyID, "error", rerr)
+			s.metrics.configErrors.Inc()
+		}
+		return blockingResult{hash: meta.LastContentHash}, nil
+	})
+	go s.watch(ctx, "CA roots", func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+		roots, meta, err := s.client.Agent().ConnectCARoots(q.WithContext(ctx))
+		if err != nil {
+			return blockingResult{}, err
+		}
+		s.update(func() { s.roots = roots })
+		return blockingResult{index: meta.LastIndex}, nil
+	})
+
+	// The leaf and the SPOA need the destination service's name, which the
+	// registration gives.
+	service, err := s.waitService(ctx)
+	if err != nil {
+		return nil // stopped while waiting
+	}
+	go s.watch(ctx, "leaf certificate", func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+		leaf, meta, err := s.client.Agent().ConnectCALeaf(service, q.WithContext(ctx))
+		if err != nil {
+			return blockingResult{}, err
+		}
+		s.update(func() { s.leaf = leaf })
+		return blockingResult{index: meta.LastIndex}, nil
+	})
+
+	spoaAddr, stopSPOA, err := s.startSPOA(ctx, service)
+	if err != nil {
+		return err
+	}
+	defer stopSPOA()
+
+	err = s.applyLoop(ctx, spoaAddr, service)
+	if s.proc != nil {
+		s.log.Info("stopping haproxy", "grace", s.cfg.StopGrace)
+		s.proc.Stop(s.cfg.StopGrace)
+	}
+	return err
+}
+
+// resolveProxyID finds the proxy for -sidecar-for, retrying until Consul
+// answers and the proxy is registered.
+func (s *Sidecar) resolveProxyID(ctx context.Context) (string, error) {
+	if s.cfg.ProxyID != "" {
+		return s.cfg.ProxyID, nil
+	}
+	backoff := newBackoff()
+	for {
+		services, err := s.client.Agent().ServicesWithFilterOpts(
+			fmt.Sprintf("Kind == %q and Proxy.DestinationServiceID == %q", api.ServiceKindConnectProxy, s.cfg.SidecarFor),
+			(&api.QueryOptions{}).WithContext(ctx))
+		switch {
+		case ctx.Err() != nil:
+			return "", ctx.Err()
+		case err != nil:
+			s.log.Warn("cannot list the agent's services: retrying", "error", err, "retry_in", backoff.peek())
+		case len(services) == 1:
+			for id := range services {
+				s.log.Info("found the proxy", "sidecar_for", s.cfg.SidecarFor, "proxy_id", id)
+				return id, nil
+			}
+		case len(services) > 1:
+			ids := make([]string, 0, len(services))
+			for id := range services {
+				ids = append(ids, id)
+			}
+			sort.Strings(ids)
+			return "", fmt.Errorf("service %q has %d sidecar proxies (%s): name one with -proxy-id",
+				s.cfg.SidecarFor, len(ids), strings.Join(ids, ", "))
+		default:
+			s.log.Warn("no proxy registered for the service yet: retrying", "sidecar_for", s.cfg.SidecarFor, "retry_in", backoff.peek())
+		}
+		if !backoff.wait(ctx) {
+			return "", ctx.Err()
+		}
+	}
+}
+
+func (s *Sidecar) waitService(ctx context.Context) (string, error) {
+	for {
+		s.mu.Lock()
+		reg := s.reg
+		s.mu.Unlock()
+		if reg != nil {
+			return reg.Service, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// startSPOA runs the embedded authorization agent on a unix socket in the
+// working directory, or returns the external one's address.
+func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func(), error) {
+	if s.cfg.SPOAAddr != "" {
+		addr := s.cfg.SPOAAddr
+		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+			addr = "unix@" + p
+		}
+		return addr, func() {}, nil
+	}
+	az, err := authz.New(authz.Config{
+		Consul:      s.cfg.Consul,
+		Logger:      s.log.Named("authz"),
+		Metrics:     authz.NewMetrics(s.cfg.Registerer),
+		StaleWindow: s.cfg.StaleWindow,
+	})
+	if err != nil {
+		return "", nil, err
+	}
+	srv, err := spoa.NewServer(spoa.Config{Decider: az, Target: service, TTL: s.cfg.TTL,
+		Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer})
+	if err != nil {
+		return "", nil, err
+	}
+	sock := s.path("spoa.sock")
+	l, err := spoa.Listen("unix:" + sock)
+	if err != nil {
+		return "", nil, fmt.Errorf("embedded SPOA: %w", err)
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	az.Start(sctx, service)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(sctx, l); err != nil {
+			s.log.Error("embedded SPOA stopped", "error", err)
+		}
+	}()
+	return "unix@" + sock, func() { cancel(); <-done }, nil
+}
+
+// update changes the watched state and wakes the apply loop.
+func (s *Sidecar) update(f func()) {
+	s.mu.Lock()
+	f()
+	if s.pendingAt.IsZero() {
+		s.pendingAt = time.Now()
+	}
+	s.mu.Unlock()
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+// snapshot is a consistent copy of the watched state.
+type snapshot struct {
+	reg       *proxyConfig
+	regErr    error
+	leaf      *api.LeafCert
+	roots     *api.CARootList
+	endpoints map[string][]endpoint
+	pendingAt time.Time
+	missing   []string
+}
+
+func (s *Sidecar) snapshot(ctx context.Context) snapshot {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	snap := snapshot{reg: s.reg, regErr: s.regErr, leaf: s.leaf, roots: s.roots,
+		endpoints: map[string][]endpoint{}, pendingAt: s.pendingAt}
+	s.pendingAt = time.Time{}
+	if snap.reg != nil {
+		s.syncUpstreamWatchesLocked(ctx, snap.reg)
+		for _, u := range snap.reg.Upstreams {
+			k := upstreamKey(u)
+			if !s.loaded[k] {
+				snap.missing = append(snap.missing, "instances of "+k)
+			}
+			snap.endpoints[k] = append([]endpoint(nil), s.endpoints[k]...)
+		}
+	} else {
+		snap.missing = append(snap.missing, "proxy registration")
+	}
+	if snap.leaf == nil {
+		snap.missing = append(snap.missing, "leaf certificate")
+	}
+	if snap.roots == nil {
+		snap.missing = append(snap.missing, "CA roots")
+	}
+	return snap
+}
+
+func upstreamKey(u upstreamConfig) string {
+	if u.Datacenter == "" {
+		return u.Name
+	}
+	return u.Name + "@" + u.Datacenter
+}
+
+// syncUpstreamWatchesLocked starts a health watch for each new upstream and
+// stops those no longer registered.
+func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfig) {
+	want := map[string]upstreamConfig{}
+	for _, u := range reg.Upstreams {
+		want[upstreamKey(u)] = u
+	}
+	for k, stop := range s.watching {
+		if _, ok := want[k]; !ok {
+			stop()
+			delete(s.watching, k)
+			delete(s.endpoints, k)
+			delete(s.loaded, k)
+		}
+	}
+	for k, u := range want {
+		if _, ok := s.watching[k]; ok {
+			continue
+		}
+		wctx, cancel := context.WithCancel(ctx)
+		s.watching[k] = cancel
+		k, u := k, u
+		go s.watch(wctx, "instances of "+k, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+			q.Datacenter = u.Datacenter
+			entries, meta, err := s.client.Health().Connect(u.Name, "", true, q.WithContext(ctx))
+			if err != nil {
+				return blockingResult{}, err
+			}
+			eps := make([]endpoint, 0, len(entries))
+			for _, e := range entries {
+				addr := e.Service.Address
+				if addr == "" {
+					addr = e.Node.Address
+				}
+				eps = append(eps, endpoint{Addr: addr, Port: e.Service.Port})
+			}
+			sort.Slice(eps, func(i, j int) bool { return eps[i].key() < eps[j].key() })
+			s.update(func() {
+				if ctx.Err() == nil {
+					s.endpoints[k] = eps
+					s.loaded[k] = true
+				}
+			})
+			return blockingResult{index: meta.LastIndex}, nil
+		})
+	}
+}
+
+// peerURI is the SPIFFE ID an upstream's sidecar certificate carries.
+func peerURI(trustDomain, localDC string, u upstreamConfig) string {
+	dc := u.Datacenter
+	if dc == "" {
+		dc = localDC
+	}
+	return (&url.URL{Scheme: "spiffe", Host: trustDomain, Path: "/ns/default/dc/" + dc + "/svc/" + u.Name}).String()
+}
+
+// datacenterOf reads the datacenter from a Consul service SPIFFE ID.
+func datacenterOf(uri string) string {
+	parts := strings.Split(uri, "/")
+	for i := 0; i+1 < len(parts); i++ {
+		if parts[i] == "dc" {
+			return parts[i+1]
+		}
+	}
+	return ""
+}
