@@ -251,10 +251,183 @@ func serverActive(stat string, port int) bool {
 	return false
 }
 
-var _ = os.Getpid
-var _ = syscall.SIGTERM
-var _ = ecdsa.GenerateKey
-var _ = elliptic.P256
-var _ = rand.Reader
-var _ = x509.MarshalECPrivateKey
-var _ = pem.EncodeToMemory
+// alive reports whether pid runs (a zombie waiting for its reaper does not).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, after, _ := strings.Cut(string(b), ") ")
+	return !strings.HasPrefix(after, "Z")
+}
+
+// newRootKey is a fresh CA key for Consul's built-in provider: giving it
+// one rotates the Connect CA root.
+func newRootKey(t *testing.T) string {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}))
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestSidecarRotationUnderLoad(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	api1 := m.add("api", "api-1")
+	web := m.add("web", "web-1", "api")
+	harness.WaitFor(t, 10*time.Second, "web -> api", func() bool {
+		code, _, _ := web.call("api")
+		return code == 200
+	})
+	webLeaf, apiLeaf := readFile(t, filepath.Join(web.dir, "leaf.pem")), readFile(t, filepath.Join(api1.dir, "leaf.pem"))
+
+	l := startLoad(web, "api", 4)
+	time.Sleep(300 * time.Millisecond)
+	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf.Config["PrivateKey"] = newRootKey(t)
+	conf.Config["RootCert"] = ""
+	rotated := time.Now()
+	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
+		t.Fatalf("rotate the CA: %v", err)
+	}
+	harness.WaitFor(t, 30*time.Second, "both sidecars on new leaves and both roots", func() bool {
+		return readFile(t, filepath.Join(web.dir, "leaf.pem")) != webLeaf &&
+			readFile(t, filepath.Join(api1.dir, "leaf.pem")) != apiLeaf &&
+			strings.Count(readFile(t, filepath.Join(web.dir, "roots.pem")), "BEGIN CERTIFICATE") == 2 &&
+			strings.Count(readFile(t, filepath.Join(api1.dir, "roots.pem")), "BEGIN CERTIFICATE") == 2
+	})
+	t.Logf("roots and leaves rotated in both sidecars %s after the CA change", time.Since(rotated).Round(time.Millisecond))
+	time.Sleep(time.Second) // keep the load on the rotated certificates
+	l.finish()
+	l.check(t, "load across a CA root and leaf rotation")
+	for _, in := range []*instance{web, api1} {
+		if out := in.sidecar.Output(); !strings.Contains(out, "method=runtime") || strings.Contains(out, "method=reload") {
+			t.Errorf("%s: rotation not applied through the runtime API alone", in.id)
+		}
+	}
+	// A new connection after the rotation: new leaves, new roots.
+	if code, body, err := web.call("api"); err != nil || code != 200 {
+		t.Fatalf("after the rotation: %d %q %v", code, body, err)
+	}
+}
+
+func TestSidecarKeepsServingThroughABadRegistration(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	m.add("api", "api-1")
+	web := m.add("web", "web-1", "api")
+	harness.WaitFor(t, 10*time.Second, "web -> api", func() bool {
+		code, _, _ := web.call("api")
+		return code == 200
+	})
+	cfgBefore := readFile(t, filepath.Join(web.dir, "haproxy.cfg"))
+
+	reg := func(bindPort any) {
+		t.Helper()
+		err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			ID: "web-1", Name: "web", Address: "127.0.0.1", Port: web.app.Listener.Addr().(*net.TCPAddr).Port,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+				Port: web.port,
+				Proxy: &api.AgentServiceConnectProxyConfig{
+					Config: map[string]any{"protocol": "http", "bind_address": "127.0.0.1", "bind_port": bindPort},
+					Upstreams: []api.Upstream{{DestinationName: "api", LocalBindPort: web.upstream["api"],
+						Config: map[string]any{"protocol": "http"}}},
+				},
+			}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg(70000)
+	harness.WaitFor(t, 10*time.Second, "the error logged", func() bool {
+		return strings.Contains(web.sidecar.Output(), "inbound port 70000 is out of range")
+	})
+	if code, _, err := web.call("api"); err != nil || code != 200 {
+		t.Fatalf("web -> api with the broken registration: %d %v", code, err)
+	}
+	if after := readFile(t, filepath.Join(web.dir, "haproxy.cfg")); after != cfgBefore {
+		t.Fatal("the configuration file changed after a rejected registration")
+	}
+	entries, _ := os.ReadDir(web.dir)
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".") {
+			t.Errorf("left behind in the working directory: %s", e.Name())
+		}
+	}
+	reg(web.port) // fixed: applied again
+	harness.WaitFor(t, 10*time.Second, "web -> api after the fix", func() bool {
+		code, _, _ := web.call("api")
+		return code == 200
+	})
+}
+
+func TestSidecarStartAndStop(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	// The sidecar starts before its service is registered: it waits.
+	dir := harness.TempDir(t)
+	port := harness.FreePort(t)
+	sc := harness.Start(t, "sidecar late", harness.Binary(t, "haconnect"), "sidecar",
+		"-sidecar-for", "late-1", "-consul-addr", m.consul.Addr, "-dir", dir, "-stop-grace", "2s")
+	harness.WaitFor(t, 5*time.Second, "the waiting log line", func() bool {
+		return strings.Contains(sc.Output(), "no proxy registered for the service yet")
+	})
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "late") }))
+	defer app.Close()
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "late-1", Name: "api", Address: "127.0.0.1", Port: app.Listener.Addr().(*net.TCPAddr).Port,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port:  port,
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
+
+	// SIGTERM: HAProxy stops, the sidecar exits 0, nothing is left running.
+	info := (&instance{dir: dir}).admin(t, "show info")
+	worker := 0
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
+			fmt.Sscan(v, &worker)
+		}
+	}
+	if worker == 0 {
+		t.Fatalf("no worker pid in show info:\n%s", info)
+	}
+	if err := sc.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	werr, done := sc.Wait(10 * time.Second)
+	if !done || werr != nil {
+		t.Fatalf("sidecar after SIGTERM: exited=%v err=%v", done, werr)
+	}
+	if alive(worker) {
+		t.Fatalf("haproxy worker %d still running after the sidecar exited", worker)
+	}
+	if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+		c.Close()
+		t.Fatal("the public listener still accepts connections")
+	}
+}

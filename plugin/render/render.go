@@ -14,7 +14,7 @@ var cfgTemplate string
 var spoeTemplate string
 
 var funcs = template.FuncMap{
-	"hostport":  hostPort,
+	"hostport":   hostPort,
 	"uripattern": uriSANPattern,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
