@@ -236,7 +236,33 @@ func TestSidecarMesh(t *testing.T) {
 		}
 	})
 
-	_ = api1
+	t.Run("more instances than slots: a hitless reload loses no request", func(t *testing.T) {
+		l := startLoad(web, "api", 4)
+		var added []*instance
+		for i := 3; i <= 6; i++ {
+			added = append(added, m.add("api", fmt.Sprintf("api-%d", i)))
+		}
+		harness.WaitFor(t, 20*time.Second, "five instances in web's pool", func() bool {
+			stat := web.admin(t, "show stat upstream_api 4 -1")
+			for _, in := range append(added, api1) {
+				if !serverActive(stat, in.port) {
+					return false
+				}
+			}
+			return true
+		})
+		time.Sleep(500 * time.Millisecond)
+		l.finish()
+		l.check(t, "load across a reload")
+		if !strings.Contains(web.sidecar.Output(), "method=reload") {
+			t.Fatal("growing the pool past its slots did not reload HAProxy")
+		}
+		for _, in := range added {
+			if l.byBody[in.id] == 0 {
+				t.Errorf("%s got no traffic", in.id)
+			}
+		}
+	})
 }
 
 // serverActive reports whether `show stat` lists a server on port that is
