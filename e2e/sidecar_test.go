@@ -47,28 +47,42 @@ func newMesh(t *testing.T) *mesh {
 }
 
 // add registers an instance of service with an HTTP app and starts its
-// sidecar. upstreams lists destination services.
+// sidecar. upstreams lists destination services ("name", or "name:tcp" for
+// a TCP upstream).
 func (m *mesh) add(service, id string, upstreams ...string) *instance {
 	t := m.t
 	t.Helper()
-	in := &instance{id: id, port: harness.FreePort(t), dir: harness.TempDir(t), upstream: map[string]int{}}
+	in := &instance{id: id, upstream: map[string]int{}}
 	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
 	}))
 	t.Cleanup(in.app.Close)
-	appPort := in.app.Listener.Addr().(*net.TCPAddr).Port
+	return m.register(in, service, "http", in.app.Listener.Addr().(*net.TCPAddr).Port, upstreams...)
+}
+
+// register registers in (whose app listens on appPort) and starts its
+// sidecar.
+func (m *mesh) register(in *instance, service, protocol string, appPort int, upstreams ...string) *instance {
+	t := m.t
+	t.Helper()
+	id := in.id
+	in.port, in.dir = harness.FreePort(t), harness.TempDir(t)
 	var ups []api.Upstream
 	for _, u := range upstreams {
-		in.upstream[u] = harness.FreePort(t)
-		ups = append(ups, api.Upstream{DestinationName: u, LocalBindPort: in.upstream[u],
-			Config: map[string]any{"protocol": "http"}})
+		name, proto, _ := strings.Cut(u, ":")
+		if proto == "" {
+			proto = "http"
+		}
+		in.upstream[name] = harness.FreePort(t)
+		ups = append(ups, api.Upstream{DestinationName: name, LocalBindPort: in.upstream[name],
+			Config: map[string]any{"protocol": proto}})
 	}
 	reg := &api.AgentServiceRegistration{
 		ID: id, Name: service, Address: "127.0.0.1", Port: appPort,
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
 			Port: in.port,
 			Proxy: &api.AgentServiceConnectProxyConfig{
-				Config:    map[string]any{"protocol": "http", "bind_address": "127.0.0.1"},
+				Config:    map[string]any{"protocol": protocol, "bind_address": "127.0.0.1"},
 				Upstreams: ups,
 			},
 			Checks: api.AgentServiceChecks{{
@@ -275,6 +289,79 @@ func serverActive(stat string, port int) bool {
 		}
 	}
 	return false
+}
+
+// startEcho serves a TCP echo app and returns its port.
+func startEcho(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); c.Close() }()
+		}
+	}()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// echo sends a line through in's upstream to dest and returns what came
+// back (an error when the mesh refused).
+func (in *instance) echo(dest, line string) (string, error) {
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", in.upstream[dest]), 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(c, line+"\n"); err != nil {
+		return "", err
+	}
+	buf := make([]byte, len(line)+1)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(buf)), nil
+}
+
+func TestSidecarTCP(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("*", deny))
+	echo := m.register(&instance{id: "echo-1", upstream: map[string]int{}}, "echo", "tcp", startEcho(t))
+	// An "api" instance that is really echo's sidecar: its certificate
+	// names echo, so web must not talk to it as api.
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		Kind: api.ServiceKindConnectProxy, ID: "impostor-api-sidecar-proxy", Name: "api-sidecar-proxy",
+		Address: "127.0.0.1", Port: echo.port,
+		Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api", LocalServicePort: 1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := m.add("web", "web-1", "echo:tcp", "api:tcp")
+	harness.WaitFor(t, 10*time.Second, "echo through the mesh", func() bool {
+		got, err := web.echo("echo", "ping")
+		return err == nil && got == "ping"
+	})
+	if got, err := web.echo("api", "secret"); err == nil {
+		t.Fatalf("web accepted %q from a peer whose certificate names echo, not api", got)
+	}
+	m.consul.SetIntentions(t, "echo", harness.Source("web", deny))
+	harness.WaitFor(t, 5*time.Second, "new TCP connections refused", func() bool {
+		_, err := web.echo("echo", "ping")
+		return err != nil
+	})
+	m.consul.SetIntentions(t, "echo", harness.Source("web", allow))
+	harness.WaitFor(t, 5*time.Second, "allowed again", func() bool {
+		got, err := web.echo("echo", "ping")
+		return err == nil && got == "ping"
+	})
 }
 
 // alive reports whether pid runs (a zombie waiting for its reaper does not).

@@ -1,0 +1,50 @@
+package render
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/haconnect/haconnect/internal/harness"
+)
+
+// TestRenderedConfigsPassHAProxyCheck renders HTTP and TCP sidecars and
+// has the real HAProxy validate them.
+func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
+	bin := harness.HAProxyBinary(t)
+	dir := harness.TempDir(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	keyDER, _ := x509.MarshalECPrivateKey(key)
+	cert := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	harness.WriteFile(t, dir, "leaf.pem", string(cert)+string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
+	harness.WriteFile(t, dir, "roots.pem", string(cert))
+
+	for _, proto := range []string{ProtocolHTTP, ProtocolTCP} {
+		m := model()
+		m.LeafFile, m.RootsFile = filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem")
+		m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")
+		m.AdminBind = "127.0.0.1:19000"
+		m.Inbound.Protocol, m.Upstreams[0].Protocol = proto, proto
+		out, err := Render(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		harness.WriteFile(t, dir, "spoe.conf", out.SPOE)
+		cfg := harness.WriteFile(t, dir, "haproxy.cfg", out.Config)
+		if b, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput(); err != nil {
+			t.Fatalf("%s: haproxy -c: %v\n%s\n%s", proto, err, b, out.Config)
+		}
+	}
+	_ = os.Remove
+}

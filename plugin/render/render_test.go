@@ -1,0 +1,102 @@
+package render
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/hex"
+	"math/big"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+func model() *Model {
+	return &Model{
+		Service: "web", LeafFile: "/d/leaf.pem", RootsFile: "/d/roots.pem", SPOEFile: "/d/spoe.conf",
+		AdminSocket: "/d/admin.sock", SPOAAddr: "unix@/d/spoa.sock",
+		Inbound: Inbound{BindAddr: "0.0.0.0", BindPort: 21000, Protocol: ProtocolHTTP, LocalAddr: "127.0.0.1", LocalPort: 8080},
+		Upstreams: []Upstream{{Name: "api", BindAddr: "127.0.0.1", BindPort: 9191, Protocol: ProtocolHTTP,
+			PeerURI: "spiffe://td.consul/ns/default/dc/dc1/svc/api",
+			Servers: []Server{{Name: "s1", Addr: "10.0.0.1", Port: 21000}, {Name: "s2"}}}},
+	}
+}
+
+func TestRenderShapeIgnoresOnlyServerAddresses(t *testing.T) {
+	a, err := Render(model())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := model()
+	m.Upstreams[0].Servers[1] = Server{Name: "s2", Addr: "10.0.0.2", Port: 21001}
+	b, err := Render(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Config == b.Config || a.Shape != b.Shape {
+		t.Fatal("a server address change must change the config but not its shape")
+	}
+	if !strings.Contains(a.Config, "server s2 127.0.0.1:1 disabled") || !strings.Contains(b.Config, "server s2 10.0.0.2:21001") {
+		t.Fatalf("slots not rendered as expected:\n%s", b.Config)
+	}
+	m.Upstreams[0].Servers = append(m.Upstreams[0].Servers, Server{Name: "s3"})
+	c, _ := Render(m)
+	if c.Shape == b.Shape {
+		t.Fatal("a new slot must change the shape")
+	}
+	m.Inbound.Protocol = ProtocolTCP
+	d, _ := Render(m)
+	if !strings.Contains(d.Config, "tcp-request content send-spoe-group haconnect authz") {
+		t.Fatal("a tcp service must be authorized with tcp-request rules")
+	}
+}
+
+func TestValidateRefusesBrokenValues(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		edit func(*Model)
+		want string
+	}{
+		{"port out of range", func(m *Model) { m.Inbound.BindPort = 70000 }, "inbound port 70000 is out of range"},
+		{"zero local port", func(m *Model) { m.Inbound.LocalPort = 0 }, "local service port 0"},
+		{"hostname as address", func(m *Model) { m.Inbound.LocalAddr = "app.local" }, "not an IP address"},
+		{"protocol", func(m *Model) { m.Upstreams[0].Protocol = "grpc" }, "protocol \"grpc\""},
+		{"port clash", func(m *Model) { m.Upstreams[0].BindPort = 21000 }, "also used by inbound listener"},
+		{"injection in a name", func(m *Model) { m.Upstreams[0].Name = "api\n    server evil 1.2.3.4:80" }, "upstream name"},
+		{"path with a space", func(m *Model) { m.LeafFile = "/d/my leaf.pem" }, "leaf file"},
+		{"instance port", func(m *Model) { m.Upstreams[0].Servers[0].Port = -1 }, "instance port -1"},
+	} {
+		m := model()
+		tc.edit(m)
+		if _, err := Render(m); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err %v, want one mentioning %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// TestURISANPatternMatchesACertificate checks the DER pattern HAProxy
+// matches against ssl_s_der on a real certificate, and that a service whose
+// name only extends the expected one does not match.
+func TestURISANPatternMatchesACertificate(t *testing.T) {
+	der := func(uri string) string {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		u, _ := url.Parse(uri)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), URIs: []*url.URL{u}}
+		b, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.ToUpper(hex.EncodeToString(b))
+	}
+	short := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
+	long := short + strings.Repeat("x", 100) // long form length (0x81)
+	for _, uri := range []string{short, long} {
+		if !strings.Contains(der(uri), uriSANPattern(uri)) {
+			t.Errorf("pattern for %d-byte URI not found in its certificate", len(uri))
+		}
+	}
+	if strings.Contains(der(short+"2"), uriSANPattern(short)) {
+		t.Error("the pattern for api matched a certificate of api2")
+	}
+}
