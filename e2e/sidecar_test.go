@@ -119,6 +119,11 @@ func (in *instance) call(dest string) (int, string, error) {
 // admin asks in's HAProxy a runtime API question.
 func (in *instance) admin(t *testing.T, cmd string) string {
 	t.Helper()
+	return in.adminTB(t, cmd)
+}
+
+func (in *instance) adminTB(t testing.TB, cmd string) string {
+	t.Helper()
 	c, err := net.Dial("unix", filepath.Join(in.dir, "admin.sock"))
 	if err != nil {
 		t.Fatalf("admin socket: %v", err)

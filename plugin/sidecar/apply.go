@@ -32,7 +32,7 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error
 		case <-s.changed:
 			// Let a burst of changes (e.g. a rotation touching roots and
 			// leaf) arrive before rendering.
-			time.Sleep(5 * time.Millisecond)
+			time.Sleep(2 * time.Millisecond)
 		}
 		snap := s.snapshot(ctx)
 		if len(snap.missing) > 0 {
@@ -217,12 +217,12 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 		if !reload && len(cmds) == 0 {
 			return nil // nothing HAProxy sees changed
 		}
-		// Files first: a later reload or restart reads them.
-		if err := haproxy.Validate(ctx, s.cfg.HAProxyBinary, out.Config, s.cfg.Dir); err != nil {
-			s.metrics.applies.WithLabelValues("validate", "error").Inc()
-			return err
-		}
-		if err := s.writeFiles(leaf, roots, out.SPOE); err != nil {
+		// Files first: a later reload or restart reads them. A runtime
+		// change keeps the shape HAProxy already validated and loaded (the
+		// new addresses passed Model.Validate), so it skips `haproxy -c`,
+		// which costs tens of milliseconds; every reload and start still
+		// validates the whole file.
+		if err := s.writeChanged(prev, leaf, roots, out.SPOE); err != nil {
 			return err
 		}
 		if !reload {
@@ -249,6 +249,22 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 	s.log.Info("haproxy configuration applied", "method", method, "since_change", took,
 		"upstream_instances", countServers(model))
 	s.applied = appliedState{model: model, out: out, leafPEM: leaf, rootsPEM: roots}
+	return nil
+}
+
+// writeChanged writes the files whose content differs from what was
+// applied last.
+func (s *Sidecar) writeChanged(prev appliedState, leaf, roots, spoe string) error {
+	for _, f := range []struct{ name, data, old string }{
+		{"leaf.pem", leaf, prev.leafPEM}, {"roots.pem", roots, prev.rootsPEM}, {"spoe.conf", spoe, prev.out.SPOE},
+	} {
+		if f.data == f.old {
+			continue
+		}
+		if err := haproxy.WriteFileAtomic(s.path(f.name), []byte(f.data), 0o600); err != nil {
+			return fmt.Errorf("write %s: %w", f.name, err)
+		}
+	}
 	return nil
 }
 
