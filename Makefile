@@ -32,7 +32,9 @@ fuzz:
 
 ## bench: decision-path and SPOE round-trip benchmarks
 bench: tools
-	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./spoa/... ./e2e/
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./spoa/...
+	$(GO) test -run '^$$' -bench 'SPOE|Handle' -benchmem -count 5 ./e2e/
+	$(GO) test -run '^$$' -bench SidecarApplyLatency -benchtime 200x ./e2e/
 
 ## demo: a local SPOA demo: dev Consul, real HAProxy, the SPOA, an app
 demo: tools build
