@@ -255,6 +255,24 @@ func TestSidecarMesh(t *testing.T) {
 		}
 	})
 
+	t.Run("a crashed HAProxy is started again", func(t *testing.T) {
+		master := parentOf(t, workerPid(t, api1))
+		if err := syscall.Kill(master, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		harness.WaitFor(t, 15*time.Second, "api-1 serving again", func() bool {
+			return strings.Contains(api1.sidecar.Output(), "haproxy exited unexpectedly") &&
+				serverActive(web.admin(t, "show stat upstream_api 4 -1"), api1.port) && func() bool {
+				_, err := net.Dial("unix", filepath.Join(api1.dir, "admin.sock"))
+				return err == nil
+			}()
+		})
+		harness.WaitFor(t, 10*time.Second, "web -> api-1 again", func() bool {
+			code, _, _ := web.call("api")
+			return code == 200
+		})
+	})
+
 	t.Run("more instances than slots: a hitless reload loses no request", func(t *testing.T) {
 		l := startLoad(web, "api", 4)
 		var added []*instance
@@ -367,6 +385,35 @@ func TestSidecarTCP(t *testing.T) {
 		got, err := web.echo("echo", "ping")
 		return err == nil && got == "ping"
 	})
+}
+
+// workerPid asks in's HAProxy for its worker's pid.
+func workerPid(t *testing.T, in *instance) int {
+	t.Helper()
+	pid := 0
+	for _, line := range strings.Split(in.admin(t, "show info"), "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
+			fmt.Sscan(v, &pid)
+		}
+	}
+	if pid == 0 {
+		t.Fatal("no worker pid in show info")
+	}
+	return pid
+}
+
+// parentOf reads a process's parent pid from /proc.
+func parentOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, after, _ := strings.Cut(string(b), ") ")
+	var state string
+	var ppid int
+	fmt.Sscan(after, &state, &ppid)
+	return ppid
 }
 
 // alive reports whether pid runs (a zombie waiting for its reaper does not).
