@@ -8,7 +8,7 @@ CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
 export HACONNECT_CONSUL ?= $(CONSUL)
 FUZZTIME ?= 30s
 
-.PHONY: all build tools test unit e2e fuzz bench demo clean
+.PHONY: all build tools test fuzz bench bench-smoke demo clean
 
 all: build
 
@@ -24,7 +24,12 @@ tools:
 test: tools
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 20m ./...
+	$(MAKE) bench-smoke
 	$(MAKE) fuzz
+
+## bench-smoke: every benchmark once, briefly, so that none can rot
+bench-smoke:
+	$(GO) test -run '^$$' -bench . -benchtime 1x -short ./spoa/... ./e2e/
 
 ## fuzz: fuzz the SPOA's wire handling for FUZZTIME
 fuzz:
@@ -35,6 +40,7 @@ bench: tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./spoa/...
 	$(GO) test -run '^$$' -bench 'SPOE|Handle' -benchmem -count 5 ./e2e/
 	$(GO) test -run '^$$' -bench SidecarApplyLatency -benchtime 200x ./e2e/
+	$(GO) test -run '^$$' -bench InboundPath -benchtime 1x -v ./e2e/
 
 ## demo: a local SPOA demo: dev Consul, real HAProxy, the SPOA, an app
 demo: tools build

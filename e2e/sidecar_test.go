@@ -35,6 +35,7 @@ type mesh struct {
 // instance is one registered service instance with its app and sidecar.
 type instance struct {
 	id       string
+	args     []string // extra sidecar flags
 	app      *httptest.Server
 	port     int // sidecar's public port
 	dir      string
@@ -94,9 +95,9 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
 		t.Fatalf("register %s: %v", id, err)
 	}
-	in.sidecar = harness.Start(t, "sidecar "+id, harness.Binary(t, "haconnect"), "sidecar",
+	in.sidecar = harness.Start(t, "sidecar "+id, harness.Binary(t, "haconnect"), append([]string{"sidecar",
 		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-ttl", "300ms",
-		"-stop-grace", "2s", "-log-level", "debug")
+		"-stop-grace", "2s", "-log-level", "debug"}, in.args...)...)
 	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
 	for _, p := range in.upstream {
 		harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", p), 20*time.Second)

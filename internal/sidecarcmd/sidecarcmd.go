@@ -39,6 +39,8 @@ func Run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.HAProxyBinary, "haproxy", "", "haproxy executable (default: haproxy on PATH or /usr/sbin/haproxy)")
 	fs.StringVar(&cfg.SPOAAddr, "spoa-addr", "", "external authorization agent (host:port or unix:/path); default: run one in this process")
 	fs.StringVar(&cfg.AdminBind, "admin-bind", "", "serve HAProxy's Prometheus exporter (/metrics) and stats (/stats) on this host:port")
+	fs.IntVar(&cfg.Threads, "threads", 0, "HAProxy threads (nbthread); 0: one per CPU")
+	fs.BoolVar(&cfg.AccessLog, "access-log", false, "log every request or connection (HAProxy's httplog/tcplog) to stderr")
 	fs.StringVar(&metricsListen, "metrics-listen", "", "serve haconnect's own Prometheus /metrics (sidecar and SPOA) on this host:port")
 	fs.DurationVar(&cfg.StaleWindow, "stale-window", 5*time.Minute, "embedded SPOA: serve cached decisions this long while Consul is unreachable")
 	fs.DurationVar(&cfg.TTL, "ttl", time.Second, "embedded SPOA: how long HAProxy reuses a decision on an open connection")

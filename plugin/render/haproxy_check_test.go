@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/lua"
 )
 
 // TestRenderedConfigsPassHAProxyCheck renders HTTP and TCP sidecars and
@@ -34,8 +35,10 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 		m := model()
 		m.LeafFile, m.RootsFile = filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem")
 		m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")
-		m.AdminBind = "127.0.0.1:19000"
+		m.AdminBind, m.LuaFile = "127.0.0.1:19000", filepath.Join(dir, "haconnect.lua")
+		harness.WriteFile(t, dir, "haconnect.lua", string(lua.Telemetry))
 		m.Inbound.Protocol, m.Upstreams[0].Protocol = proto, proto
+		m.AccessLog, m.Threads = proto == ProtocolTCP, 1
 		out, err := Render(m)
 		if err != nil {
 			t.Fatal(err)

@@ -27,9 +27,18 @@ type Model struct {
 	AdminSocket string // runtime API
 	// SPOAAddr is the authorization agent: "unix@/path" or "host:port".
 	SPOAAddr string
-	// AdminBind, if set, serves HAProxy's Prometheus exporter at /metrics
-	// and its stats page at /stats.
+	// SelfURI is this service's SPIFFE ID (By= of x-forwarded-client-cert).
+	SelfURI string
+	// AdminBind, if set, turns on telemetry: haconnect's metrics and
+	// HAProxy's exporter at /metrics (LuaFile holds lua/haconnect.lua),
+	// the exporter alone at /metrics/haproxy, the stats page at /stats.
 	AdminBind string
+	LuaFile   string
+	// Threads sets nbthread (0: HAProxy's default, one per CPU).
+	Threads int
+	// AccessLog logs every request/connection to stderr; off, the
+	// per-request log line is not even built.
+	AccessLog bool
 	Inbound   Inbound
 	Upstreams []Upstream
 }
@@ -78,8 +87,15 @@ func (m *Model) Validate() error {
 	if !validName(m.Service) {
 		bad("service name %q", m.Service)
 	}
-	for _, f := range []struct{ name, v string }{{"leaf file", m.LeafFile}, {"roots file", m.RootsFile},
-		{"SPOE file", m.SPOEFile}, {"admin socket", m.AdminSocket}, {"SPOA address", m.SPOAAddr}} {
+	files := []struct{ name, v string }{{"leaf file", m.LeafFile}, {"roots file", m.RootsFile},
+		{"SPOE file", m.SPOEFile}, {"admin socket", m.AdminSocket}, {"SPOA address", m.SPOAAddr}}
+	if m.AdminBind != "" {
+		files = append(files, struct{ name, v string }{"Lua file", m.LuaFile})
+	}
+	if !strings.HasPrefix(m.SelfURI, "spiffe://") || strings.ContainsAny(m.SelfURI, " \t\n\"'#;%") {
+		bad("own SPIFFE ID %q", m.SelfURI)
+	}
+	for _, f := range files {
 		if f.v == "" || strings.ContainsAny(f.v, " \t\n\"'#") {
 			bad("%s %q", f.name, f.v)
 		}
@@ -88,6 +104,9 @@ func (m *Model) Validate() error {
 		if err := checkHostPort(m.AdminBind); err != nil {
 			bad("admin bind: %v", err)
 		}
+	}
+	if m.Threads < 0 || m.Threads > 64 {
+		bad("threads %d (0-64)", m.Threads)
 	}
 	in := m.Inbound
 	checkAddr(bad, "inbound bind address", in.BindAddr)

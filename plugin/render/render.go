@@ -65,8 +65,9 @@ func execute(t *template.Template, m *Model, shape bool) (string, error) {
 	var b bytes.Buffer
 	err := t.Execute(&b, struct {
 		*Model
-		Shape bool
-	}{m, shape})
+		Shape     bool
+		Telemetry telemetry
+	}{m, shape, newTelemetry(m.AdminBind)})
 	return strings.TrimLeft(b.String(), "\n"), err
 }
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/haconnect/haconnect/lua"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 )
@@ -80,7 +81,11 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
 		SPOEFile:    s.path("spoe.conf"),
 		AdminSocket: s.path("admin.sock"),
 		SPOAAddr:    spoaAddr,
+		SelfURI:     snap.leaf.ServiceURI,
 		AdminBind:   s.cfg.AdminBind,
+		LuaFile:     s.path("haconnect.lua"),
+		Threads:     s.cfg.Threads,
+		AccessLog:   s.cfg.AccessLog,
 		Inbound: render.Inbound{
 			BindAddr: reg.BindAddr, BindPort: reg.BindPort, Protocol: reg.Protocol,
 			LocalAddr: reg.LocalAddr, LocalPort: reg.LocalPort,
@@ -270,7 +275,7 @@ func (s *Sidecar) writeChanged(prev appliedState, leaf, roots, spoe string) erro
 
 func (s *Sidecar) writeFiles(leaf, roots, spoe string) error {
 	for _, f := range []struct{ name, data string }{
-		{"leaf.pem", leaf}, {"roots.pem", roots}, {"spoe.conf", spoe},
+		{"leaf.pem", leaf}, {"roots.pem", roots}, {"spoe.conf", spoe}, {"haconnect.lua", string(lua.Telemetry)},
 	} {
 		if err := haproxy.WriteFileAtomic(s.path(f.name), []byte(f.data), 0o600); err != nil {
 			return fmt.Errorf("write %s: %w", f.name, err)

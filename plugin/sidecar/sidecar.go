@@ -44,7 +44,11 @@ type Config struct {
 	SPOAAddr string
 	// AdminBind serves HAProxy's Prometheus exporter (/metrics) and stats
 	// page (/stats); empty: off.
-	AdminBind   string
+	AdminBind string
+	// Threads is HAProxy's nbthread (0: one per CPU); AccessLog logs every
+	// request.
+	Threads     int
+	AccessLog   bool
 	StaleWindow time.Duration // embedded SPOA (default 5m)
 	TTL         time.Duration // embedded SPOA's ttl_ms (default 1s)
 	// StopGrace is how long HAProxy may take to finish its connections on

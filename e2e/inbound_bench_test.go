@@ -1,0 +1,194 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/loadgen"
+)
+
+// benchApp is the cheapest possible app: HAProxy answering 200 itself, so
+// that the proxies under test, not the app, use the CPU.
+func benchApp(b testing.TB) int {
+	port := harness.FreePort(b)
+	dir := harness.TempDir(b)
+	harness.StartHAProxy(b, dir, fmt.Sprintf(`global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend app
+    bind 127.0.0.1:%d
+    http-request return status 200 content-type text/plain string ok
+`, port), fmt.Sprintf("127.0.0.1:%d", port))
+	return port
+}
+
+// bareMTLS is the ceiling for any HAProxy data plane: mTLS termination with
+// the same certificates and one thread, straight to the app, nothing else.
+// It returns the address and HAProxy's pid.
+func bareMTLS(b testing.TB, c *harness.Consul, appPort int) (string, int) {
+	dir := harness.TempDir(b)
+	leaf := c.IssueLeaf(b, "api")
+	roots, _ := c.RootsPEM(b)
+	harness.WriteFile(b, dir, "leaf.pem", leaf.CertPEM+leaf.KeyPEM)
+	harness.WriteFile(b, dir, "roots.pem", roots)
+	addr := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
+	h := harness.StartHAProxy(b, dir, fmt.Sprintf(`global
+    nbthread 1
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend bare
+    bind %s ssl crt %s ca-file %s verify required
+    default_backend app
+backend app
+    server app 127.0.0.1:%d
+`, addr, filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem"), appPort), addr)
+	return addr, h.Proc.Cmd.Process.Pid
+}
+
+// haproxyPids returns the master and worker pids of a sidecar's HAProxy.
+func haproxyPids(b testing.TB, in *instance) []int {
+	worker := 0
+	for _, line := range strings.Split(in.adminTB(b, "show info"), "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
+			fmt.Sscan(v, &worker)
+		}
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", worker))
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, rest, _ := strings.Cut(string(stat), ") ")
+	var state string
+	var master int
+	fmt.Sscan(rest, &state, &master)
+	return []int{master, worker}
+}
+
+type scenario struct {
+	name string
+	addr string
+	pids []int // HAProxy processes under test
+	rps  []float64
+	cpu  []float64 // HAProxy CPU microseconds per request
+	p99  []time.Duration
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// BenchmarkInboundPath compares haconnect's inbound path with bare HAProxy
+// mTLS on keep-alive connections, in alternating rounds of one run:
+//
+//	bare       HAProxy mTLS straight to the app (the ceiling)
+//	authz+tags the sidecar: SPOA authorization once per connection + tagging
+//	full       the same plus telemetry (-admin-bind)
+//
+// Each HAProxy under test runs one thread pinned alone to CPU 0; the load
+// generator, the app, the SPOA and Consul share CPU 1. It reports median
+// req/s and HAProxy CPU per request, and the ratios to bare (target for
+// full: >= 0.90 of bare req/s).
+func BenchmarkInboundPath(b *testing.B) {
+	m := &mesh{consul: harness.StartConsul(b)}
+	m.consul.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
+	appPort := benchApp(b)
+	bareAddr, barePid := bareMTLS(b, m.consul, appPort)
+	tags := benchRegister(b, m, "api-tags", appPort)
+	full := benchRegister(b, m, "api-full", appPort, "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)))
+	scenarios := []*scenario{
+		{name: "bare", addr: bareAddr, pids: []int{barePid}},
+		{name: "authz+tags", addr: fmt.Sprintf("127.0.0.1:%d", tags.port), pids: haproxyPids(b, tags)},
+		{name: "full", addr: fmt.Sprintf("127.0.0.1:%d", full.port), pids: haproxyPids(b, full)},
+	}
+	for _, sc := range scenarios {
+		for _, pid := range sc.pids {
+			if err := loadgen.Pin(pid, 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	if err := loadgen.Pin(os.Getpid(), 1); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { // give the rest of the test process every CPU back
+		all := make([]int, runtime.NumCPU())
+		for i := range all {
+			all[i] = i
+		}
+		_ = loadgen.Pin(os.Getpid(), all...)
+	}()
+	roots, _ := m.consul.RootsPEM(b)
+	tlsCfg := harness.ClientTLS(m.consul.IssueLeaf(b, "web"), roots)
+
+	rounds, dur := 5, 3*time.Second
+	if testing.Short() {
+		rounds, dur = 1, time.Second
+	}
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < rounds; r++ {
+			for _, sc := range scenarios {
+				cpu := loadgen.StartCPU(sc.pids...)
+				res := loadgen.Run(context.Background(), loadgen.Config{Addr: sc.addr, TLS: tlsCfg, Conns: 32, Duration: dur})
+				var used time.Duration
+				for _, u := range cpu.Stop() {
+					used += u
+				}
+				if res.Errors > 0 || res.Requests == 0 {
+					b.Fatalf("%s: %d errors, e.g. %s", sc.name, res.Errors, res.FirstError)
+				}
+				perReq := float64(used.Microseconds()) / float64(res.Requests)
+				b.Logf("round %d %-10s %s, haproxy %.1fus CPU/request", r+1, sc.name, res, perReq)
+				sc.rps, sc.cpu, sc.p99 = append(sc.rps, res.RPS), append(sc.cpu, perReq), append(sc.p99, res.P99)
+			}
+		}
+	}
+	bare := scenarios[0]
+	for _, sc := range scenarios {
+		b.ReportMetric(median(sc.rps), sc.name+"-req/s")
+		b.ReportMetric(median(sc.cpu), sc.name+"-cpu-us/req")
+		if sc != bare {
+			b.ReportMetric(median(sc.rps)/median(bare.rps), sc.name+"/bare-req/s")
+			b.ReportMetric(median(bare.cpu)/median(sc.cpu), sc.name+"/bare-cpu")
+		}
+	}
+}
+
+// benchRegister registers an instance of api whose app listens on appPort
+// and starts its sidecar with one HAProxy thread.
+func benchRegister(b *testing.B, m *mesh, id string, appPort int, args ...string) *instance {
+	in := &instance{id: id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: id, Name: "api", Address: "127.0.0.1", Port: appPort,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port:  in.port,
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": "http", "bind_address": "127.0.0.1"}},
+		}},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
+		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1"}, args...)...)
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
+	return in
+}

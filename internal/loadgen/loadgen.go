@@ -1,0 +1,198 @@
+// Package loadgen is a small HTTP/1.1 load generator that speaks mTLS with
+// client certificates (wrk, hey and h2load do not). It runs a fixed number
+// of connections for a fixed time, keep-alive or one connection per
+// request, and reports throughput, latency percentiles and errors.
+package loadgen
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Config describes one load run.
+type Config struct {
+	// Addr is host:port; TLS nil means plain HTTP.
+	Addr string
+	TLS  *tls.Config
+	// Path and Host of the requests (default "/" and Addr).
+	Path string
+	Host string
+	// Conns is the number of concurrent connections (default 16).
+	Conns int
+	// Duration of the run (default 5s).
+	Duration time.Duration
+	// NewConnPerRequest closes the connection after every request.
+	NewConnPerRequest bool
+	// Header lines added to every request, e.g. "traceparent: ...".
+	Headers []string
+}
+
+// Result summarises a run.
+type Result struct {
+	Requests int64
+	Errors   int64
+	Elapsed  time.Duration
+	RPS      float64
+	P50      time.Duration
+	P90      time.Duration
+	P99      time.Duration
+	// FirstError is an example of what failed.
+	FirstError string
+}
+
+func (r Result) String() string {
+	return fmt.Sprintf("%.0f req/s, p50 %s p90 %s p99 %s, %d requests, %d errors",
+		r.RPS, r.P50.Round(time.Microsecond), r.P90.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.Requests, r.Errors)
+}
+
+// Run sends load until cfg.Duration has passed or ctx is done.
+func Run(ctx context.Context, cfg Config) Result {
+	if cfg.Conns <= 0 {
+		cfg.Conns = 16
+	}
+	if cfg.Duration <= 0 {
+		cfg.Duration = 5 * time.Second
+	}
+	if cfg.Path == "" {
+		cfg.Path = "/"
+	}
+	if cfg.Host == "" {
+		cfg.Host = cfg.Addr
+	}
+	req := "GET " + cfg.Path + " HTTP/1.1\r\nHost: " + cfg.Host + "\r\n"
+	for _, h := range cfg.Headers {
+		req += h + "\r\n"
+	}
+	if cfg.NewConnPerRequest {
+		req += "Connection: close\r\n"
+	}
+	req += "\r\n"
+
+	ctx, cancel := context.WithTimeout(ctx, cfg.Duration)
+	defer cancel()
+	workers := make([]worker, cfg.Conns)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range workers {
+		wg.Add(1)
+		go func(w *worker) {
+			defer wg.Done()
+			w.run(ctx, cfg, []byte(req))
+		}(&workers[i])
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+
+	var res Result
+	var lat []time.Duration
+	for i := range workers {
+		w := &workers[i]
+		res.Requests += int64(len(w.lat))
+		res.Errors += w.errors
+		lat = append(lat, w.lat...)
+		if res.FirstError == "" {
+			res.FirstError = w.firstError
+		}
+	}
+	res.Elapsed = elapsed
+	res.RPS = float64(res.Requests) / elapsed.Seconds()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	pct := func(p float64) time.Duration {
+		if len(lat) == 0 {
+			return 0
+		}
+		return lat[min(len(lat)-1, int(float64(len(lat))*p))]
+	}
+	res.P50, res.P90, res.P99 = pct(0.50), pct(0.90), pct(0.99)
+	return res
+}
+
+type worker struct {
+	lat        []time.Duration
+	errors     int64
+	firstError string
+}
+
+func (w *worker) fail(err error) {
+	w.errors++
+	if w.firstError == "" {
+		w.firstError = err.Error()
+	}
+}
+
+func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
+	var conn net.Conn
+	var r *bufio.Reader
+	defer func() {
+		if conn != nil {
+			conn.Close()
+		}
+	}()
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	for ctx.Err() == nil {
+		start := time.Now()
+		if conn == nil {
+			c, err := dialer.DialContext(ctx, "tcp", cfg.Addr)
+			if err != nil {
+				if ctx.Err() == nil {
+					w.fail(err)
+				}
+				continue
+			}
+			if cfg.TLS != nil {
+				tc := tls.Client(c, cfg.TLS)
+				if err := tc.HandshakeContext(ctx); err != nil {
+					c.Close()
+					if ctx.Err() == nil {
+						w.fail(err)
+					}
+					continue
+				}
+				c = tc
+			}
+			conn, r = c, bufio.NewReaderSize(c, 16<<10)
+		}
+		if dl, ok := ctx.Deadline(); ok {
+			_ = conn.SetDeadline(dl.Add(2 * time.Second))
+		}
+		resp, err := roundTrip(conn, r, req)
+		if err != nil {
+			conn.Close()
+			conn = nil
+			if ctx.Err() == nil {
+				w.fail(err)
+			}
+			continue
+		}
+		if resp.StatusCode != http.StatusOK {
+			w.fail(fmt.Errorf("status %d", resp.StatusCode))
+		} else {
+			w.lat = append(w.lat, time.Since(start))
+		}
+		if cfg.NewConnPerRequest || resp.Close {
+			conn.Close()
+			conn = nil
+		}
+	}
+}
+
+func roundTrip(conn net.Conn, r *bufio.Reader, req []byte) (*http.Response, error) {
+	if _, err := conn.Write(req); err != nil {
+		return nil, err
+	}
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		return nil, err
+	}
+	_, err = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp, err
+}
