@@ -7,18 +7,14 @@
 package haproxy
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -40,14 +36,44 @@ type Config struct {
 	Output io.Writer
 }
 
+// Instance is a running HAProxy, wherever it runs: a child process (exec
+// launcher) or a container (plugin/docker).
+type Instance interface {
+	// Reload validates text and makes HAProxy run it without dropping
+	// connections; a rejected text leaves the running one in place.
+	Reload(ctx context.Context, text string) error
+	// Runtime sends runtime API commands; Command returns one answer.
+	Runtime(cmds ...string) error
+	Command(c string) (string, error)
+	// Stop finishes connections for up to grace, then ends HAProxy.
+	Stop(grace time.Duration)
+	// Done is closed when HAProxy ended by itself; Err says why.
+	Done() <-chan struct{}
+	Err() error
+	ConfigPath() string
+}
+
+// Launcher starts an Instance running text as its configuration.
+type Launcher interface {
+	Start(ctx context.Context, cfg Config, text string) (Instance, error)
+}
+
+// Exec runs HAProxy as a child process.
+type Exec struct{}
+
+// Start implements Launcher.
+func (Exec) Start(ctx context.Context, cfg Config, text string) (Instance, error) {
+	return Start(ctx, cfg, text)
+}
+
 // Process is a running HAProxy master with its worker.
 type Process struct {
 	cfg     Config
 	cmd     *exec.Cmd
 	done    chan struct{}
 	waitErr error
-	mu      sync.Mutex // serialises reloads and runtime commands
-	workers int        // reloads done, for logs
+	admin   *Admin
+	workers int // reloads done, for logs
 }
 
 // BinaryPath finds haproxy.
@@ -143,14 +169,14 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start haproxy: %w", err)
 	}
-	p := &Process{cfg: cfg, cmd: cmd, done: make(chan struct{})}
+	p := &Process{cfg: cfg, cmd: cmd, done: make(chan struct{}), admin: NewAdmin(cfg.AdminSocket)}
 	go func() {
 		p.waitErr = cmd.Wait()
 		close(p.done)
 	}()
-	if _, err := p.waitWorker(ctx, 0); err != nil {
+	if _, err := p.admin.WaitWorker(ctx, 0, p.done); err != nil {
 		p.Kill()
-		return nil, err
+		return nil, fmt.Errorf("%w (haproxy: %v)", err, p.waitErr)
 	}
 	cfg.Logger.Info("haproxy started", "pid", cmd.Process.Pid, "config", cfg.ConfigPath())
 	return p, nil
@@ -165,61 +191,26 @@ func (p *Process) Err() error { return p.waitErr }
 // Pid is the master's process id.
 func (p *Process) Pid() int { return p.cmd.Process.Pid }
 
-// waitWorker waits until a worker other than oldPid answers `show info`,
-// and returns its pid.
-func (p *Process) waitWorker(ctx context.Context, oldPid int) (int, error) {
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		select {
-		case <-p.done:
-			return 0, fmt.Errorf("haproxy exited: %v", p.waitErr)
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		default:
-		}
-		if out, err := p.command("show info"); err == nil {
-			if pid := infoField(out, "Pid"); pid != 0 && pid != oldPid {
-				return pid, nil
-			}
-		}
-		if time.Now().After(deadline) {
-			return 0, errors.New("haproxy worker did not come up on the admin socket within 15s")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func infoField(out, name string) int {
-	for _, line := range strings.Split(out, "\n") {
-		if v, ok := strings.CutPrefix(line, name+": "); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n
-		}
-	}
-	return 0
-}
-
 // Reload validates text, installs it and makes the master start a new
 // worker with it. A rejected configuration leaves the running one in place
 // and is returned as the error.
 func (p *Process) Reload(ctx context.Context, text string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.admin.mu.Lock()
+	defer p.admin.mu.Unlock()
 	if err := Validate(ctx, p.cfg.Binary, text, p.cfg.Dir); err != nil {
 		return err
 	}
-	out, err := p.command("show info")
+	oldPid, err := p.admin.workerPidLocked()
 	if err != nil {
 		return fmt.Errorf("admin socket before reload: %w", err)
 	}
-	oldPid := infoField(out, "Pid")
 	if err := WriteFileAtomic(p.cfg.ConfigPath(), []byte(text), 0o600); err != nil {
 		return err
 	}
 	if err := p.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		return fmt.Errorf("signal reload: %w", err)
 	}
-	pid, err := p.waitWorker(ctx, oldPid)
+	pid, err := p.admin.waitWorkerLocked(ctx, oldPid, p.done)
 	if err != nil {
 		return err
 	}
@@ -228,60 +219,11 @@ func (p *Process) Reload(ctx context.Context, text string) error {
 	return nil
 }
 
-// Runtime sends commands to the admin socket, one connection each, and
-// fails on the first answer that reports an error.
-func (p *Process) Runtime(cmds ...string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range cmds {
-		out, err := p.command(c)
-		if err != nil {
-			return fmt.Errorf("runtime %q: %w", firstLine(c), err)
-		}
-		if bad := runtimeError(out); bad != "" {
-			return fmt.Errorf("runtime %q: %s", firstLine(c), bad)
-		}
-	}
-	return nil
-}
+// Runtime sends commands to the admin socket (see Admin.Runtime).
+func (p *Process) Runtime(cmds ...string) error { return p.admin.Runtime(cmds...) }
 
 // Command sends one command to the admin socket and returns the answer.
-func (p *Process) Command(c string) (string, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.command(c)
-}
-
-func (p *Process) command(c string) (string, error) {
-	conn, err := net.DialTimeout("unix", p.cfg.AdminSocket, 2*time.Second)
-	if err != nil {
-		return "", err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(conn, c+"\n"); err != nil {
-		return "", err
-	}
-	b, err := io.ReadAll(bufio.NewReader(conn))
-	return string(b), err
-}
-
-func firstLine(s string) string {
-	line, _, _ := strings.Cut(s, "\n")
-	return line
-}
-
-// runtimeError recognises HAProxy's runtime API failure answers.
-func runtimeError(out string) string {
-	t := strings.TrimSpace(out)
-	low := strings.ToLower(t)
-	for _, bad := range []string{"unknown", "error", "can't", "cannot", "not found", "no such", "failed", "invalid", "require"} {
-		if strings.Contains(low, bad) {
-			return t
-		}
-	}
-	return ""
-}
+func (p *Process) Command(c string) (string, error) { return p.admin.Command(c) }
 
 // Stop asks HAProxy to finish its connections (soft stop) and waits up to
 // grace, then kills it. It never leaves a process behind.

@@ -1,0 +1,139 @@
+package haproxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Admin speaks HAProxy's runtime API on a stats socket (level admin).
+type Admin struct {
+	socket string
+	mu     sync.Mutex // serialises reloads and runtime commands
+}
+
+// NewAdmin returns a client for the socket at path.
+func NewAdmin(path string) *Admin { return &Admin{socket: path} }
+
+// Lock holds off runtime commands (e.g. during a reload).
+func (a *Admin) Lock() { a.mu.Lock() }
+
+// Unlock releases Lock.
+func (a *Admin) Unlock() { a.mu.Unlock() }
+
+// Runtime sends commands, one connection each, and fails on the first
+// answer that reports an error.
+func (a *Admin) Runtime(cmds ...string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, c := range cmds {
+		out, err := a.command(c)
+		if err != nil {
+			return fmt.Errorf("runtime %q: %w", firstLine(c), err)
+		}
+		if bad := runtimeError(out); bad != "" {
+			return fmt.Errorf("runtime %q: %s", firstLine(c), bad)
+		}
+	}
+	return nil
+}
+
+// Command sends one command and returns the answer.
+func (a *Admin) Command(c string) (string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.command(c)
+}
+
+func (a *Admin) command(c string) (string, error) {
+	conn, err := net.DialTimeout("unix", a.socket, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, c+"\n"); err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(bufio.NewReader(conn))
+	return string(b), err
+}
+
+// WorkerPid is the pid of the worker answering on the socket.
+func (a *Admin) WorkerPid() (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.workerPidLocked()
+}
+
+func (a *Admin) workerPidLocked() (int, error) {
+	out, err := a.command("show info")
+	if err != nil {
+		return 0, err
+	}
+	return infoField(out, "Pid"), nil
+}
+
+// WaitWorker waits until a worker other than oldPid answers, or gone is
+// closed (HAProxy ended), and returns its pid.
+func (a *Admin) WaitWorker(ctx context.Context, oldPid int, gone <-chan struct{}) (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.waitWorkerLocked(ctx, oldPid, gone)
+}
+
+func (a *Admin) waitWorkerLocked(ctx context.Context, oldPid int, gone <-chan struct{}) (int, error) {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		select {
+		case <-gone:
+			return 0, errors.New("haproxy exited")
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		default:
+		}
+		if out, err := a.command("show info"); err == nil {
+			if pid := infoField(out, "Pid"); pid != 0 && pid != oldPid {
+				return pid, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return 0, errors.New("no new haproxy worker answered on the admin socket within 15s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func infoField(out, name string) int {
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, name+": "); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
+}
+
+// runtimeError recognises HAProxy's runtime API failure answers.
+func runtimeError(out string) string {
+	t := strings.TrimSpace(out)
+	low := strings.ToLower(t)
+	for _, bad := range []string{"unknown", "error", "can't", "cannot", "not found", "no such", "failed", "invalid", "require"} {
+		if strings.Contains(low, bad) {
+			return t
+		}
+	}
+	return ""
+}

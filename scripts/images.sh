@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds haconnect's images without any registry:
+#   haconnect/haproxy   from the offline Debian base (scripts/debian-base.sh)
+#   haconnect/haconnect and haconnect/spoa  FROM scratch with static binaries
+# TAG (default: dev) tags all three. With registry access, pass
+# HAPROXY_BASE=debian:bookworm-slim to build on the public image instead.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+TAG="${TAG:-dev}"
+HAPROXY_BASE="${HAPROXY_BASE:-haconnect/debian-haproxy:bookworm}"
+
+if [[ "$HAPROXY_BASE" == haconnect/debian-haproxy:* ]]; then
+	bash scripts/debian-base.sh "$HAPROXY_BASE"
+fi
+mkdir -p bin/static
+CGO_ENABLED=0 go build -trimpath -o bin/static/ ./cmd/haconnect ./cmd/haconnect-spoa
+export DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" # the classic builder needs no extra images
+build() { # tag dockerfile [build-arg]: quiet unless it fails
+	local log
+	log="$(mktemp)"
+	if ! docker build -q -t "$1" ${3:+--build-arg "$3"} -f "$2" . >"$log" 2>&1; then
+		cat "$log" >&2
+		rm -f "$log"
+		exit 1
+	fi
+	rm -f "$log"
+}
+build "haconnect/haproxy:$TAG" images/haproxy/Dockerfile "BASE=$HAPROXY_BASE"
+build "haconnect/haconnect:$TAG" images/haconnect/Dockerfile
+build "haconnect/spoa:$TAG" images/spoa/Dockerfile
+docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep "^haconnect/"
