@@ -2,12 +2,12 @@
 # Builds haconnect's images without any registry:
 #   haconnect/haproxy   from the offline Debian base (scripts/debian-base.sh)
 #   haconnect/haconnect and haconnect/spoa  FROM scratch with static binaries
-# TAG (default: dev) tags all three. With registry access, pass
+# TAG (default: latest) tags all three. With registry access, pass
 # HAPROXY_BASE=debian:bookworm-slim to build on the public image instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-TAG="${TAG:-dev}"
+TAG="${TAG:-latest}"
 HAPROXY_BASE="${HAPROXY_BASE:-haconnect/debian-haproxy:bookworm}"
 
 if [[ "$HAPROXY_BASE" == haconnect/debian-haproxy:* ]]; then

@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/haconnect/haconnect/internal/nomadcmd"
 	"github.com/haconnect/haconnect/internal/sidecarcmd"
 	"github.com/haconnect/haconnect/internal/spoacmd"
 )
@@ -19,8 +20,11 @@ import (
 const usage = `usage: haconnect <command> [flags]
 
 commands:
-  sidecar   run a Connect sidecar: HAProxy configured from Consul, with the SPOA
-  spoa      run the authorization agent alone (same as haconnect-spoa)
+  sidecar      run a Connect sidecar: HAProxy configured from Consul, with the SPOA
+  nomad-hook   run the sidecar of the Nomad allocation this task belongs to,
+               HAProxy in a container in the allocation's network namespace
+  gc           remove HAProxy containers whose Nomad allocation is gone
+  spoa         run the authorization agent alone (same as haconnect-spoa)
 
 "haconnect <command> -h" lists a command's flags.
 `
@@ -41,6 +45,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		return sidecarcmd.Run(ctx, args[1:], stderr)
 	case "spoa":
 		return spoacmd.Run(ctx, args[1:], stderr)
+	case "nomad-hook":
+		return nomadcmd.RunHook(ctx, args[1:], stderr)
+	case "gc":
+		return nomadcmd.RunGC(ctx, args[1:], os.Stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stderr, usage)
 		return 0

@@ -1,4 +1,5 @@
-// Package sidecarcmd is the `haconnect sidecar` command.
+// Package sidecarcmd holds the flags and lifetime shared by the commands
+// that run a sidecar: `haconnect sidecar` and `haconnect nomad-hook`.
 package sidecarcmd
 
 import (
@@ -13,6 +14,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -22,87 +24,144 @@ import (
 	"github.com/haconnect/haconnect/plugin/sidecar"
 )
 
-// Run parses args, runs the sidecar until ctx is done and returns the exit
-// code.
-func Run(ctx context.Context, args []string, stderr io.Writer) int {
-	fs := flag.NewFlagSet("haconnect sidecar", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var (
-		cfg           sidecar.Config
-		consul        consulflags.Flags
-		logFlags      logging.Flags
-		metricsListen string
-	)
-	fs.StringVar(&cfg.SidecarFor, "sidecar-for", "", "service ID whose Connect proxy to run (as `consul connect proxy -sidecar-for`)")
-	fs.StringVar(&cfg.ProxyID, "proxy-id", "", "the proxy's own service ID (instead of -sidecar-for)")
-	fs.StringVar(&cfg.Dir, "dir", "", "working directory for the HAProxy configuration, certificates and sockets (default: a new directory under $TMPDIR)")
-	fs.StringVar(&cfg.HAProxyBinary, "haproxy", "", "haproxy executable (default: haproxy on PATH or /usr/sbin/haproxy)")
-	fs.StringVar(&cfg.SPOAAddr, "spoa-addr", "", "external authorization agent (host:port or unix:/path); default: run one in this process")
-	fs.StringVar(&cfg.AdminBind, "admin-bind", "", "serve HAProxy's Prometheus exporter (/metrics) and stats (/stats) on this host:port")
-	fs.IntVar(&cfg.Threads, "threads", 0, "HAProxy threads (nbthread); 0: one per CPU")
-	fs.BoolVar(&cfg.AccessLog, "access-log", false, "log every request or connection (HAProxy's httplog/tcplog) to stderr")
-	fs.StringVar(&metricsListen, "metrics-listen", "", "serve haconnect's own Prometheus /metrics (sidecar and SPOA) on this host:port")
-	fs.DurationVar(&cfg.StaleWindow, "stale-window", 5*time.Minute, "embedded SPOA: serve cached decisions this long while Consul is unreachable")
-	fs.DurationVar(&cfg.TTL, "ttl", time.Second, "embedded SPOA: how long HAProxy reuses a decision on an open connection")
-	fs.DurationVar(&cfg.StopGrace, "stop-grace", 10*time.Second, "on shutdown, how long HAProxy may take to finish its connections")
-	consul.Register(fs)
-	logFlags.Register(fs)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+// Options are the flags of a sidecar-running command.
+type Options struct {
+	Sidecar       sidecar.Config
+	Consul        consulflags.Flags
+	Log           logging.Flags
+	MetricsListen string
+}
+
+// Register adds the sidecar flags to fs; withProxy adds -sidecar-for and
+// -proxy-id (nomad-hook finds the proxy itself).
+func (o *Options) Register(fs *flag.FlagSet, withProxy bool) {
+	c := &o.Sidecar
+	if withProxy {
+		fs.StringVar(&c.SidecarFor, "sidecar-for", "", "service ID whose Connect proxy to run (as `consul connect proxy -sidecar-for`)")
+		fs.StringVar(&c.ProxyID, "proxy-id", "", "the proxy's own service ID (instead of -sidecar-for)")
 	}
-	fail := func(err error) int {
-		fmt.Fprintf(stderr, "haconnect sidecar: %v\n", err)
-		return 1
+	fs.StringVar(&c.Dir, "dir", "", "working directory for the HAProxy configuration, certificates and sockets (default: a new directory under $TMPDIR)")
+	fs.StringVar(&c.HAProxyBinary, "haproxy", "", "haproxy executable for the exec launcher (default: haproxy on PATH or /usr/sbin/haproxy)")
+	fs.StringVar(&c.SPOAAddr, "spoa-addr", "", "external authorization agent (host:port or unix:/path); default: run one in this process")
+	fs.StringVar(&c.AdminBind, "admin-bind", "", "serve telemetry and HAProxy's Prometheus exporter (/metrics) and stats (/stats) on this host:port")
+	fs.IntVar(&c.Threads, "threads", 0, "HAProxy threads (nbthread); 0: one per CPU")
+	fs.BoolVar(&c.AccessLog, "access-log", false, "log every request or connection (HAProxy's httplog/tcplog) to stderr")
+	fs.DurationVar(&c.StaleWindow, "stale-window", 5*time.Minute, "embedded SPOA: serve cached decisions this long while Consul is unreachable")
+	fs.DurationVar(&c.TTL, "ttl", time.Second, "embedded SPOA: how long HAProxy reuses a decision on an open connection")
+	fs.DurationVar(&c.StopGrace, "stop-grace", 10*time.Second, "on shutdown, how long HAProxy may take to finish its connections")
+	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve haconnect's own Prometheus /metrics (sidecar and SPOA) on this host:port")
+	o.Consul.Register(fs)
+	o.Log.Register(fs)
+}
+
+// Prepared is a sidecar ready to run, with what must be released after.
+type Prepared struct {
+	Config  sidecar.Config
+	Log     hclog.Logger
+	cleanup []func()
+}
+
+// Close releases what Prepare set up.
+func (p *Prepared) Close() {
+	for i := len(p.cleanup) - 1; i >= 0; i-- {
+		p.cleanup[i]()
 	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "haconnect sidecar: unexpected argument %q\n", fs.Arg(0))
-		return 2
+}
+
+// Prepare checks the options and builds the logger, Consul client
+// configuration, working directory and metrics listener.
+func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
+	c := o.Sidecar
+	if c.TTL <= 0 || c.StaleWindow < 0 {
+		return nil, errors.New("-ttl must be positive and -stale-window not negative")
 	}
-	if (cfg.ProxyID == "") == (cfg.SidecarFor == "") {
-		return fail(errors.New("give exactly one of -sidecar-for and -proxy-id"))
-	}
-	if cfg.TTL <= 0 || cfg.StaleWindow < 0 {
-		return fail(errors.New("-ttl must be positive and -stale-window not negative"))
-	}
-	log, err := logFlags.New("haconnect-sidecar", stderr)
+	log, err := o.Log.New(name, stderr)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
-	if cfg.Consul, err = consul.Config(); err != nil {
-		return fail(err)
+	if c.Consul, err = o.Consul.Config(); err != nil {
+		return nil, err
 	}
-	if cfg.Dir == "" {
-		if cfg.Dir, err = os.MkdirTemp("", "haconnect-sidecar-"); err != nil {
-			return fail(err)
+	p := &Prepared{Log: log}
+	if c.Dir == "" {
+		if c.Dir, err = os.MkdirTemp("", "haconnect-sidecar-"); err != nil {
+			return nil, err
 		}
-		defer os.RemoveAll(cfg.Dir)
-	} else if cfg.Dir, err = filepath.Abs(cfg.Dir); err != nil {
-		return fail(err)
+		dir := c.Dir
+		p.cleanup = append(p.cleanup, func() { os.RemoveAll(dir) })
+	} else if c.Dir, err = filepath.Abs(c.Dir); err != nil {
+		return nil, err
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	cfg.Logger, cfg.Registerer = log, reg
-	sc, err := sidecar.New(cfg)
-	if err != nil {
-		return fail(err)
-	}
-	if metricsListen != "" {
-		l, err := net.Listen("tcp", metricsListen)
+	c.Logger, c.Registerer = log, reg
+	if o.MetricsListen != "" {
+		l, err := net.Listen("tcp", o.MetricsListen)
 		if err != nil {
-			return fail(fmt.Errorf("-metrics-listen: %w", err))
+			p.Close()
+			return nil, fmt.Errorf("-metrics-listen: %w", err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = hs.Serve(l) }()
-		defer hs.Close()
+		p.cleanup = append(p.cleanup, func() { hs.Close() })
+	}
+	p.Config = c
+	return p, nil
+}
+
+// Run parses the `haconnect sidecar` command line, runs the sidecar until
+// ctx is done and returns the exit code.
+func Run(ctx context.Context, args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("haconnect sidecar", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o Options
+	o.Register(fs, true)
+	if code, done := Parse(fs, args, stderr); done {
+		return code
+	}
+	if (o.Sidecar.ProxyID == "") == (o.Sidecar.SidecarFor == "") {
+		return Fail(stderr, "haconnect sidecar", errors.New("give exactly one of -sidecar-for and -proxy-id"))
+	}
+	p, err := o.Prepare("haconnect-sidecar", stderr)
+	if err != nil {
+		return Fail(stderr, "haconnect sidecar", err)
+	}
+	defer p.Close()
+	return Serve(ctx, p, stderr, "haconnect sidecar")
+}
+
+// Serve runs a prepared sidecar until ctx is done.
+func Serve(ctx context.Context, p *Prepared, stderr io.Writer, name string) int {
+	sc, err := sidecar.New(p.Config)
+	if err != nil {
+		return Fail(stderr, name, err)
 	}
 	if err := sc.Run(ctx); err != nil {
-		return fail(err)
+		return Fail(stderr, name, err)
 	}
-	log.Info("stopped")
+	p.Log.Info("stopped")
 	return 0
+}
+
+// Parse parses flags; done reports that the command must exit with code.
+func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) (code int, done bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, true
+		}
+		return 2, true
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return 2, true
+	}
+	return 0, false
+}
+
+// Fail prints err and returns exit code 1.
+func Fail(stderr io.Writer, name string, err error) int {
+	fmt.Fprintf(stderr, "%s: %v\n", name, err)
+	return 1
 }

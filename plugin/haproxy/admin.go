@@ -22,12 +22,6 @@ type Admin struct {
 // NewAdmin returns a client for the socket at path.
 func NewAdmin(path string) *Admin { return &Admin{socket: path} }
 
-// Lock holds off runtime commands (e.g. during a reload).
-func (a *Admin) Lock() { a.mu.Lock() }
-
-// Unlock releases Lock.
-func (a *Admin) Unlock() { a.mu.Unlock() }
-
 // Runtime sends commands, one connection each, and fails on the first
 // answer that reports an error.
 func (a *Admin) Runtime(cmds ...string) error {

@@ -200,7 +200,7 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 		if err := s.writeFiles(leaf, roots, out.SPOE); err != nil {
 			return err
 		}
-		proc, err := haproxy.Start(ctx, haproxy.Config{Binary: s.cfg.HAProxyBinary, Dir: s.cfg.Dir,
+		proc, err := s.cfg.Launcher.Start(ctx, haproxy.Config{Binary: s.cfg.HAProxyBinary, Dir: s.cfg.Dir,
 			AdminSocket: model.AdminSocket, Logger: s.log}, out.Config)
 		if err != nil {
 			s.metrics.applies.WithLabelValues(method, "error").Inc()

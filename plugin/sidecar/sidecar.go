@@ -53,7 +53,9 @@ type Config struct {
 	TTL         time.Duration // embedded SPOA's ttl_ms (default 1s)
 	// StopGrace is how long HAProxy may take to finish its connections on
 	// shutdown (default 10s).
-	StopGrace  time.Duration
+	StopGrace time.Duration
+	// Launcher runs HAProxy (default: a child process, haproxy.Exec).
+	Launcher   haproxy.Launcher
 	Logger     hclog.Logger
 	Registerer prometheus.Registerer
 }
@@ -78,7 +80,7 @@ type Sidecar struct {
 	pendingAt time.Time // first change not yet applied
 
 	// Owned by the apply loop.
-	proc    *haproxy.Process
+	proc    haproxy.Instance
 	slots   map[string][]string // upstream key -> instance per slot ("" free)
 	applied appliedState
 }
@@ -113,11 +115,14 @@ func New(cfg Config) (*Sidecar, error) {
 	if cfg.StopGrace <= 0 {
 		cfg.StopGrace = 10 * time.Second
 	}
-	bin, err := haproxy.BinaryPath(cfg.HAProxyBinary)
-	if err != nil {
-		return nil, err
+	if cfg.Launcher == nil {
+		bin, err := haproxy.BinaryPath(cfg.HAProxyBinary)
+		if err != nil {
+			return nil, err
+		}
+		cfg.HAProxyBinary = bin
+		cfg.Launcher = haproxy.Exec{}
 	}
-	cfg.HAProxyBinary = bin
 	client, err := api.NewClient(cfg.Consul)
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
