@@ -94,8 +94,17 @@ func (l *lockedBuffer) String() string {
 // ends and its output is printed if the test failed.
 func Start(t testing.TB, name string, bin string, args ...string) *Process {
 	t.Helper()
+	return StartEnv(t, name, nil, bin, args...)
+}
+
+// StartEnv is Start with extra environment variables ("K=V").
+func StartEnv(t testing.TB, name string, env []string, bin string, args ...string) *Process {
+	t.Helper()
 	p := &Process{name: name, out: &lockedBuffer{}, done: make(chan struct{})}
 	p.Cmd = exec.Command(bin, args...)
+	if env != nil {
+		p.Cmd.Env = append(os.Environ(), env...)
+	}
 	p.Cmd.Stdout = p.out
 	p.Cmd.Stderr = p.out
 	p.Cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -84,6 +84,11 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 	switch {
 	case err == nil && existing.State != nil && (existing.State.Running || existing.State.Restarting) && l.owns(existing):
 		c.id = existing.ID
+		if existing.State.Restarting { // its restart policy is bringing it back
+			if err := l.waitRunning(ctx, c.id); err != nil {
+				return nil, err
+			}
+		}
 		log.Info("adopting the running haproxy container", "container", l.Name, "id", short(c.id))
 		if err := c.Reload(ctx, text); err != nil {
 			return nil, fmt.Errorf("adopted container: %w", err)
@@ -117,6 +122,22 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 	}
 	log.Info("haproxy container started", "container", l.Name, "id", short(id), "image", l.Image, "network", l.NetworkContainer)
 	return c, nil
+}
+
+// waitRunning waits up to 15s for a restarting container to run.
+func (l *Launcher) waitRunning(ctx context.Context, id string) error {
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		c, err := l.Client.ContainerInspect(ctx, id)
+		if err != nil {
+			return err
+		}
+		if c.State != nil && c.State.Running && !c.State.Restarting {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("container %s still not running after 15s", short(id))
 }
 
 func (l *Launcher) owns(c container.InspectResponse) bool {

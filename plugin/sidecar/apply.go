@@ -16,6 +16,7 @@ import (
 // the first complete state; a HAProxy that dies is started again.
 func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error {
 	waitingLogged := ""
+	startBackoff := time.Second
 	for {
 		var died <-chan struct{}
 		if s.proc != nil {
@@ -52,7 +53,30 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error
 				return nil
 			}
 			s.metrics.configErrors.Inc()
+			if s.proc == nil {
+				// Nothing runs: try again after a while even if Consul
+				// stays quiet (an engine restarting, an image missing).
+				s.log.Error("haproxy could not be started: retrying", "error", err, "retry_in", startBackoff)
+				s.requeue(snap.pendingAt)
+				go s.wakeAfter(ctx, startBackoff)
+				startBackoff = min(startBackoff*2, 10*time.Second)
+				continue
+			}
 			s.log.Error("change not applied: HAProxy keeps its running configuration", "error", err)
+			continue
+		}
+		startBackoff = time.Second
+	}
+}
+
+// wakeAfter wakes the apply loop after d.
+func (s *Sidecar) wakeAfter(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+		select {
+		case s.changed <- struct{}{}:
+		default:
 		}
 	}
 }
