@@ -8,7 +8,7 @@ CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
 export HACONNECT_CONSUL ?= $(CONSUL)
 FUZZTIME ?= 30s
 
-.PHONY: all build tools test fuzz bench bench-smoke demo clean
+.PHONY: all build tools test fuzz bench bench-smoke images demo clean
 
 all: build
 
@@ -41,6 +41,10 @@ bench: tools
 	$(GO) test -run '^$$' -bench 'SPOE|Handle' -benchmem -count 5 ./e2e/
 	$(GO) test -run '^$$' -bench SidecarApplyLatency -benchtime 200x ./e2e/
 	$(GO) test -run '^$$' -bench InboundPath -benchtime 1x -v ./e2e/
+
+## images: build haconnect's images offline (debootstrap base, FROM scratch)
+images:
+	bash scripts/images.sh
 
 ## demo: a local SPOA demo: dev Consul, real HAProxy, the SPOA, an app
 demo: tools build

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds haconnect's images without any registry:
 #   haconnect/haproxy   from the offline Debian base (scripts/debian-base.sh)
-#   haconnect/haconnect and haconnect/spoa  FROM scratch with static binaries
+#   haconnect/haconnect, haconnect/spoa, haconnect/demo-app  FROM scratch with static binaries
 # TAG (default: latest) tags all three. With registry access, pass
 # HAPROXY_BASE=debian:bookworm-slim to build on the public image instead.
 set -euo pipefail
@@ -14,7 +14,7 @@ if [[ "$HAPROXY_BASE" == haconnect/debian-haproxy:* ]]; then
 	bash scripts/debian-base.sh "$HAPROXY_BASE"
 fi
 mkdir -p bin/static
-CGO_ENABLED=0 go build -trimpath -o bin/static/ ./cmd/haconnect ./cmd/haconnect-spoa
+CGO_ENABLED=0 go build -trimpath -o bin/static/ ./cmd/haconnect ./cmd/haconnect-spoa ./cmd/haconnect-demo-app
 export DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" # the classic builder needs no extra images
 build() { # tag dockerfile [build-arg]: quiet unless it fails
 	local log
@@ -29,4 +29,5 @@ build() { # tag dockerfile [build-arg]: quiet unless it fails
 build "haconnect/haproxy:$TAG" images/haproxy/Dockerfile "BASE=$HAPROXY_BASE"
 build "haconnect/haconnect:$TAG" images/haconnect/Dockerfile
 build "haconnect/spoa:$TAG" images/spoa/Dockerfile
-docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep "^haconnect/"
+build "haconnect/demo-app:$TAG" images/demo-app/Dockerfile
+docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep "^haconnect/.*:$TAG "

@@ -1,0 +1,117 @@
+# Two services in a Consul Connect mesh, each with haconnect as its sidecar:
+# web calls api through its upstream on 127.0.0.1:8080.
+#
+# Nomad injects a sidecar task (connect-proxy-<service>) for every
+# `connect { sidecar_service {} }`; `sidecar_task` replaces its image and
+# arguments with haconnect's nomad-hook, which launches one HAProxy
+# container per allocation in the allocation's network namespace.
+# Needs: the haconnect images on the clients (`make images`), the docker
+# socket reachable by the hook (host volume or docker plugin volumes), and
+# intentions web -> api (`consul intention create web api`).
+job "mesh" {
+  datacenters = ["dc1"]
+
+  group "api" {
+    network {
+      mode = "bridge"
+      port "admin" {
+        to = 19100
+      }
+    }
+
+    service {
+      name = "api"
+      port = "9001"
+
+      connect {
+        sidecar_service {}
+
+        sidecar_task {
+          driver = "docker"
+          config {
+            image = "haconnect/haconnect:latest"
+            args  = ["nomad-hook", "-admin-bind", "0.0.0.0:19100"]
+            mount {
+              type   = "bind"
+              source = "/var/run/docker.sock"
+              target = "/var/run/docker.sock"
+            }
+          }
+          env {
+            # Sidecar tasks get no CONSUL_HTTP_ADDR; the local agent is
+            # reachable on the client's address.
+            CONSUL_HTTP_ADDR = "http://${attr.unique.network.ip-address}:8500"
+            NOMAD_ADDR       = "unix://${NOMAD_SECRETS_DIR}/api.sock"
+          }
+          resources {
+            cpu    = 100
+            memory = 64
+          }
+        }
+      }
+    }
+
+    task "api" {
+      driver = "docker"
+      config {
+        image = "haconnect/demo-app:latest"
+        args  = ["-listen", "127.0.0.1:9001", "-name", "api"]
+      }
+      resources {
+        cpu    = 100
+        memory = 64
+      }
+    }
+  }
+
+  group "web" {
+    network {
+      mode = "bridge"
+      port "http" {
+        static = 9002
+        to     = 9002
+      }
+    }
+
+    service {
+      name = "web"
+      port = "http"
+
+      connect {
+        sidecar_service {
+          proxy {
+            upstreams {
+              destination_name = "api"
+              local_bind_port  = 8080
+            }
+          }
+        }
+
+        sidecar_task {
+          driver = "docker"
+          config {
+            image = "haconnect/haconnect:latest"
+            args  = ["nomad-hook"]
+            mount {
+              type   = "bind"
+              source = "/var/run/docker.sock"
+              target = "/var/run/docker.sock"
+            }
+          }
+          env {
+            CONSUL_HTTP_ADDR = "http://${attr.unique.network.ip-address}:8500"
+            NOMAD_ADDR       = "unix://${NOMAD_SECRETS_DIR}/api.sock"
+          }
+        }
+      }
+    }
+
+    task "web" {
+      driver = "docker"
+      config {
+        image = "haconnect/demo-app:latest"
+        args  = ["-listen", "0.0.0.0:9002", "-name", "web", "-upstream", "http://127.0.0.1:8080/"]
+      }
+    }
+  }
+}
