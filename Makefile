@@ -8,7 +8,7 @@ CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
 export HACONNECT_CONSUL ?= $(CONSUL)
 FUZZTIME ?= 30s
 
-.PHONY: all build tools test fuzz bench bench-smoke images demo clean
+.PHONY: all build tools test fuzz bench bench-smoke images demo demo-local clean
 
 all: build
 
@@ -46,8 +46,13 @@ bench: tools
 images:
 	bash scripts/images.sh
 
-## demo: a local SPOA demo: dev Consul, real HAProxy, the SPOA, an app
+## demo: the local mesh in containers (docker compose) where Docker runs,
+## else the SPOA demo with local processes (dev Consul, Debian HAProxy)
 demo: tools build
+	@if docker info >/dev/null 2>&1; then bash scripts/compose-demo.sh; else bash scripts/demo.sh; fi
+
+## demo-local: the process-mode demo, Docker or not
+demo-local: tools build
 	bash scripts/demo.sh
 
 clean:

@@ -2,6 +2,8 @@
 # Builds haconnect's images without any registry:
 #   haconnect/haproxy   from the offline Debian base (scripts/debian-base.sh)
 #   haconnect/haconnect, haconnect/spoa, haconnect/demo-app  FROM scratch with static binaries
+#   haconnect/sidecar   haconnect + HAProxy in one container (exec launcher)
+#   haconnect/consul    the consul binary from scripts/install-consul.sh
 # TAG (default: latest) tags all three. With registry access, pass
 # HAPROXY_BASE=debian:bookworm-slim to build on the public image instead.
 set -euo pipefail
@@ -30,4 +32,8 @@ build "haconnect/haproxy:$TAG" images/haproxy/Dockerfile "BASE=$HAPROXY_BASE"
 build "haconnect/haconnect:$TAG" images/haconnect/Dockerfile
 build "haconnect/spoa:$TAG" images/spoa/Dockerfile
 build "haconnect/demo-app:$TAG" images/demo-app/Dockerfile
+build "haconnect/sidecar:$TAG" images/sidecar/Dockerfile "BASE=haconnect/haproxy:$TAG"
+# Consul for the compose mesh, from the binary `make tools` builds.
+bash scripts/install-consul.sh >/dev/null
+build "haconnect/consul:$TAG" images/consul/Dockerfile "BASE=$HAPROXY_BASE"
 docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep "^haconnect/.*:$TAG "

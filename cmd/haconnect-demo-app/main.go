@@ -11,6 +11,7 @@ import (
 	"log"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,23 +21,28 @@ func main() {
 	upstream := flag.String("upstream", "", "URL of an upstream to call on each request (through the local sidecar)")
 	flag.Parse()
 	client := &http.Client{Timeout: 5 * time.Second}
+	var served atomic.Int64
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "hello from %s; caller (x-haconnect-source): %q\n", *name, r.Header.Get("X-Haconnect-Source"))
-		if *upstream == "" {
-			return
+		var b strings.Builder
+		fmt.Fprintf(&b, "hello from %s (request #%d); caller (x-haconnect-source): %q\n",
+			*name, served.Add(1), r.Header.Get("X-Haconnect-Source"))
+		status := http.StatusOK
+		if *upstream != "" {
+			resp, err := client.Get(*upstream)
+			if err != nil {
+				status = http.StatusBadGateway
+				fmt.Fprintf(&b, "upstream %s: %v\n", *upstream, err)
+			} else {
+				body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					status = http.StatusBadGateway
+				}
+				fmt.Fprintf(&b, "upstream answered %d: %s\n", resp.StatusCode, strings.TrimSpace(string(body)))
+			}
 		}
-		resp, err := client.Get(*upstream)
-		if err != nil {
-			w.WriteHeader(http.StatusBadGateway)
-			fmt.Fprintf(w, "upstream %s: %v\n", *upstream, err)
-			return
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		if resp.StatusCode != http.StatusOK {
-			w.WriteHeader(http.StatusBadGateway)
-		}
-		fmt.Fprintf(w, "upstream answered %d: %s\n", resp.StatusCode, strings.TrimSpace(string(body)))
+		w.WriteHeader(status)
+		io.WriteString(w, b.String())
 	})
 	http.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
 	srv := &http.Server{Addr: *listen, ReadHeaderTimeout: 5 * time.Second}

@@ -2,8 +2,10 @@ package harness
 
 import (
 	"context"
+	"fmt"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,18 +30,26 @@ func Docker(t testing.TB) *client.Client {
 	return cli
 }
 
-// Images makes sure haconnect's images exist, building them with
-// scripts/images.sh (offline: a debootstrap base and FROM scratch) if not.
+var (
+	imagesOnce sync.Once
+	imagesErr  error
+)
+
+// Images builds haconnect's images from this checkout with
+// scripts/images.sh (offline: a debootstrap base, FROM scratch), once per
+// test process, so that tests never run stale images. Docker's layer cache
+// makes a rebuild take seconds.
 func Images(t testing.TB, cli *client.Client) {
 	t.Helper()
-	if _, err := cli.ImageInspect(context.Background(), "haconnect/haproxy:latest"); err == nil {
-		return
-	}
-	t.Log("building haconnect's images (scripts/images.sh)")
-	cmd := exec.Command("bash", filepath.Join(RepoRoot(), "scripts", "images.sh"))
-	cmd.Dir = RepoRoot()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("scripts/images.sh: %v\n%s", err, out)
+	imagesOnce.Do(func() {
+		cmd := exec.Command("bash", filepath.Join(RepoRoot(), "scripts", "images.sh"))
+		cmd.Dir = RepoRoot()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			imagesErr = fmt.Errorf("scripts/images.sh: %v\n%s", err, out)
+		}
+	})
+	if imagesErr != nil {
+		t.Fatal(imagesErr)
 	}
 }
 
