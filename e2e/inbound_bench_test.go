@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
-	"strings"
 	"testing"
 	"time"
 
@@ -65,21 +64,8 @@ backend app
 
 // haproxyPids returns the master and worker pids of a sidecar's HAProxy.
 func haproxyPids(b testing.TB, in *instance) []int {
-	worker := 0
-	for _, line := range strings.Split(in.adminTB(b, "show info"), "\n") {
-		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
-			fmt.Sscan(v, &worker)
-		}
-	}
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", worker))
-	if err != nil {
-		b.Fatal(err)
-	}
-	_, rest, _ := strings.Cut(string(stat), ") ")
-	var state string
-	var master int
-	fmt.Sscan(rest, &state, &master)
-	return []int{master, worker}
+	worker := workerPid(b, in)
+	return []int{parentOf(b, worker), worker}
 }
 
 type scenario struct {

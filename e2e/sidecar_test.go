@@ -389,10 +389,10 @@ func TestSidecarTCP(t *testing.T) {
 }
 
 // workerPid asks in's HAProxy for its worker's pid.
-func workerPid(t *testing.T, in *instance) int {
+func workerPid(t testing.TB, in *instance) int {
 	t.Helper()
 	pid := 0
-	for _, line := range strings.Split(in.admin(t, "show info"), "\n") {
+	for _, line := range strings.Split(in.adminTB(t, "show info"), "\n") {
 		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
 			fmt.Sscan(v, &pid)
 		}
@@ -404,7 +404,7 @@ func workerPid(t *testing.T, in *instance) int {
 }
 
 // parentOf reads a process's parent pid from /proc.
-func parentOf(t *testing.T, pid int) int {
+func parentOf(t testing.TB, pid int) int {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
@@ -572,16 +572,7 @@ func TestSidecarStartAndStop(t *testing.T) {
 	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
 
 	// SIGTERM: HAProxy stops, the sidecar exits 0, nothing is left running.
-	info := (&instance{dir: dir}).admin(t, "show info")
-	worker := 0
-	for _, line := range strings.Split(info, "\n") {
-		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
-			fmt.Sscan(v, &worker)
-		}
-	}
-	if worker == 0 {
-		t.Fatalf("no worker pid in show info:\n%s", info)
-	}
+	worker := workerPid(t, &instance{dir: dir})
 	if err := sc.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
