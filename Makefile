@@ -8,7 +8,7 @@ CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
 export HACONNECT_CONSUL ?= $(CONSUL)
 FUZZTIME ?= 30s
 
-.PHONY: all build tools test fuzz bench bench-smoke images demo demo-local clean
+.PHONY: all build tools test fuzz bench bench-mesh bench-smoke images demo demo-local clean
 
 all: build
 
@@ -41,6 +41,12 @@ bench: tools
 	$(GO) test -run '^$$' -bench 'SPOE|Handle' -benchmem -count 5 ./e2e/
 	$(GO) test -run '^$$' -bench SidecarApplyLatency -benchtime 200x ./e2e/
 	$(GO) test -run '^$$' -bench InboundPath -benchtime 1x -v ./e2e/
+
+## bench-mesh: haconnect against bare HAProxy and Consul's proxy, one run;
+## writes docs/benchmarks.md and docs/benchmarks.png
+bench-mesh: tools
+	mkdir -p docs
+	HACONNECT_BENCH_REPORT=$(CURDIR)/docs/benchmarks.md $(GO) test -run '^$$' -bench '^BenchmarkMesh$$' -benchtime 1x -timeout 30m -v ./e2e/
 
 ## images: build haconnect's images offline (debootstrap base, FROM scratch)
 images:

@@ -1,0 +1,532 @@
+package e2e
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"runtime"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/benchreport"
+	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/loadgen"
+	"github.com/haconnect/haconnect/spoa/authz"
+)
+
+// meshScenario is one way of reaching the app.
+type meshScenario struct {
+	name   string
+	addr   string
+	tls    bool
+	pids   []int // processes of the data plane under test
+	rounds map[string][]loadgen.Result
+	cpu    map[string][]float64 // data plane CPU us per request
+}
+
+// BenchmarkMesh is `make bench-mesh`: haconnect against the ceiling and the
+// peers, in one run on one machine, alternating rounds, medians. The data
+// planes under test share CPU 0; the load generator, the app, the Consul
+// agent and Consul's own work share CPU 1. With HACONNECT_BENCH_REPORT set
+// it writes that Markdown file and a PNG chart next to it. -short is the
+// CI smoke (about 5 s of load, no report).
+func BenchmarkMesh(b *testing.B) {
+	short := testing.Short()
+	m := &mesh{consul: harness.StartConsul(b)}
+	m.consul.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
+	m.consul.SetIntentions(b, "capi", harness.Source("cweb", api.IntentionActionAllow))
+	appPort := benchApp(b)
+	bareAddr, barePid := bareMTLS(b, m.consul, appPort)
+	apiIn := benchRegister(b, m, "api-1", appPort, "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)))
+	webIn := benchRegisterWeb(b, m, "web-1", "web", "api", nil)
+	// The same two hops with protocol tcp (L4, like Consul's proxy).
+	m.consul.SetIntentions(b, "tapi", harness.Source("tweb", api.IntentionActionAllow))
+	tapiIn := benchRegisterProto(b, m, "tapi-1", "tapi", appPort, "tcp")
+	twebIn := benchRegisterWebProto(b, m, "tweb-1", "tweb", "tapi", "tcp")
+	capi, cweb := consulProxies(b, m, appPort)
+	roots, _ := m.consul.RootsPEM(b)
+	tlsCfg := harness.ClientTLS(m.consul.IssueLeaf(b, "web"), roots)
+
+	apiPids := append(haproxyPids(b, apiIn), apiIn.sidecar.Cmd.Process.Pid)
+	webPids := append(haproxyPids(b, webIn), webIn.sidecar.Cmd.Process.Pid)
+	scenarios := []*meshScenario{
+		{name: "1 direct to the app", addr: fmt.Sprintf("127.0.0.1:%d", appPort)},
+		{name: "2 bare HAProxy mTLS", addr: bareAddr, tls: true, pids: []int{barePid}},
+		{name: "3 haconnect inbound", addr: fmt.Sprintf("127.0.0.1:%d", apiIn.port), tls: true, pids: apiPids},
+		{name: "4 haconnect two hops", addr: fmt.Sprintf("127.0.0.1:%d", webIn.upstream["api"]), pids: append(append([]int{}, webPids...), apiPids...)},
+		{name: "5 consul connect proxy two hops", addr: fmt.Sprintf("127.0.0.1:%d", cweb.upstream), pids: []int{cweb.pid, capi.pid}},
+		{name: "6 haconnect two hops, protocol tcp", addr: fmt.Sprintf("127.0.0.1:%d", twebIn.upstream["tapi"]),
+			pids: append(append(haproxyPids(b, twebIn), twebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, tapiIn), tapiIn.sidecar.Cmd.Process.Pid)...)},
+	}
+	for _, sc := range scenarios {
+		sc.rounds, sc.cpu = map[string][]loadgen.Result{}, map[string][]float64{}
+		for _, pid := range sc.pids {
+			if err := loadgen.Pin(pid, 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	defer pinTestProcess(b)()
+
+	rounds, dur, modes := 3, 3*time.Second, []string{"keep-alive", "new connection per request"}
+	if short {
+		rounds, dur, modes = 1, 500*time.Millisecond, modes[:1]
+	}
+	idleRSS := map[string]int64{"HAProxy (api sidecar)": rss(apiPids[0]) + rss(apiPids[1]), "haconnect sidecar incl. SPOA (api)": rss(apiPids[2]), "consul connect proxy (capi)": rss(capi.pid)}
+	loadRSS := map[string]int64{}
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < rounds; r++ {
+			for _, mode := range modes {
+				for _, sc := range scenarios {
+					var cfg = loadgen.Config{Addr: sc.addr, Conns: 32, Duration: dur, NewConnPerRequest: mode != "keep-alive"}
+					if sc.tls {
+						cfg.TLS = tlsCfg
+					}
+					if cfg.NewConnPerRequest {
+						cfg.Conns = 8
+					}
+					meter := loadgen.StartCPU(sc.pids...)
+					sampler := startRSSSampler(sc.pids)
+					res := loadgen.Run(context.Background(), cfg)
+					peak := sampler()
+					var used time.Duration
+					for _, u := range meter.Stop() {
+						used += u
+					}
+					if res.Errors > 0 || res.Requests == 0 {
+						b.Fatalf("%s (%s): %d errors, e.g. %s", sc.name, mode, res.Errors, res.FirstError)
+					}
+					if strings.HasPrefix(sc.name, "3") && mode == "keep-alive" {
+						loadRSS["HAProxy (api sidecar)"] = max(loadRSS["HAProxy (api sidecar)"], peak[0]+peak[1])
+						loadRSS["haconnect sidecar incl. SPOA (api)"] = max(loadRSS["haconnect sidecar incl. SPOA (api)"], peak[2])
+					}
+					if strings.HasPrefix(sc.name, "5") && mode == "keep-alive" {
+						loadRSS["consul connect proxy (capi)"] = max(loadRSS["consul connect proxy (capi)"], peak[1])
+					}
+					b.Logf("round %d %-10s %-32s %s, data plane %.1fus CPU/request", r+1, mode[:8], sc.name, res, float64(used.Microseconds())/float64(res.Requests))
+					sc.rounds[mode] = append(sc.rounds[mode], res)
+					sc.cpu[mode] = append(sc.cpu[mode], float64(used.Microseconds())/float64(res.Requests))
+				}
+			}
+		}
+	}
+	flips := 50
+	if short {
+		flips = 5
+	}
+	flipP50, flipP99 := intentionFlips(b, m, apiIn, tlsCfg, flips)
+	hit, miss := decisionCost(b, m)
+	applies := applyTimes(b, m, short)
+
+	rep := report{scenarios: scenarios, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
+	b.Log("\n" + rep.markdown())
+	ka := "keep-alive"
+	b.ReportMetric(medianRPS(scenarios[2].rounds[ka])/medianRPS(scenarios[1].rounds[ka]), "inbound/bare")
+	b.ReportMetric(medianRPS(scenarios[3].rounds[ka])/medianRPS(scenarios[4].rounds[ka]), "haconnect/consul-2hop")
+	b.ReportMetric(float64(flipP99.Microseconds())/1000, "flip-p99-ms")
+	if path := os.Getenv("HACONNECT_BENCH_REPORT"); path != "" && !short {
+		if err := os.WriteFile(path, []byte(rep.markdown()), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		png := strings.TrimSuffix(path, ".md") + ".png"
+		var bars []benchreport.Bar
+		base := medianRPS(scenarios[1].rounds[ka])
+		for _, sc := range scenarios {
+			bars = append(bars, benchreport.Bar{Label: sc.name, Value: medianRPS(sc.rounds[ka]),
+				Note: fmt.Sprintf("(%.2fx bare mTLS)", medianRPS(sc.rounds[ka])/base)})
+		}
+		if err := benchreport.BarChart(png, "haconnect bench-mesh: keep-alive req/s, 32 connections (median of rounds)", "req/s", bars); err != nil {
+			b.Fatal(err)
+		}
+		b.Logf("wrote %s and %s", path, png)
+	}
+}
+
+func pinTestProcess(b testing.TB) func() {
+	if err := loadgen.Pin(os.Getpid(), 1); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		all := make([]int, runtime.NumCPU())
+		for i := range all {
+			all[i] = i
+		}
+		_ = loadgen.Pin(os.Getpid(), all...)
+	}
+}
+
+func medianRPS(rs []loadgen.Result) float64 {
+	v := make([]float64, len(rs))
+	for i, r := range rs {
+		v[i] = r.RPS
+	}
+	return median(v)
+}
+
+func medianP99(rs []loadgen.Result) time.Duration {
+	s := make([]time.Duration, len(rs))
+	for i, r := range rs {
+		s[i] = r.P99
+	}
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// benchRegisterWeb registers a client service whose sidecar has an
+// upstream to dest, and starts its haconnect sidecar on one thread.
+func benchRegisterWeb(b *testing.B, m *mesh, id, name, dest string, args []string) *instance {
+	return benchRegisterWebProto(b, m, id, name, dest, "http", args...)
+}
+
+// benchRegisterProto registers a destination whose app listens on appPort,
+// with the given protocol, and starts its sidecar on one thread.
+func benchRegisterProto(b *testing.B, m *mesh, id, name string, appPort int, proto string) *instance {
+	in := &instance{id: id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: id, Name: name, Address: "127.0.0.1", Port: appPort,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port:  in.port,
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": proto, "bind_address": "127.0.0.1"}},
+		}},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), "sidecar",
+		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1")
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
+	return in
+}
+
+func benchRegisterWebProto(b *testing.B, m *mesh, id, name, dest, proto string, args ...string) *instance {
+	in := &instance{id: id, upstream: map[string]int{dest: harness.FreePort(b)}, port: harness.FreePort(b), dir: harness.TempDir(b)}
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: id, Name: name, Address: "127.0.0.1", Port: 1,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: in.port,
+			Proxy: &api.AgentServiceConnectProxyConfig{
+				Config:    map[string]any{"protocol": proto, "bind_address": "127.0.0.1"},
+				Upstreams: []api.Upstream{{DestinationName: dest, LocalBindPort: in.upstream[dest], Config: map[string]any{"protocol": proto}}},
+			},
+		}},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
+		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1"}, args...)...)
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.upstream[dest]), 20*time.Second)
+	return in
+}
+
+type consulProxy struct {
+	pid      int
+	upstream int
+}
+
+// consulProxies runs Consul's built-in proxy for capi (in front of the app)
+// and cweb (with capi as its upstream), the baseline every Consul user has.
+func consulProxies(b *testing.B, m *mesh, appPort int) (capi, cweb consulProxy) {
+	apiPort, webPort := harness.FreePort(b), harness.FreePort(b)
+	cweb.upstream = harness.FreePort(b)
+	for _, reg := range []*api.AgentServiceRegistration{
+		{ID: "capi-1", Name: "capi", Address: "127.0.0.1", Port: appPort,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: apiPort,
+				Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"}}}}},
+		{ID: "cweb-1", Name: "cweb", Address: "127.0.0.1", Port: 1,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: webPort,
+				Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"},
+					Upstreams: []api.Upstream{{DestinationName: "capi", LocalBindPort: cweb.upstream}}}}}},
+	} {
+		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	bin := harness.ConsulBinary(b)
+	pa := harness.Start(b, "consul proxy capi", bin, "connect", "proxy", "-sidecar-for", "capi-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
+	pw := harness.Start(b, "consul proxy cweb", bin, "connect", "proxy", "-sidecar-for", "cweb-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", apiPort), 20*time.Second)
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", cweb.upstream), 20*time.Second)
+	harness.WaitFor(b, 20*time.Second, "cweb -> capi through the consul proxies", func() bool {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(fmt.Sprintf("http://127.0.0.1:%d/", cweb.upstream))
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+	return consulProxy{pid: pa.Cmd.Process.Pid}, consulProxy{pid: pw.Cmd.Process.Pid, upstream: cweb.upstream}
+}
+
+// rss is a process's resident memory in bytes.
+func rss(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// startRSSSampler samples the processes' RSS every 100ms until the
+// returned function is called, which gives each one's peak.
+func startRSSSampler(pids []int) func() []int64 {
+	peak := make([]int64, len(pids))
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			for i, p := range pids {
+				peak[i] = max(peak[i], rss(p))
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() []int64 { close(stop); <-done; return peak }
+}
+
+// intentionFlips measures, over n flips, the time from an intention write
+// returning to the first new connection denied by the api sidecar.
+func intentionFlips(b *testing.B, m *mesh, in *instance, tlsCfg *tls.Config, n int) (p50, p99 time.Duration) {
+	url := fmt.Sprintf("https://127.0.0.1:%d/", in.port)
+	get := func() int {
+		tr := &http.Transport{TLSClientConfig: tlsCfg, DisableKeepAlives: true}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get(url)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	var took []time.Duration
+	for i := 0; i < n; i++ {
+		m.consul.SetIntentions(b, "api", harness.Source("web", api.IntentionActionDeny))
+		took = append(took, harness.WaitFor(b, 5*time.Second, "web denied", func() bool { return get() == 403 }))
+		m.consul.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
+		harness.WaitFor(b, 5*time.Second, "web allowed", func() bool { return get() == 200 })
+	}
+	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
+	return took[len(took)/2], took[min(len(took)-1, len(took)*99/100)]
+}
+
+type cost struct{ nsPerOp, allocs float64 }
+
+// decisionCost measures the authorizer alone, in this process: a cached
+// decision and a first decision (certificate parse, trust domain,
+// intentions walk).
+func decisionCost(b *testing.B, m *mesh) (hit, miss cost) {
+	az, err := authz.New(authz.Config{Consul: m.consul.Config(), Metrics: authz.NewMetrics(nil), MaxEntries: 1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	az.Start(ctx, "api")
+	if err := az.Ready(ctx, "api"); err != nil {
+		b.Fatal(err)
+	}
+	_, td := m.consul.RootsPEM(b)
+	ca := harness.NewForeignCA(b)
+	var certs [][]byte
+	for i := 0; i < 8; i++ {
+		certs = append(certs, ca.Issue(b, "spiffe://"+td+"/ns/default/dc/dc1/svc/web").TLS.Certificate[0])
+	}
+	// testing.Benchmark cannot run inside a benchmark (they share a lock),
+	// so this times a fixed second of calls itself.
+	measure := func(f func(i int)) cost {
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		start, n := time.Now(), 0
+		for time.Since(start) < time.Second {
+			for k := 0; k < 1000; k++ {
+				f(n)
+				n++
+			}
+		}
+		elapsed := time.Since(start)
+		runtime.ReadMemStats(&after)
+		return cost{float64(elapsed.Nanoseconds()) / float64(n), float64(after.Mallocs-before.Mallocs) / float64(n)}
+	}
+	hit = measure(func(int) { az.Decide("api", certs[0]) })
+	miss = measure(func(i int) { az.Decide("api", certs[i%len(certs)]) })
+	return hit, miss
+}
+
+type applyTime struct {
+	instances int
+	start     time.Duration // first configuration with that many instances
+	addOneP50 time.Duration // one more instance: Consul write -> HAProxy serving it
+	addOneMax time.Duration
+	method    string
+}
+
+// applyTimes measures how applying changes grows with the number of
+// upstream instances: a client sidecar whose upstream "many" has N
+// instances (no process behind them: only configuration matters here).
+func applyTimes(b *testing.B, m *mesh, short bool) []applyTime {
+	sizes := []int{10, 100, 1000}
+	if short {
+		sizes = []int{10}
+	}
+	register := func(i int) {
+		err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			Kind: api.ServiceKindConnectProxy, ID: fmt.Sprintf("many-%d-sidecar-proxy", i), Name: "many-sidecar-proxy",
+			Address: "127.0.0.3", Port: 20000 + i,
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "many", LocalServicePort: 1},
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	var out []applyTime
+	next := 0
+	for _, n := range sizes {
+		for ; next < n; next++ {
+			register(next)
+		}
+		in := benchRegisterWeb(b, m, fmt.Sprintf("client-%d", n), "client", "many", nil)
+		harness.WaitFor(b, 60*time.Second, fmt.Sprintf("%d instances in the pool", n), func() bool {
+			return strings.Count(in.adminTB(b, "show stat upstream_many 4 -1"), "127.0.0.3:") >= n
+		})
+		at := applyTime{instances: n, start: sinceChange(in.sidecar.Output(), "method=start")}
+		var adds []time.Duration
+		for k := 0; k < 5; k++ {
+			start := time.Now()
+			register(next)
+			port := 20000 + next
+			next++
+			deadline := time.Now().Add(60 * time.Second)
+			for !strings.Contains(in.adminTB(b, "show stat upstream_many 4 -1"), fmt.Sprintf("127.0.0.3:%d", port)) {
+				if time.Now().After(deadline) {
+					b.Fatalf("instance %d never reached HAProxy", port)
+				}
+				time.Sleep(500 * time.Microsecond)
+			}
+			adds = append(adds, time.Since(start))
+		}
+		sort.Slice(adds, func(i, j int) bool { return adds[i] < adds[j] })
+		at.addOneP50, at.addOneMax = adds[len(adds)/2], adds[len(adds)-1]
+		at.method = "runtime"
+		if strings.Count(in.sidecar.Output(), "method=reload") > 0 {
+			at.method = "runtime, reload when the slots grew"
+		}
+		out = append(out, at)
+		in.sidecar.Kill()
+	}
+	return out
+}
+
+// sinceChange reads the since_change of the first log line with marker.
+func sinceChange(out, marker string) time.Duration {
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, marker) {
+			if _, v, ok := strings.Cut(line, "since_change="); ok {
+				d, _ := time.ParseDuration(strings.Fields(v)[0])
+				return d
+			}
+		}
+	}
+	return 0
+}
+
+type report struct {
+	scenarios        []*meshScenario
+	modes            []string
+	rounds           int
+	dur              time.Duration
+	flips            int
+	flipP50, flipP99 time.Duration
+	hit, miss        cost
+	idleRSS, loadRSS map[string]int64
+	applies          []applyTime
+}
+
+func (r report) markdown() string {
+	var s strings.Builder
+	cpuModel := "unknown"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "model name"); ok {
+				cpuModel = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	hv, _ := exec.Command("haproxy", "-v").Output()
+	fmt.Fprintf(&s, "# haconnect benchmarks\n\nGenerated by `make bench-mesh` (`BenchmarkMesh` in `e2e/mesh_bench_test.go`) on %s.\n\n", time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&s, "Machine: %d CPUs (%s), Linux, %s; HAProxy %s; Consul v1.16.3.\n\n", runtime.NumCPU(), cpuModel, runtime.Version(), strings.Fields(string(hv) + " ? ? ?")[2])
+	fmt.Fprintf(&s, "Method: the five scenarios run in alternating rounds (%d rounds of %s per scenario and mode), medians reported. "+
+		"The data planes under test (HAProxy with one thread, the haconnect process with its SPOA, Consul's proxies) are pinned to CPU 0; "+
+		"the load generator (`internal/loadgen`, HTTP/1.1, mTLS with a client certificate where the scenario needs it), the app "+
+		"(a one-thread HAProxy answering 200) and the Consul agent to CPU 1. CPU/request is the data plane's user+system time (from /proc) per request.\n\n",
+		r.rounds, r.dur)
+	base := map[string]float64{}
+	consulRPS := map[string]float64{}
+	for _, mode := range r.modes {
+		base[mode] = medianRPS(r.scenarios[1].rounds[mode])
+		consulRPS[mode] = medianRPS(r.scenarios[4].rounds[mode])
+	}
+	for _, mode := range r.modes {
+		conns := 32
+		if mode != "keep-alive" {
+			conns = 8
+		}
+		fmt.Fprintf(&s, "## %s (%d connections)\n\n| scenario | req/s | vs 2 (bare mTLS) | vs 5 (consul proxy) | p50 | p99 | data plane CPU/request |\n|---|---|---|---|---|---|---|\n", mode, conns)
+		for _, sc := range r.scenarios {
+			rs := sc.rounds[mode]
+			var p50 []float64
+			for _, x := range rs {
+				p50 = append(p50, float64(x.P50))
+			}
+			cpu := "-"
+			if len(sc.pids) > 0 {
+				cpu = fmt.Sprintf("%.1f us", median(sc.cpu[mode]))
+			}
+			fmt.Fprintf(&s, "| %s | %.0f | %.2f | %.2f | %s | %s | %s |\n", sc.name, medianRPS(rs), medianRPS(rs)/base[mode], medianRPS(rs)/consulRPS[mode],
+				time.Duration(median(p50)).Round(time.Microsecond), medianP99(rs).Round(time.Microsecond), cpu)
+		}
+		s.WriteString("\n")
+	}
+	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
+	fmt.Fprintf(&s, "| | figure |\n|---|---|\n")
+	fmt.Fprintf(&s, "| decision at cache hit (one core) | %.0f ns, %.0f allocs -> %.1f M decisions/s |\n", r.hit.nsPerOp, r.hit.allocs, 1e3/r.hit.nsPerOp)
+	fmt.Fprintf(&s, "| decision at cache miss (certificate parse, trust domain, intentions walk) | %.1f us, %.0f allocs -> %.0f k decisions/s |\n", r.miss.nsPerOp/1e3, r.miss.allocs, 1e6/r.miss.nsPerOp)
+	fmt.Fprintf(&s, "| intention write -> first denied new connection (%d flips) | p50 %s, p99 %s |\n\n", r.flips, r.flipP50.Round(10*time.Microsecond), r.flipP99.Round(10*time.Microsecond))
+	fmt.Fprintf(&s, "## Memory (RSS)\n\n| process | idle | under keep-alive load |\n|---|---|---|\n")
+	var names []string
+	for k := range r.idleRSS {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		fmt.Fprintf(&s, "| %s | %.1f MiB | %.1f MiB |\n", k, float64(r.idleRSS[k])/(1<<20), float64(r.loadRSS[k])/(1<<20))
+	}
+	fmt.Fprintf(&s, "\n## Applying changes vs upstream instances\n\n| instances | first configuration (render, haproxy -c, start) | one more instance: Consul write -> in HAProxy's pool (p50 / max of 5) | applied by |\n|---|---|---|---|\n")
+	for _, a := range r.applies {
+		fmt.Fprintf(&s, "| %d | %s | %s / %s | %s |\n", a.instances, a.start.Round(time.Millisecond), a.addOneP50.Round(100*time.Microsecond), a.addOneMax.Round(100*time.Microsecond), a.method)
+	}
+	s.WriteString("\nCommand: `make bench-mesh` (about 3 minutes; writes this file and `docs/benchmarks.png`).\n")
+	return s.String()
+}
