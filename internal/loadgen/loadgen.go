@@ -178,10 +178,24 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 			w.lat = append(w.lat, time.Since(start))
 		}
 		if cfg.NewConnPerRequest || resp.Close {
-			conn.Close()
+			closeNow(conn)
 			conn = nil
 		}
 	}
+}
+
+// closeNow closes a finished connection with a reset instead of a FIN, so
+// that the client keeps no TIME_WAIT entry: at thousands of new connections
+// a second, TIME_WAIT would exhaust the ephemeral ports within seconds.
+func closeNow(c net.Conn) {
+	raw := c
+	if tc, ok := c.(*tls.Conn); ok {
+		raw = tc.NetConn()
+	}
+	if tcp, ok := raw.(*net.TCPConn); ok {
+		_ = tcp.SetLinger(0)
+	}
+	c.Close()
 }
 
 func roundTrip(conn net.Conn, r *bufio.Reader, req []byte) (*http.Response, error) {
