@@ -137,12 +137,17 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 		}
 	}()
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
-	for ctx.Err() == nil {
+	// The clock decides when the run ends, not only ctx: on a saturated
+	// CPU the context's timer can fire late, and a dial against a passed
+	// deadline fails at once, so failures after the end are not errors.
+	end, _ := ctx.Deadline()
+	live := func() bool { return ctx.Err() == nil && time.Now().Before(end) }
+	for live() {
 		start := time.Now()
 		if conn == nil {
 			c, err := dialer.DialContext(ctx, "tcp", cfg.Addr)
 			if err != nil {
-				if ctx.Err() == nil {
+				if live() {
 					w.fail(err)
 				}
 				continue
@@ -151,7 +156,7 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 				tc := tls.Client(c, cfg.TLS)
 				if err := tc.HandshakeContext(ctx); err != nil {
 					c.Close()
-					if ctx.Err() == nil {
+					if live() {
 						w.fail(err)
 					}
 					continue
@@ -167,7 +172,7 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 		if err != nil {
 			conn.Close()
 			conn = nil
-			if ctx.Err() == nil {
+			if live() {
 				w.fail(err)
 			}
 			continue
