@@ -27,7 +27,7 @@ type Bar struct {
 // and writes a PNG to path.
 func BarChart(path, title, unit string, bars []Bar) error {
 	const (
-		width, rowH, top, left, right = 900, 34, 50, 230, 170
+		width, rowH, top, left, right = 1000, 34, 50, 290, 240
 	)
 	height := top + rowH*len(bars) + 30
 	img := image.NewRGBA(image.Rect(0, 0, width, height))
