@@ -162,19 +162,5 @@ func BenchmarkInboundPath(b *testing.B) {
 // benchRegister registers an instance of api whose app listens on appPort
 // and starts its sidecar with one HAProxy thread.
 func benchRegister(b *testing.B, m *mesh, id string, appPort int, args ...string) *instance {
-	in := &instance{id: id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
-	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: id, Name: "api", Address: "127.0.0.1", Port: appPort,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
-			Port:  in.port,
-			Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": "http", "bind_address": "127.0.0.1"}},
-		}},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
-		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1"}, args...)...)
-	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
-	return in
+	return benchRegisterProto(b, m, id, "api", appPort, "http", args...)
 }

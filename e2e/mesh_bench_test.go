@@ -188,7 +188,7 @@ func benchRegisterWeb(b *testing.B, m *mesh, id, name, dest string, args []strin
 
 // benchRegisterProto registers a destination whose app listens on appPort,
 // with the given protocol, and starts its sidecar on one thread.
-func benchRegisterProto(b *testing.B, m *mesh, id, name string, appPort int, proto string) *instance {
+func benchRegisterProto(b *testing.B, m *mesh, id, name string, appPort int, proto string, args ...string) *instance {
 	in := &instance{id: id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
 	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
 		ID: id, Name: name, Address: "127.0.0.1", Port: appPort,
@@ -200,8 +200,8 @@ func benchRegisterProto(b *testing.B, m *mesh, id, name string, appPort int, pro
 	if err != nil {
 		b.Fatal(err)
 	}
-	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), "sidecar",
-		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1")
+	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
+		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1"}, args...)...)
 	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
 	return in
 }
