@@ -65,6 +65,23 @@ func BenchmarkMesh(b *testing.B) {
 		{name: "6 haconnect two hops, protocol tcp", addr: fmt.Sprintf("127.0.0.1:%d", twebIn.upstream["tapi"]),
 			pids: append(append(haproxyPids(b, twebIn), twebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, tapiIn), tapiIn.sidecar.Cmd.Process.Pid)...)},
 	}
+	// Every path must answer before it is measured: a new upstream instance
+	// enters HAProxy's pool once its first health check passes.
+	for _, sc := range scenarios {
+		client := &http.Client{Timeout: 2 * time.Second}
+		scheme := "http"
+		if sc.tls {
+			client.Transport, scheme = &http.Transport{TLSClientConfig: tlsCfg}, "https"
+		}
+		harness.WaitFor(b, 30*time.Second, sc.name+" answering 200", func() bool {
+			resp, err := client.Get(scheme + "://" + sc.addr + "/")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == 200
+		})
+	}
 	for _, sc := range scenarios {
 		sc.rounds, sc.cpu = map[string][]loadgen.Result{}, map[string][]float64{}
 		for _, pid := range sc.pids {
