@@ -323,9 +323,13 @@ func serverCommands(prev, next *render.Model) []string {
 				cmds = append(cmds, "set server "+id+" state maint")
 				continue
 			}
+			// Consul reports the instance passing: take it at its word
+			// ("health up") rather than wait for HAProxy's first check;
+			// HAProxy's own checks still take it out if it fails.
 			cmds = append(cmds,
 				fmt.Sprintf("set server %s addr %s port %d", id, srv.Addr, srv.Port),
-				"set server "+id+" state ready")
+				"set server "+id+" state ready",
+				"set server "+id+" health up")
 		}
 	}
 	return cmds
