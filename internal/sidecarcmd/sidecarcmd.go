@@ -8,19 +8,15 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/logging"
+	"github.com/haconnect/haconnect/internal/promserve"
 	"github.com/haconnect/haconnect/plugin/sidecar"
 )
 
@@ -92,20 +88,16 @@ func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
 	} else if c.Dir, err = filepath.Abs(c.Dir); err != nil {
 		return nil, err
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := promserve.NewRegistry()
 	c.Logger, c.Registerer = log, reg
 	if o.MetricsListen != "" {
-		l, err := net.Listen("tcp", o.MetricsListen)
+		ms, err := promserve.Listen(o.MetricsListen)
 		if err != nil {
 			p.Close()
 			return nil, fmt.Errorf("-metrics-listen: %w", err)
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = hs.Serve(l) }()
-		p.cleanup = append(p.cleanup, func() { hs.Close() })
+		ms.Serve(reg)
+		p.cleanup = append(p.cleanup, func() { ms.Close() })
 	}
 	p.Config = c
 	return p, nil

@@ -8,16 +8,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/logging"
+	"github.com/haconnect/haconnect/internal/promserve"
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
 )
@@ -83,8 +78,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := promserve.NewRegistry()
 
 	az, err := authz.New(authz.Config{
 		Consul:      consulCfg,
@@ -109,9 +103,9 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
-	var ml net.Listener
+	var ms *promserve.Server
 	if o.MetricsListen != "" {
-		if ml, err = net.Listen("tcp", o.MetricsListen); err != nil {
+		if ms, err = promserve.Listen(o.MetricsListen); err != nil {
 			l.Close()
 			return fmt.Errorf("-metrics-listen: %w", err)
 		}
@@ -124,13 +118,10 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 		targets = append(targets, o.Target)
 	}
 	az.Start(ctx, targets...)
-	if ml != nil {
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = hs.Serve(ml) }()
-		defer hs.Close()
-		log.Info("serving metrics", "addr", ml.Addr().String())
+	if ms != nil {
+		ms.Serve(reg)
+		defer ms.Close()
+		log.Info("serving metrics", "addr", ms.Addr())
 	}
 	log.Info("serving SPOP", "addr", l.Addr().String(), "target", o.Target,
 		"consul", consulCfg.Address, "stale_window", o.StaleWindow, "ttl", o.TTL)
