@@ -23,6 +23,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/plugin/haproxy"
 )
 
 // mesh is a Consul agent with services registered the way Consul users do
@@ -391,14 +392,9 @@ func TestSidecarTCP(t *testing.T) {
 // workerPid asks in's HAProxy for its worker's pid.
 func workerPid(t testing.TB, in *instance) int {
 	t.Helper()
-	pid := 0
-	for _, line := range strings.Split(in.adminTB(t, "show info"), "\n") {
-		if v, ok := strings.CutPrefix(line, "Pid: "); ok {
-			fmt.Sscan(v, &pid)
-		}
-	}
-	if pid == 0 {
-		t.Fatal("no worker pid in show info")
+	pid, err := haproxy.NewAdmin(filepath.Join(in.dir, "admin.sock")).WorkerPid()
+	if err != nil || pid == 0 {
+		t.Fatalf("no worker pid from the admin socket: %d %v", pid, err)
 	}
 	return pid
 }

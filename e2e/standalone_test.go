@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -417,5 +416,4 @@ func TestSPOACommandLine(t *testing.T) {
 			t.Errorf("%v: exit %d, output %q; want exit %d mentioning %q", tc.args, code, p.Output(), tc.code, tc.want)
 		}
 	}
-	_ = strconv.Itoa
 }

@@ -3,6 +3,7 @@ package render
 import (
 	"bytes"
 	_ "embed"
+	"strconv"
 	"strings"
 	"text/template"
 )
@@ -72,15 +73,7 @@ func execute(t *template.Template, m *Model, shape bool) (string, error) {
 }
 
 // ServerName is the configuration name of an upstream's slot.
-func ServerName(i int) string { return "s" + itoa(i+1) }
+func ServerName(i int) string { return "s" + strconv.Itoa(i+1) }
 
 // BackendName is the backend of an upstream.
 func BackendName(upstream string) string { return "upstream_" + upstream }
-
-func itoa(i int) string {
-	const digits = "0123456789"
-	if i < 10 {
-		return digits[i : i+1]
-	}
-	return itoa(i/10) + digits[i%10:i%10+1]
-}
