@@ -221,7 +221,7 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 	switch {
 	case s.proc == nil:
 		method = "start"
-		if err := s.writeFiles(leaf, roots, out.SPOE); err != nil {
+		if err := s.writeFiles(appliedState{}, leaf, roots, out.SPOE); err != nil {
 			return err
 		}
 		proc, err := s.cfg.Launcher.Start(ctx, haproxy.Config{Binary: s.cfg.HAProxyBinary, Dir: s.cfg.Dir,
@@ -251,7 +251,7 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 		// new addresses passed Model.Validate), so it skips `haproxy -c`,
 		// which costs tens of milliseconds; every reload and start still
 		// validates the whole file.
-		if err := s.writeChanged(prev, leaf, roots, out.SPOE); err != nil {
+		if err := s.writeFiles(prev, leaf, roots, out.SPOE); err != nil {
 			return err
 		}
 		if !reload {
@@ -281,26 +281,22 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 	return nil
 }
 
-// writeChanged writes the files whose content differs from what was
-// applied last.
-func (s *Sidecar) writeChanged(prev appliedState, leaf, roots, spoe string) error {
-	for _, f := range []struct{ name, data, old string }{
-		{"leaf.pem", leaf, prev.leafPEM}, {"roots.pem", roots, prev.rootsPEM}, {"spoe.conf", spoe, prev.out.SPOE},
-	} {
-		if f.data == f.old {
+// writeFiles writes the files whose content differs from what was applied
+// last; with nothing applied yet (a start) it writes them all, the Lua
+// script included.
+func (s *Sidecar) writeFiles(prev appliedState, leaf, roots, spoe string) error {
+	type file struct{ name, data, old string }
+	start := prev.out == nil
+	files := []file{{"leaf.pem", leaf, prev.leafPEM}, {"roots.pem", roots, prev.rootsPEM}}
+	if start {
+		files = append(files, file{"spoe.conf", spoe, ""}, file{"haconnect.lua", string(lua.Telemetry), ""})
+	} else {
+		files = append(files, file{"spoe.conf", spoe, prev.out.SPOE})
+	}
+	for _, f := range files {
+		if !start && f.data == f.old {
 			continue
 		}
-		if err := haproxy.WriteFileAtomic(s.path(f.name), []byte(f.data), 0o600); err != nil {
-			return fmt.Errorf("write %s: %w", f.name, err)
-		}
-	}
-	return nil
-}
-
-func (s *Sidecar) writeFiles(leaf, roots, spoe string) error {
-	for _, f := range []struct{ name, data string }{
-		{"leaf.pem", leaf}, {"roots.pem", roots}, {"spoe.conf", spoe}, {"haconnect.lua", string(lua.Telemetry)},
-	} {
 		if err := haproxy.WriteFileAtomic(s.path(f.name), []byte(f.data), 0o600); err != nil {
 			return fmt.Errorf("write %s: %w", f.name, err)
 		}
