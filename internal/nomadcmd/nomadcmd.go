@@ -13,6 +13,7 @@ import (
 
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/filters"
+	"github.com/docker/docker/client"
 	nomadapi "github.com/hashicorp/nomad/api"
 
 	"github.com/haconnect/haconnect/internal/sidecarcmd"
@@ -163,9 +164,7 @@ func isTransient(err error) bool {
 
 // ownContainer finds the container the hook itself runs in, by the labels
 // Nomad's docker driver puts on task containers.
-func ownContainer(ctx context.Context, cli interface {
-	ContainerList(context.Context, container.ListOptions) ([]container.Summary, error)
-}, env nomad.Env) (string, error) {
+func ownContainer(ctx context.Context, cli *client.Client, env nomad.Env) (string, error) {
 	if env.Task == "" {
 		return "", nil
 	}

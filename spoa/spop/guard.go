@@ -101,11 +101,7 @@ func (g *Guard) next() error {
 		if errors.Is(err, io.EOF) {
 			return io.EOF
 		}
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() && !g.gotHello {
-			return g.fail(reject(RejectHelloTimeout, "no HELLO within %s", g.limits.HelloTimeout))
-		}
-		return err
+		return g.readError(err)
 	}
 	size := binary.BigEndian.Uint32(hdr[:])
 	if size < minFrameLen || size > uint32(g.limits.MaxFrameSize) {
@@ -117,14 +113,10 @@ func (g *Guard) next() error {
 	g.frame = g.frame[:int(size)+4]
 	copy(g.frame, hdr[:])
 	if _, err := io.ReadFull(g.r, g.frame[4:]); err != nil {
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() && !g.gotHello {
-			return g.fail(reject(RejectHelloTimeout, "no HELLO within %s", g.limits.HelloTimeout))
-		}
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return g.fail(reject(RejectFrameLength, "connection closed inside a frame"))
 		}
-		return err
+		return g.readError(err)
 	}
 	f, err := ParseFrame(g.frame[4:], false)
 	if err != nil {
@@ -148,6 +140,16 @@ func (g *Guard) next() error {
 	}
 	g.pending = g.frame
 	return nil
+}
+
+// readError reports a timeout before HELLO as a rejection; other read
+// errors pass through.
+func (g *Guard) readError(err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && !g.gotHello {
+		return g.fail(reject(RejectHelloTimeout, "no HELLO within %s", g.limits.HelloTimeout))
+	}
+	return err
 }
 
 func (g *Guard) fail(err error) error {
