@@ -36,7 +36,7 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error
 			// leaf) arrive before rendering.
 			time.Sleep(2 * time.Millisecond)
 		}
-		snap := s.snapshot(ctx)
+		snap := s.snapshot()
 		if len(snap.missing) > 0 {
 			if w := strings.Join(snap.missing, ", "); w != waitingLogged {
 				s.log.Info("waiting for Consul before configuring HAProxy", "missing", w)

@@ -159,6 +159,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	runCtx := ctx // upstream watches live as long as the sidecar
 
 	go s.watch(ctx, "proxy registration "+proxyID, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
 		svc, meta, err := s.client.Agent().Service(proxyID, q.WithContext(ctx))
@@ -166,7 +167,12 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			return blockingResult{}, err
 		}
 		reg, rerr := readRegistration(svc)
-		s.update(func() { s.reg, s.regErr = reg, rerr })
+		s.update(func() {
+			s.reg, s.regErr = reg, rerr
+			if reg != nil {
+				s.syncUpstreamWatchesLocked(runCtx, reg)
+			}
+		})
 		if rerr != nil {
 			s.log.Error("proxy registration rejected: keeping the running configuration", "proxy_id", proxyID, "error", rerr)
 			s.metrics.configErrors.Inc()
@@ -331,14 +337,13 @@ type snapshot struct {
 	missing   []string
 }
 
-func (s *Sidecar) snapshot(ctx context.Context) snapshot {
+func (s *Sidecar) snapshot() snapshot {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	snap := snapshot{reg: s.reg, regErr: s.regErr, leaf: s.leaf, roots: s.roots,
 		endpoints: map[string][]endpoint{}, pendingAt: s.pendingAt}
 	s.pendingAt = time.Time{}
 	if snap.reg != nil {
-		s.syncUpstreamWatchesLocked(ctx, snap.reg)
 		for _, u := range snap.reg.Upstreams {
 			k := upstreamKey(u)
 			if !s.loaded[k] {
