@@ -364,11 +364,7 @@ func decisionCost(b *testing.B, m *mesh) (hit, miss cost) {
 		b.Fatal(err)
 	}
 	_, td := m.consul.RootsPEM(b)
-	ca := harness.NewForeignCA(b)
-	var certs [][]byte
-	for i := 0; i < 8; i++ {
-		certs = append(certs, ca.Issue(b, "spiffe://"+td+"/ns/default/dc/dc1/svc/web").TLS.Certificate[0])
-	}
+	certs := harness.ServiceCertificates(b, td, "web", 8)
 	// testing.Benchmark cannot run inside a benchmark (they share a lock),
 	// so this times a fixed second of calls itself.
 	measure := func(f func(i int)) cost {

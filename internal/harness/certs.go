@@ -166,3 +166,18 @@ func ClientTLS(leaf *Leaf, rootsPEM string) *tls.Config {
 	}
 	return cfg
 }
+
+// ServiceCertificates returns n distinct DER certificates that carry the
+// Consul SPIFFE ID of service in trustDomain, signed by a test CA. They
+// look like Consul's leaves to anything that does not verify the chain
+// (the authorizer leaves that to HAProxy), so benchmarks can present many
+// distinct callers.
+func ServiceCertificates(t testing.TB, trustDomain, service string, n int) [][]byte {
+	t.Helper()
+	ca := NewForeignCA(t)
+	out := make([][]byte, n)
+	for i := range out {
+		out[i] = ca.Issue(t, "spiffe://"+trustDomain+"/ns/default/dc/dc1/svc/"+service).TLS.Certificate[0]
+	}
+	return out
+}

@@ -161,11 +161,7 @@ func BenchmarkDecideCacheMiss(b *testing.B) {
 	c := harness.StartConsul(b)
 	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
 	_, td := c.RootsPEM(b)
-	ca := harness.NewForeignCA(b)
-	var certs [][]byte
-	for i := 0; i < 16; i++ {
-		certs = append(certs, derOf(b, ca.Issue(b, "spiffe://"+td+"/ns/default/dc/dc1/svc/web")))
-	}
+	certs := harness.ServiceCertificates(b, td, "web", 16)
 	a, err := authz.New(authz.Config{Consul: c.Config(), MaxEntries: 1})
 	if err != nil {
 		b.Fatal(err)
