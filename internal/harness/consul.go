@@ -2,7 +2,6 @@ package harness
 
 import (
 	"fmt"
-	"net/http"
 	"testing"
 	"time"
 
@@ -92,9 +91,4 @@ func (c *Consul) DeleteIntentions(t testing.TB, destination string) {
 	if _, err := c.Client.ConfigEntries().Delete(api.ServiceIntentions, destination, nil); err != nil {
 		t.Fatalf("delete intentions for %s: %v", destination, err)
 	}
-}
-
-// HTTPGet is a small helper to fetch a URL on the agent.
-func (c *Consul) HTTPGet(path string) (*http.Response, error) {
-	return http.Get("http://" + c.Addr + path)
 }

@@ -221,9 +221,6 @@ type Container struct {
 	stopping chan struct{}
 }
 
-// ID is the container's ID.
-func (c *Container) ID() string { return c.id }
-
 // watch closes done when the container stops running by itself.
 func (c *Container) watch() {
 	c.stopping = make(chan struct{})

@@ -188,9 +188,6 @@ func (p *Process) Done() <-chan struct{} { return p.done }
 // Err is the master's exit error, once Done is closed.
 func (p *Process) Err() error { return p.waitErr }
 
-// Pid is the master's process id.
-func (p *Process) Pid() int { return p.cmd.Process.Pid }
-
 // Reload validates text, installs it and makes the master start a new
 // worker with it. A rejected configuration leaves the running one in place
 // and is returned as the error.

@@ -118,7 +118,7 @@ func (g *Guard) next() error {
 		}
 		return g.readError(err)
 	}
-	f, err := ParseFrame(g.frame[4:], false)
+	f, err := ParseFrame(g.frame[4:])
 	if err != nil {
 		return g.fail(err)
 	}

@@ -189,35 +189,18 @@ func parseValue(buf []byte) (Value, int, bool) {
 	return v, 0, false
 }
 
-// Frame is a validated frame. Payload slices alias the buffer it was parsed
-// from.
+// Frame is the header of a validated frame.
 type Frame struct {
 	Type     byte
 	Flags    uint32
 	StreamID uint64
 	FrameID  uint64
-	// KV holds the key/values of HELLO and DISCONNECT frames.
-	KV map[string]Value
-	// Messages holds the messages of a NOTIFY frame.
-	Messages []Message
-}
-
-// Message is one SPOE message of a NOTIFY frame.
-type Message struct {
-	Name string
-	Args []Arg
-}
-
-// Arg is one named argument of a message.
-type Arg struct {
-	Name  string
-	Value Value
 }
 
 // ParseFrame validates one frame body (everything after the 4-byte length)
-// sent by HAProxy. With full false the messages of a NOTIFY frame are only
-// checked, not kept, which is what Guard needs on the hot path.
-func ParseFrame(body []byte, full bool) (*Frame, error) {
+// sent by HAProxy, with the grammar the agent library will apply to it. It
+// keeps nothing of the payload: the library does the decoding.
+func ParseFrame(body []byte) (*Frame, error) {
 	if len(body) < minFrameLen {
 		return nil, reject(RejectFrameLength, "frame of %d bytes is shorter than its header", len(body))
 	}
@@ -240,46 +223,39 @@ func ParseFrame(body []byte, full bool) (*Frame, error) {
 	}
 	switch f.Type {
 	case TypeHaproxyHello, TypeHaproxyDisconnect:
-		kv, err := parseKVList(rest)
-		if err != nil {
+		if err := checkKVList(rest); err != nil {
 			return nil, err
 		}
-		f.KV = kv
 	case TypeNotify:
-		msgs, err := parseMessages(rest, full)
-		if err != nil {
+		if err := checkMessages(rest); err != nil {
 			return nil, err
 		}
-		f.Messages = msgs
 	default:
 		return nil, reject(RejectFrameType, "frame type %#x is not sent by HAProxy", f.Type)
 	}
 	return f, nil
 }
 
-// parseKVList reads a HELLO/DISCONNECT payload. The agent library type-asserts
-// three keys (healthcheck: bool, max-frame-size: uint32, engine-id: string),
-// so a different kind there is refused.
-func parseKVList(buf []byte) (map[string]Value, error) {
-	kv := map[string]Value{}
+// checkKVList checks a HELLO/DISCONNECT payload. The agent library
+// type-asserts three keys (healthcheck: bool, max-frame-size: uint32,
+// engine-id: string), so a different kind there is refused.
+func checkKVList(buf []byte) error {
 	for len(buf) > 0 {
 		name, n, ok := parseString(buf)
 		if !ok {
-			return nil, reject(RejectMalformed, "bad key name")
+			return reject(RejectMalformed, "bad key name")
 		}
 		buf = buf[n:]
 		v, n, ok := parseValue(buf)
 		if !ok {
-			return nil, reject(RejectMalformed, "bad value for key %q", truncate(name))
+			return reject(RejectMalformed, "bad value for key %q", truncate(name))
 		}
 		buf = buf[n:]
-		want, typed := helloKinds[string(name)]
-		if typed && v.Kind != want {
-			return nil, reject(RejectBadHello, "key %q has kind %d, want %d", name, v.Kind, want)
+		if want, typed := helloKinds[string(name)]; typed && v.Kind != want {
+			return reject(RejectBadHello, "key %q has kind %d, want %d", name, v.Kind, want)
 		}
-		kv[string(name)] = v
 	}
-	return kv, nil
+	return nil
 }
 
 var helloKinds = map[string]byte{
@@ -288,43 +264,34 @@ var helloKinds = map[string]byte{
 	"engine-id":      DataString,
 }
 
-func parseMessages(buf []byte, keep bool) ([]Message, error) {
-	var msgs []Message
+// checkMessages checks a NOTIFY payload: messages, each a name, an
+// argument count and that many named typed values.
+func checkMessages(buf []byte) error {
 	for len(buf) > 0 {
 		name, n, ok := parseString(buf)
 		if !ok {
-			return nil, reject(RejectMalformed, "bad message name")
+			return reject(RejectMalformed, "bad message name")
 		}
 		buf = buf[n:]
 		if len(buf) == 0 {
-			return nil, reject(RejectMalformed, "message %q has no argument count", truncate(name))
+			return reject(RejectMalformed, "message %q has no argument count", truncate(name))
 		}
 		nbArgs := int(buf[0])
 		buf = buf[1:]
-		var m Message
-		if keep {
-			m = Message{Name: string(name), Args: make([]Arg, 0, nbArgs)}
-		}
 		for i := 0; i < nbArgs; i++ {
 			argName, n, ok := parseString(buf)
 			if !ok {
-				return nil, reject(RejectMalformed, "bad argument name in message %q", truncate(name))
+				return reject(RejectMalformed, "bad argument name in message %q", truncate(name))
 			}
 			buf = buf[n:]
-			v, n, ok := parseValue(buf)
+			_, n, ok = parseValue(buf)
 			if !ok {
-				return nil, reject(RejectMalformed, "bad value for argument %q", truncate(argName))
+				return reject(RejectMalformed, "bad value for argument %q", truncate(argName))
 			}
 			buf = buf[n:]
-			if keep {
-				m.Args = append(m.Args, Arg{Name: string(argName), Value: v})
-			}
-		}
-		if keep {
-			msgs = append(msgs, m)
 		}
 	}
-	return msgs, nil
+	return nil
 }
 
 func truncate(b []byte) string {
