@@ -268,31 +268,29 @@ func (c *Container) Command(cmd string) (string, error) { return c.admin.Command
 func (c *Container) Reload(ctx context.Context, text string) error {
 	c.reloadMu.Lock()
 	defer c.reloadMu.Unlock()
+	pid, err := haproxy.HitlessReload(ctx, c.admin, c.cfg.ConfigPath(), text, c.done, c.validate,
+		func() error { return c.l.Client.ContainerKill(ctx, c.id, "USR2") })
+	if err != nil {
+		return err
+	}
+	c.log.Info("haproxy container reloaded", "id", short(c.id), "worker_pid", pid)
+	return nil
+}
+
+// validate runs the container's own `haproxy -c` on text.
+func (c *Container) validate(ctx context.Context, text string) error {
 	check := filepath.Join(c.cfg.Dir, ".haproxy-check.cfg")
 	if err := haproxy.WriteFileAtomic(check, []byte(text), 0o600); err != nil {
 		return err
 	}
 	defer os.Remove(check)
-	if out, code, err := c.exec(ctx, "haproxy", "-c", "-q", "-f", check); err != nil {
+	out, code, err := c.exec(ctx, "haproxy", "-c", "-q", "-f", check)
+	if err != nil {
 		return err
-	} else if code != 0 {
+	}
+	if code != 0 {
 		return fmt.Errorf("haproxy -c: exit %d: %s", code, strings.TrimSpace(out))
 	}
-	oldPid, err := c.admin.WorkerPid()
-	if err != nil {
-		return fmt.Errorf("admin socket before reload: %w", err)
-	}
-	if err := haproxy.WriteFileAtomic(c.cfg.ConfigPath(), []byte(text), 0o600); err != nil {
-		return err
-	}
-	if err := c.l.Client.ContainerKill(ctx, c.id, "USR2"); err != nil {
-		return fmt.Errorf("signal reload: %w", err)
-	}
-	pid, err := c.admin.WaitWorker(ctx, oldPid, c.done)
-	if err != nil {
-		return err
-	}
-	c.log.Info("haproxy container reloaded", "id", short(c.id), "worker_pid", pid)
 	return nil
 }
 

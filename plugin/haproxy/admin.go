@@ -16,7 +16,7 @@ import (
 // Admin speaks HAProxy's runtime API on a stats socket (level admin).
 type Admin struct {
 	socket string
-	mu     sync.Mutex // serialises reloads and runtime commands
+	mu     sync.Mutex // one command at a time
 }
 
 // NewAdmin returns a client for the socket at path.
@@ -62,13 +62,7 @@ func (a *Admin) command(c string) (string, error) {
 
 // WorkerPid is the pid of the worker answering on the socket.
 func (a *Admin) WorkerPid() (int, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.workerPidLocked()
-}
-
-func (a *Admin) workerPidLocked() (int, error) {
-	out, err := a.command("show info")
+	out, err := a.Command("show info")
 	if err != nil {
 		return 0, err
 	}
@@ -78,12 +72,6 @@ func (a *Admin) workerPidLocked() (int, error) {
 // WaitWorker waits until a worker other than oldPid answers, or gone is
 // closed (HAProxy ended), and returns its pid.
 func (a *Admin) WaitWorker(ctx context.Context, oldPid int, gone <-chan struct{}) (int, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.waitWorkerLocked(ctx, oldPid, gone)
-}
-
-func (a *Admin) waitWorkerLocked(ctx context.Context, oldPid int, gone <-chan struct{}) (int, error) {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		select {
@@ -93,16 +81,34 @@ func (a *Admin) waitWorkerLocked(ctx context.Context, oldPid int, gone <-chan st
 			return 0, ctx.Err()
 		default:
 		}
-		if out, err := a.command("show info"); err == nil {
-			if pid := infoField(out, "Pid"); pid != 0 && pid != oldPid {
-				return pid, nil
-			}
+		if pid, err := a.WorkerPid(); err == nil && pid != 0 && pid != oldPid {
+			return pid, nil
 		}
 		if time.Now().After(deadline) {
 			return 0, errors.New("no new haproxy worker answered on the admin socket within 15s")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// HitlessReload is the reload sequence wherever HAProxy runs: validate the
+// new text, install it, signal the master, and wait for a new worker.
+func HitlessReload(ctx context.Context, a *Admin, configPath, text string, gone <-chan struct{},
+	validate func(ctx context.Context, text string) error, signal func() error) (int, error) {
+	if err := validate(ctx, text); err != nil {
+		return 0, err
+	}
+	oldPid, err := a.WorkerPid()
+	if err != nil {
+		return 0, fmt.Errorf("admin socket before reload: %w", err)
+	}
+	if err := WriteFileAtomic(configPath, []byte(text), 0o600); err != nil {
+		return 0, err
+	}
+	if err := signal(); err != nil {
+		return 0, fmt.Errorf("signal reload: %w", err)
+	}
+	return a.WaitWorker(ctx, oldPid, gone)
 }
 
 func infoField(out, name string) int {

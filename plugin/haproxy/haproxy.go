@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -68,12 +69,13 @@ func (Exec) Start(ctx context.Context, cfg Config, text string) (Instance, error
 
 // Process is a running HAProxy master with its worker.
 type Process struct {
-	cfg     Config
-	cmd     *exec.Cmd
-	done    chan struct{}
-	waitErr error
-	admin   *Admin
-	workers int // reloads done, for logs
+	cfg      Config
+	cmd      *exec.Cmd
+	done     chan struct{}
+	waitErr  error
+	admin    *Admin
+	reloadMu sync.Mutex
+	workers  int // reloads done, for logs
 }
 
 // BinaryPath finds haproxy.
@@ -192,22 +194,11 @@ func (p *Process) Err() error { return p.waitErr }
 // worker with it. A rejected configuration leaves the running one in place
 // and is returned as the error.
 func (p *Process) Reload(ctx context.Context, text string) error {
-	p.admin.mu.Lock()
-	defer p.admin.mu.Unlock()
-	if err := Validate(ctx, p.cfg.Binary, text, p.cfg.Dir); err != nil {
-		return err
-	}
-	oldPid, err := p.admin.workerPidLocked()
-	if err != nil {
-		return fmt.Errorf("admin socket before reload: %w", err)
-	}
-	if err := WriteFileAtomic(p.cfg.ConfigPath(), []byte(text), 0o600); err != nil {
-		return err
-	}
-	if err := p.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
-		return fmt.Errorf("signal reload: %w", err)
-	}
-	pid, err := p.admin.waitWorkerLocked(ctx, oldPid, p.done)
+	p.reloadMu.Lock()
+	defer p.reloadMu.Unlock()
+	pid, err := HitlessReload(ctx, p.admin, p.cfg.ConfigPath(), text, p.done,
+		func(ctx context.Context, text string) error { return Validate(ctx, p.cfg.Binary, text, p.cfg.Dir) },
+		func() error { return p.cmd.Process.Signal(syscall.SIGUSR2) })
 	if err != nil {
 		return err
 	}
