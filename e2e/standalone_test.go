@@ -26,6 +26,7 @@ import (
 // standalone is the documented "SPOA next to an existing HAProxy" setup
 // (examples/standalone), with its paths and ports moved to the test's.
 type standalone struct {
+	haproxy  *harness.HAProxy
 	consul   *harness.Consul
 	cutter   *harness.Cutter // between the SPOA and Consul
 	dir      string
@@ -72,7 +73,7 @@ func startStandalone(t *testing.T, staleWindow time.Duration, extraCAs ...string
 	s.spoaArgs = []string{"-listen", s.spoaAddr, "-target", "api", "-consul-addr", s.cutter.Addr,
 		"-metrics-listen", s.metrics, "-stale-window", staleWindow.String(), "-ttl", "300ms", "-log-level", "debug"}
 	s.startSPOA(t)
-	harness.StartHAProxy(t, s.dir, cfg, s.inbound)
+	s.haproxy = harness.StartHAProxy(t, s.dir, cfg, s.inbound)
 	return s
 }
 
@@ -133,19 +134,31 @@ func (s *standalone) dialKeepAlive(t *testing.T, caller string) *keepAlive {
 
 func (k *keepAlive) get(t *testing.T) int {
 	t.Helper()
-	if _, err := io.WriteString(k.conn, "GET / HTTP/1.1\r\nHost: api\r\n\r\n"); err != nil {
+	code, _ := k.do(t, "GET", "/")
+	return code
+}
+
+// do sends one request on the connection; headers are "Name: value" lines,
+// sent as given (a name may repeat).
+func (k *keepAlive) do(t *testing.T, method, path string, headers ...string) (int, string) {
+	t.Helper()
+	req := method + " " + path + " HTTP/1.1\r\nHost: api\r\n"
+	for _, h := range headers {
+		req += h + "\r\n"
+	}
+	if _, err := io.WriteString(k.conn, req+"\r\n"); err != nil {
 		t.Fatalf("keep-alive write: %v", err)
 	}
-	resp, err := http.ReadResponse(k.r, nil)
+	resp, err := http.ReadResponse(k.r, &http.Request{Method: method})
 	if err != nil {
 		t.Fatalf("keep-alive read: %v", err)
 	}
-	_, _ = io.Copy(io.Discard, resp.Body)
+	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.Close {
 		t.Fatalf("HAProxy closed the keep-alive connection")
 	}
-	return resp.StatusCode
+	return resp.StatusCode, string(body)
 }
 
 func (s *standalone) metric(t *testing.T, name string, labels map[string]string) float64 {

@@ -1,6 +1,7 @@
 // Package spoa is haconnect's SPOE agent: HAProxy sends it the client
 // certificate of each inbound mTLS connection (message "haconnect-authz",
-// args cert=ssl_c_der and optionally target=<destination>), and it answers
+// args cert=ssl_c_der and optionally target=<destination> and
+// protocol=<the listener's mode, http or tcp>), and it answers
 // with session variables HAProxy's rules act on:
 //
 //	<prefix>.auth    bool    the caller may proceed
@@ -8,6 +9,16 @@
 //	<prefix>.spiffe  string  the caller's SPIFFE ID
 //	<prefix>.reason  string  why (see authz.Reason)
 //	<prefix>.ttl_ms  int     how long HAProxy may reuse the answer on this connection
+//	<prefix>.l7      int     0: the answer is final; 1: send each request's method
+//	                         and path (message "haconnect-l7"); 2: its headers too
+//	                         (message "haconnect-l7-headers")
+//
+// The per-request messages carry cert, target, method, path (pathq) and, for
+// the second, headers (req.hdrs_bin); they are answered with transaction
+// variables:
+//
+//	<prefix>.l7_auth    bool    the request may proceed
+//	<prefix>.l7_reason  string  why (see authz.Reason)
 //
 // The wire protocol is spoken by github.com/negasus/haproxy-spoe-go behind
 // spop.Guard, which keeps malformed input away from it.
@@ -21,11 +32,13 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/negasus/haproxy-spoe-go/action"
 	spoe "github.com/negasus/haproxy-spoe-go/agent"
+	"github.com/negasus/haproxy-spoe-go/message"
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/netutil"
@@ -36,15 +49,37 @@ import (
 
 // The SPOE contract; see the README's "SPOA standalone" section.
 const (
-	MessageName = "haconnect-authz"
-	ArgCert     = "cert"
-	ArgTarget   = "target"
+	MessageName          = "haconnect-authz"
+	MessageL7            = "haconnect-l7"
+	MessageL7WithHeaders = "haconnect-l7-headers"
+	ArgCert              = "cert"
+	ArgTarget            = "target"
+	ArgProtocol          = "protocol"
+	ArgMethod            = "method"
+	ArgPath              = "path"
+	ArgHeaders           = "headers"
 
-	VarAuth   = "auth"
-	VarSource = "source"
-	VarSPIFFE = "spiffe"
-	VarReason = "reason"
-	VarTTL    = "ttl_ms"
+	VarAuth     = "auth"
+	VarSource   = "source"
+	VarSPIFFE   = "spiffe"
+	VarReason   = "reason"
+	VarTTL      = "ttl_ms"
+	VarL7       = "l7"
+	VarL7Auth   = "l7_auth"
+	VarL7Reason = "l7_reason"
+)
+
+// boxedReasons and boxedModes hold the values HAProxy receives, converted
+// to `any` once: boxing allocates.
+var (
+	boxedReasons = func() map[authz.Reason]any {
+		m := map[authz.Reason]any{}
+		for _, r := range authz.Reasons() {
+			m[r] = r.String()
+		}
+		return m
+	}()
+	boxedModes = [3]any{0, 1, 2}
 )
 
 // Decider makes authorization decisions; *authz.Authorizer is the real one.
@@ -76,6 +111,10 @@ type Server struct {
 	ttl      any // boxed once: the library takes values as `any`
 	rejected *prometheus.CounterVec
 	panics   prometheus.Counter
+	// tcpL7 counts callers refused because their intention carries HTTP
+	// permissions but the listener speaks TCP: a misconfiguration.
+	tcpL7      *prometheus.CounterVec
+	tcpL7Noted sync.Map // target -> *atomic.Int64, unix seconds of the last log line
 }
 
 // NewServer validates cfg and creates a Server.
@@ -104,13 +143,16 @@ func NewServer(cfg Config) (*Server, error) {
 			Namespace: "haconnect", Subsystem: "spoa", Name: "handler_panics_total",
 			Help: "Messages whose handling panicked (the caller was denied).",
 		}),
+		tcpL7: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "l7_on_tcp_listener_total",
+			Help: "Connections refused because the caller's intention has HTTP permissions but the listener is TCP (a misconfiguration).",
+		}, []string{"destination"}),
 	}
 	if cfg.Registerer != nil {
-		if err := cfg.Registerer.Register(s.rejected); err != nil {
-			return nil, err
-		}
-		if err := cfg.Registerer.Register(s.panics); err != nil {
-			return nil, err
+		for _, c := range []prometheus.Collector{s.rejected, s.panics, s.tcpL7} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return s, nil
@@ -155,28 +197,95 @@ func (s *Server) Handle(req *request.Request) {
 			s.log.Error("panic while handling a message: caller denied", "panic", fmt.Sprint(r))
 		}
 	}()
-	msg, err := req.Messages.GetByName(MessageName)
-	if err != nil {
+	if msg, err := req.Messages.GetByName(MessageName); err == nil {
+		s.handleConnection(req, msg)
 		return
 	}
-	target := s.cfg.Target
-	if v, ok := msg.KV.Get(ArgTarget); ok {
-		if t, ok := v.(string); ok && t != "" {
-			target = t
+	if msg, err := req.Messages.GetByName(MessageL7); err == nil {
+		s.handleRequest(req, msg, false)
+		return
+	}
+	if msg, err := req.Messages.GetByName(MessageL7WithHeaders); err == nil {
+		s.handleRequest(req, msg, true)
+	}
+}
+
+// handleConnection answers the connection-level check.
+func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
+	target, d := s.decide(msg)
+	if d.L7 != nil && stringArg(msg, ArgProtocol) == "tcp" {
+		d = s.l7OnTCP(target, d)
+	}
+	req.Actions.SetVar(action.ScopeSession, VarAuth, d.Allow)
+	req.Actions.SetVar(action.ScopeSession, VarReason, d.Boxed.Reason)
+	req.Actions.SetVar(action.ScopeSession, VarTTL, s.ttl)
+	req.Actions.SetVar(action.ScopeSession, VarL7, boxedModes[d.L7Mode()])
+	if d.Source != "" {
+		req.Actions.SetVar(action.ScopeSession, VarSource, d.Boxed.Source)
+		req.Actions.SetVar(action.ScopeSession, VarSPIFFE, d.Boxed.SPIFFE)
+	}
+}
+
+// handleRequest answers the check of one HTTP request against the caller's
+// L7 intention. The connection-level decision is taken again (from the
+// cache), so a change of intention reaches the next request.
+func (s *Server) handleRequest(req *request.Request, msg *message.Message, withHeaders bool) {
+	allow, reason := s.checkRequest(msg, withHeaders)
+	req.Actions.SetVar(action.ScopeTransaction, VarL7Auth, allow)
+	req.Actions.SetVar(action.ScopeTransaction, VarL7Reason, boxedReasons[reason])
+}
+
+func (s *Server) checkRequest(msg *message.Message, withHeaders bool) (bool, authz.Reason) {
+	_, d := s.decide(msg)
+	r := authz.Request{Method: stringArg(msg, ArgMethod), Path: stringArg(msg, ArgPath)}
+	if r.Method == "" || r.Path == "" {
+		return false, authz.ReasonL7BadRequest
+	}
+	if withHeaders {
+		v, _ := msg.KV.Get(ArgHeaders)
+		block, _ := v.([]byte)
+		if err := spop.HeaderBlock(block).Validate(); err != nil {
+			s.log.Warn("denied: unreadable request headers", "error", err)
+			return false, authz.ReasonL7BadRequest
 		}
+		r.Headers = spop.HeaderBlock(block)
+	}
+	return d.CheckRequest(&r)
+}
+
+func (s *Server) decide(msg *message.Message) (string, *authz.Decision) {
+	target := s.cfg.Target
+	if t := stringArg(msg, ArgTarget); t != "" {
+		target = t
 	}
 	var der []byte
 	if v, ok := msg.KV.Get(ArgCert); ok {
 		der, _ = v.([]byte)
 	}
-	d := s.cfg.Decider.Decide(target, der)
-	req.Actions.SetVar(action.ScopeSession, VarAuth, d.Allow)
-	req.Actions.SetVar(action.ScopeSession, VarReason, d.Boxed.Reason)
-	req.Actions.SetVar(action.ScopeSession, VarTTL, s.ttl)
-	if d.Source != "" {
-		req.Actions.SetVar(action.ScopeSession, VarSource, d.Boxed.Source)
-		req.Actions.SetVar(action.ScopeSession, VarSPIFFE, d.Boxed.SPIFFE)
+	return target, s.cfg.Decider.Decide(target, der)
+}
+
+// l7OnTCP refuses a caller whose intention carries HTTP permissions on a
+// listener that speaks TCP, where no request can be checked. Consul says the
+// destination speaks HTTP (it refuses permissions otherwise), so the
+// listener's own configuration disagrees with Consul: say so, at most once
+// a minute per destination.
+func (s *Server) l7OnTCP(target string, d *authz.Decision) *authz.Decision {
+	s.tcpL7.WithLabelValues(target).Inc()
+	v, _ := s.tcpL7Noted.LoadOrStore(target, new(atomic.Int64))
+	last, now := v.(*atomic.Int64), time.Now().Unix()
+	if prev := last.Load(); now-prev >= 60 && last.CompareAndSwap(prev, now) {
+		s.log.Error("misconfiguration: the caller's intention has HTTP permissions but this listener speaks TCP; "+
+			"denied (set the proxy's protocol to http, or remove the permissions)",
+			"target", target, "spiffe", d.SPIFFE)
 	}
+	return authz.Deny(authz.ReasonL7NotHTTP)
+}
+
+func stringArg(msg *message.Message, name string) string {
+	v, _ := msg.KV.Get(name)
+	str, _ := v.(string)
+	return str
 }
 
 // Listen opens a listener for an address written as host:port (TCP),

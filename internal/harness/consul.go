@@ -92,3 +92,13 @@ func (c *Consul) DeleteIntentions(t testing.TB, destination string) {
 		t.Fatalf("delete intentions for %s: %v", destination, err)
 	}
 }
+
+// SetProtocol writes the service-defaults of service with the given
+// protocol (http, tcp, ...).
+func (c *Consul) SetProtocol(t testing.TB, service, protocol string) {
+	t.Helper()
+	entry := &api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: service, Protocol: protocol}
+	if ok, _, err := c.Client.ConfigEntries().Set(entry, nil); err != nil || !ok {
+		t.Fatalf("set service-defaults for %s: ok=%v err=%v", service, ok, err)
+	}
+}

@@ -26,6 +26,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // Config configures an Authorizer.
@@ -118,14 +120,24 @@ type Authorizer struct {
 // target is the state kept for one destination service.
 type target struct {
 	name   string
-	health health
+	health health // the intentions watch
+	chain  health // the protocol watch
 
-	mu         sync.RWMutex
-	gen        uint64            // bumped on every intention change
-	intentions []*api.Intention  // precedence order, as Consul returns them
-	entries    map[string]*entry // by certificate DER
+	mu      sync.RWMutex
+	gen     uint64            // bumped on every change of rules
+	rules   *ruleSet          // never nil; replaced, not modified
+	entries map[string]*entry // by certificate DER
 
 	defaultPolicy atomic.Pointer[defaultPolicy]
+}
+
+// ruleSet is what decides for one destination.
+type ruleSet struct {
+	intentions []*api.Intention // precedence order, as Consul returns them
+	perms      []*Permissions   // compiled, by intention; nil for L4 intentions
+	// protocol is the destination's protocol from its discovery chain
+	// (service-defaults, then proxy-defaults, then tcp).
+	protocol string
 }
 
 type entry struct {
@@ -279,7 +291,7 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 
 // miss decides for a caller that is not cached. It needs a healthy Consul.
 func (a *Authorizer) miss(t *target, der []byte) *Decision {
-	if !a.waitLoaded(&a.roots) || !a.waitLoaded(&t.health) {
+	if !a.waitLoaded(&a.roots) || !a.waitLoaded(&t.health) || !a.waitLoaded(&t.chain) {
 		return Deny(ReasonConsulUnavailable)
 	}
 	if !a.consul.reachable() {
@@ -297,9 +309,9 @@ func (a *Authorizer) miss(t *target, der []byte) *Decision {
 	}
 
 	t.mu.RLock()
-	gen, list := t.gen, t.intentions
+	gen, rules := t.gen, t.rules
 	t.mu.RUnlock()
-	d, cacheable := a.evaluate(t, list, &id)
+	d, cacheable := a.evaluate(t, rules, &id)
 	if !cacheable {
 		return d
 	}
@@ -331,16 +343,17 @@ func (a *Authorizer) waitLoaded(h *health) bool {
 	}
 }
 
-// evaluate applies the intentions (in precedence order) to the caller. The
-// boolean says whether the decision may be cached.
-func (a *Authorizer) evaluate(t *target, list []*api.Intention, id *Identity) (*Decision, bool) {
-	for _, ixn := range list {
+// evaluate applies the intentions (in precedence order) to the caller: the
+// first whose source matches decides, as in Consul's RBAC rules for Envoy
+// (an intention with HTTP permissions hands the decision to each request).
+// The boolean says whether the decision may be cached.
+func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decision, bool) {
+	for i, ixn := range rules.intentions {
 		if !sourceMatches(ixn, id) {
 			continue
 		}
 		if len(ixn.Permissions) > 0 {
-			// As the agent does: an L7 intention cannot be decided at L4.
-			return newDecision(false, ReasonL7Intention, id), true
+			return a.evaluateL7(t, rules, rules.perms[i], id)
 		}
 		if ixn.Action == api.IntentionActionAllow {
 			return newDecision(true, ReasonIntentionAllow, id), true
@@ -357,6 +370,52 @@ func (a *Authorizer) evaluate(t *target, list []*api.Intention, id *Identity) (*
 		return newDecision(true, ReasonDefaultAllow, id), true
 	}
 	return newDecision(false, ReasonDefaultDeny, id), true
+}
+
+// evaluateL7 admits a caller whose intention carries HTTP permissions; its
+// requests are checked one by one. On a destination that does not speak
+// HTTP the permissions cannot be checked: that is a misconfiguration, and
+// the caller is denied, as Consul's own proxies deny it.
+func (a *Authorizer) evaluateL7(t *target, rules *ruleSet, perms *Permissions, id *Identity) (*Decision, bool) {
+	if !IsHTTP(rules.protocol) {
+		return newDecision(false, ReasonL7NotHTTP, id), true
+	}
+	probe, ok := probeIdentity(rules.intentions, id)
+	if !ok {
+		a.log.Error("denied: cannot learn the default intention policy: every probe identity matches an intention",
+			"target", t.name, "spiffe", id.ID.String())
+		return newDecision(false, ReasonConsulInconsistent, id), false
+	}
+	allow, reason, err := a.defaultDecision(t, probe)
+	if err != nil {
+		a.log.Error("denied: cannot learn the default intention policy", "target", t.name,
+			"spiffe", id.ID.String(), "error", err)
+		return newDecision(false, reason, id), false
+	}
+	d := newDecision(true, ReasonL7Intention, id)
+	d.L7, d.l7DefaultAllow = perms, allow
+	return d, true
+}
+
+// probeIdentity returns an identity no intention matches, in the caller's
+// trust domain and datacenter, to ask the agent for the default policy
+// (which it reports only for callers no intention matches).
+func probeIdentity(list []*api.Intention, id *Identity) (*Identity, bool) {
+	for _, ns := range []string{"default", "haconnect-probe"} {
+		path := fmt.Sprintf("/ns/%s/dc/%s/svc/haconnect-default-policy-probe", ns, id.Datacenter)
+		sid, err := spiffeid.FromPath(id.ID.TrustDomain(), path)
+		if err != nil {
+			return nil, false
+		}
+		probe, err := serviceIdentity(sid)
+		if err != nil {
+			return nil, false
+		}
+		if !slices.ContainsFunc(list, func(ixn *api.Intention) bool { return sourceMatches(ixn, &probe) }) {
+			return &probe, true
+		}
+	}
+	return nil, false
 }
 
 // sourceMatches mirrors Consul's matching of an intention's source against a
@@ -447,10 +506,13 @@ func (a *Authorizer) target(name string) *target {
 		a.log.Warn("denied: too many destinations for one authorizer", "target", name, "max", a.cfg.MaxTargets)
 		return nil
 	}
-	t = &target{name: name, health: newHealth(), entries: map[string]*entry{}}
+	t = &target{name: name, health: newHealth(), chain: newHealth(), rules: &ruleSet{}, entries: map[string]*entry{}}
 	a.targets[name] = t
 	go a.loop(a.ctx, queryIntentions, "intentions for "+name, &t.health, func(ctx context.Context, index uint64) (uint64, error) {
 		return a.queryIntentions(ctx, t, index)
+	})
+	go a.loop(a.ctx, queryChain, "protocol of "+name, &t.chain, func(ctx context.Context, index uint64) (uint64, error) {
+		return a.queryProtocol(ctx, t, index)
 	})
 	return t
 }
@@ -480,7 +542,29 @@ func (a *Authorizer) queryIntentions(ctx context.Context, t *target, index uint6
 		return 0, err
 	}
 	if meta.LastIndex != index || !t.health.isLoaded() {
-		a.apply(t, res[t.name])
+		list := res[t.name]
+		a.update(t, "intentions", func(rs *ruleSet) { rs.intentions = list })
+	}
+	return meta.LastIndex, nil
+}
+
+// queryProtocol watches the destination's protocol, which decides whether
+// its L7 intentions can be enforced. The discovery chain resolves it as
+// Consul's proxies do: service-defaults, then proxy-defaults, then tcp.
+func (a *Authorizer) queryProtocol(ctx context.Context, t *target, index uint64) (uint64, error) {
+	res, meta, err := a.watch.DiscoveryChain().Get(t.name, nil, a.blocking(ctx, index))
+	if err != nil {
+		return 0, err
+	}
+	protocol := "tcp"
+	if res.Chain != nil && res.Chain.Protocol != "" {
+		protocol = res.Chain.Protocol
+	}
+	t.mu.RLock()
+	changed := t.rules.protocol != protocol
+	t.mu.RUnlock()
+	if changed || !t.chain.isLoaded() {
+		a.update(t, "protocol", func(rs *ruleSet) { rs.protocol = protocol })
 	}
 	return meta.LastIndex, nil
 }
@@ -490,25 +574,44 @@ func (a *Authorizer) blocking(ctx context.Context, index uint64) *api.QueryOptio
 	return q.WithContext(ctx)
 }
 
-// apply installs a new intention list and re-evaluates the cached callers
-// against it. Until an entry is re-evaluated its generation is old, so a
-// request for it takes the miss path rather than an outdated answer.
-func (a *Authorizer) apply(t *target, list []*api.Intention) {
+// update installs new rules (intentions or protocol, as change sets them)
+// and re-evaluates the cached callers against them. Until an entry is
+// re-evaluated its generation is old, so a request for it takes the miss
+// path rather than an outdated answer.
+func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 	t.mu.Lock()
+	rules := *t.rules
+	change(&rules)
+	rules.perms = make([]*Permissions, len(rules.intentions))
+	misconfigured := 0
+	for i, ixn := range rules.intentions {
+		if len(ixn.Permissions) > 0 {
+			rules.perms[i] = compilePermissions(t.name, ixn, a.cfg.Metrics)
+			if rules.protocol != "" && !IsHTTP(rules.protocol) { // "": not loaded yet
+				misconfigured++
+			}
+		}
+	}
 	t.gen++
 	gen := t.gen
-	t.intentions = list
+	t.rules = &rules
 	ids := make(map[string]Identity, len(t.entries))
 	for k, e := range t.entries {
 		ids[k] = e.id
 	}
 	t.mu.Unlock()
 	a.cfg.Metrics.intentionUpdate()
-	a.log.Debug("intentions changed", "target", t.name, "count", len(list), "cached_callers", len(ids))
+	a.cfg.Metrics.setMisconfigured(t.name, misconfigured)
+	if misconfigured > 0 {
+		a.log.Warn("misconfiguration: intentions with HTTP permissions on a destination that does not speak HTTP; their callers are denied",
+			"target", t.name, "protocol", rules.protocol, "intentions", misconfigured)
+	}
+	a.log.Debug("rules changed", "target", t.name, "change", what, "intentions", len(rules.intentions),
+		"protocol", rules.protocol, "cached_callers", len(ids))
 
 	fresh := make(map[string]*Decision, len(ids))
 	for k, id := range ids {
-		if d, ok := a.evaluate(t, list, &id); ok {
+		if d, ok := a.evaluate(t, &rules, &id); ok {
 			fresh[k] = d
 		}
 	}

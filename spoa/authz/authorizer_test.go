@@ -68,15 +68,23 @@ func TestDecisionsFollowConsul(t *testing.T) {
 		c.DeleteIntentions(t, "*")
 		expect(t, a, "api", web, true, authz.ReasonDefaultAllow)
 	})
-	t.Run("an L7 intention cannot be decided at L4: deny", func(t *testing.T) {
-		ok, _, err := c.Client.ConfigEntries().Set(&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "api", Protocol: "http"}, nil)
-		if err != nil || !ok {
-			t.Fatalf("service-defaults: %v", err)
-		}
+	t.Run("an L7 intention admits the caller and decides each request", func(t *testing.T) {
+		c.SetProtocol(t, "api", "http")
 		c.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{{
 			Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/v1"},
 		}}})
-		expect(t, a, "api", web, false, authz.ReasonL7Intention)
+		expect(t, a, "api", web, true, authz.ReasonL7Intention)
+		d := a.Decide("api", web)
+		if d.L7Mode() != 1 {
+			t.Fatalf("l7 mode %d, want 1 (method and path)", d.L7Mode())
+		}
+		if ok, r := d.CheckRequest(&authz.Request{Method: "GET", Path: "/v1/x"}); !ok || r != authz.ReasonL7PermissionAllow {
+			t.Fatalf("GET /v1/x: %v %s", ok, r)
+		}
+		// No permission matches: the ACL default (allow with ACLs off).
+		if ok, r := d.CheckRequest(&authz.Request{Method: "GET", Path: "/v2"}); !ok || r != authz.ReasonL7DefaultAllow {
+			t.Fatalf("GET /v2: %v %s", ok, r)
+		}
 		c.DeleteIntentions(t, "api")
 	})
 	t.Run("the agent's authorize endpoint agrees", func(t *testing.T) {

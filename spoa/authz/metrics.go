@@ -16,6 +16,8 @@ type Metrics struct {
 	consulErrors   map[string]prometheus.Counter
 	consulUp       prometheus.Gauge
 	intentionLoads prometheus.Counter
+	l7Requests     *prometheus.CounterVec
+	misconfigured  *prometheus.GaugeVec
 }
 
 // Consul queries the authorizer makes, as they label consul_errors_total.
@@ -23,6 +25,7 @@ const (
 	queryRoots      = "ca_roots"
 	queryIntentions = "intention_match"
 	queryAuthorize  = "authorize"
+	queryChain      = "discovery_chain"
 )
 
 // NewMetrics creates the collectors and registers them with reg (nil: not
@@ -57,19 +60,28 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "haconnect", Subsystem: "spoa", Name: "intention_updates_total",
 			Help: "Intention changes applied to the decision cache.",
 		}),
+		l7Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "l7_requests_total",
+			Help: "HTTP requests decided by an intention's permissions, by destination, intention source, " +
+				"permission (1-based index, or none: the default policy decided) and result.",
+		}, []string{"destination", "source", "permission", "result"}),
+		misconfigured: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "l7_misconfigured_intentions",
+			Help: "Intentions with HTTP permissions on a destination whose protocol is not HTTP (their callers are denied).",
+		}, []string{"destination"}),
 	}
 	for _, r := range Reasons() {
-		if r == ReasonIntentionAllow || r == ReasonDefaultAllow {
+		if r == ReasonIntentionAllow || r == ReasonDefaultAllow || r == ReasonL7Intention {
 			m.decisions[1][r] = decisions.WithLabelValues("allow", r.String())
 		} else {
 			m.decisions[0][r] = decisions.WithLabelValues("deny", r.String())
 		}
 	}
-	for _, q := range []string{queryRoots, queryIntentions, queryAuthorize} {
+	for _, q := range []string{queryRoots, queryIntentions, queryAuthorize, queryChain} {
 		m.consulErrors[q] = errs.WithLabelValues(q)
 	}
 	if reg != nil {
-		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads)
+		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads, m.l7Requests, m.misconfigured)
 	}
 	return m
 }
@@ -119,5 +131,24 @@ func (m *Metrics) setConsulUp(up bool) {
 func (m *Metrics) intentionUpdate() {
 	if m != nil {
 		m.intentionLoads.Inc()
+	}
+}
+
+// l7Counter returns the counter of one permission's decisions. Without
+// metrics it returns a counter nobody reads.
+func (m *Metrics) l7Counter(destination, source, permission string, allow bool) prometheus.Counter {
+	if m == nil {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: "unused"})
+	}
+	result := "deny"
+	if allow {
+		result = "allow"
+	}
+	return m.l7Requests.WithLabelValues(destination, source, permission, result)
+}
+
+func (m *Metrics) setMisconfigured(destination string, n int) {
+	if m != nil {
+		m.misconfigured.WithLabelValues(destination).Set(float64(n))
 	}
 }

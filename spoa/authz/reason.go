@@ -10,6 +10,14 @@ const (
 	ReasonDefaultAllow
 	ReasonDefaultDeny
 	ReasonL7Intention
+	ReasonL7NotHTTP
+	ReasonL7PermissionAllow
+	ReasonL7PermissionDeny
+	ReasonL7DefaultAllow
+	ReasonL7DefaultDeny
+	ReasonL7Unsupported
+	ReasonL7Invalid
+	ReasonL7BadRequest
 	ReasonNoCertificate
 	ReasonBadCertificate
 	ReasonNotSPIFFE
@@ -31,6 +39,14 @@ var reasonText = [numReasons]string{
 	ReasonDefaultAllow:       "default_allow",
 	ReasonDefaultDeny:        "default_deny",
 	ReasonL7Intention:        "l7_intention",
+	ReasonL7NotHTTP:          "l7_intention_not_http",
+	ReasonL7PermissionAllow:  "l7_permission_allow",
+	ReasonL7PermissionDeny:   "l7_permission_deny",
+	ReasonL7DefaultAllow:     "l7_default_allow",
+	ReasonL7DefaultDeny:      "l7_default_deny",
+	ReasonL7Unsupported:      "l7_jwt_unsupported",
+	ReasonL7Invalid:          "l7_invalid_permission",
+	ReasonL7BadRequest:       "l7_bad_request",
 	ReasonNoCertificate:      "no_certificate",
 	ReasonBadCertificate:     "bad_certificate",
 	ReasonNotSPIFFE:          "not_spiffe",
@@ -74,6 +90,37 @@ type Decision struct {
 	// library takes variable values as `any`; boxing a string allocates, so
 	// a cached decision pays that once instead of on every request.
 	Boxed struct{ Reason, Source, SPIFFE any }
+
+	// L7 is set when the caller's intention carries HTTP permissions: the
+	// decision (Allow, ReasonL7Intention) only admits the connection, and
+	// each request must then pass CheckRequest.
+	L7 *Permissions
+	// l7DefaultAllow is the ACL default policy, for requests no permission
+	// matches.
+	l7DefaultAllow bool
+}
+
+// L7Mode tells HAProxy what each request must send: 0 nothing (the
+// decision is final), 1 the method and path, 2 the headers as well.
+func (d *Decision) L7Mode() int {
+	switch {
+	case d.L7 == nil:
+		return 0
+	case d.L7.NeedsHeaders:
+		return 2
+	default:
+		return 1
+	}
+}
+
+// CheckRequest decides one HTTP request of a caller that this decision
+// admitted: a connection-level denial stands, a decision without HTTP
+// permissions stands, and otherwise the permissions decide.
+func (d *Decision) CheckRequest(r *Request) (bool, Reason) {
+	if !d.Allow || d.L7 == nil {
+		return d.Allow, d.Reason
+	}
+	return d.L7.Check(r, d.l7DefaultAllow)
 }
 
 func newDecision(allow bool, reason Reason, id *Identity) *Decision {
