@@ -17,12 +17,24 @@ import (
 )
 
 // runningAgent starts the SPOA in-process with a real authorizer against a
-// real Consul, warmed up for caller web -> api.
-func runningAgent(b *testing.B) (*spoa.Server, string, []byte) {
+// real Consul, warmed up for the callers of api: web (an L4 intention),
+// batch (HTTP permissions on method and path) and fresh (on a header too).
+// It returns web's certificate and all of them by caller.
+func runningAgent(b *testing.B) (*spoa.Server, string, []byte, map[string][]byte) {
 	b.Helper()
 	c := harness.StartConsul(b)
-	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
-	blk, _ := pem.Decode([]byte(c.IssueLeaf(b, "web").CertPEM))
+	c.SetProtocol(b, "api", "http")
+	deny := &api.IntentionPermission{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin"}}
+	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow),
+		&api.SourceIntention{Name: "batch", Permissions: []*api.IntentionPermission{deny, {Action: api.IntentionActionAllow,
+			HTTP: &api.IntentionHTTPPermission{PathPrefix: "/api/", Methods: []string{"GET", "HEAD"}}}}},
+		&api.SourceIntention{Name: "fresh", Permissions: []*api.IntentionPermission{deny, {Action: api.IntentionActionAllow,
+			HTTP: &api.IntentionHTTPPermission{PathPrefix: "/api/", Header: []api.IntentionHTTPHeaderPermission{{Name: "x-tenant", Exact: "blue"}}}}}})
+	certs := map[string][]byte{}
+	for _, caller := range []string{"web", "batch", "fresh"} {
+		blk, _ := pem.Decode([]byte(c.IssueLeaf(b, caller).CertPEM))
+		certs[caller] = blk.Bytes
+	}
 	az, err := authz.New(authz.Config{Consul: c.Config(), Metrics: authz.NewMetrics(nil)})
 	if err != nil {
 		b.Fatal(err)
@@ -42,16 +54,18 @@ func runningAgent(b *testing.B) (*spoa.Server, string, []byte) {
 		b.Fatal(err)
 	}
 	go func() { _ = srv.Serve(ctx, l) }()
-	if d := az.Decide("api", blk.Bytes); !d.Allow {
-		b.Fatalf("warm-up: %s", d.Reason)
+	for caller, cert := range certs {
+		if d := az.Decide("api", cert); !d.Allow {
+			b.Fatalf("warm-up %s: %s", caller, d.Reason)
+		}
 	}
-	return srv, l.Addr().String(), blk.Bytes
+	return srv, l.Addr().String(), certs["web"], certs
 }
 
 // BenchmarkSPOERoundTrip is one HAProxy-side request/answer over loopback
 // against the running agent (guard, SPOE library, handler, cached decision).
 func BenchmarkSPOERoundTrip(b *testing.B) {
-	_, addr, cert := runningAgent(b)
+	_, addr, cert, _ := runningAgent(b)
 	b.Run("sequential", func(b *testing.B) {
 		c, err := spop.Dial("tcp", addr, 5*time.Second)
 		if err != nil {
@@ -89,24 +103,52 @@ func BenchmarkSPOERoundTrip(b *testing.B) {
 
 // BenchmarkHandle is the agent's own work per message, without the network:
 // the handler reading the arguments, deciding (cache hit) and setting the
-// variables.
+// variables. l4 is the connection-level check; l7 and l7+headers are the
+// per-request checks of callers whose intentions carry HTTP permissions.
 func BenchmarkHandle(b *testing.B) {
-	srv, _, cert := runningAgent(b)
-	var e spop.Encoder
-	frame := e.Notify(1, 1, spoa.MessageName, spop.ArgValue{Name: spoa.ArgCert, Value: cert})
-	payload := append([]byte(nil), frame[4+7:]...) // after length, type, flags, stream-id, frame-id
-	req := request.AcquireRequest()
-	if err := req.Messages.Decode(payload); err != nil {
-		b.Fatal(err)
+	srv, _, _, certs := runningAgent(b)
+	headers := []byte{}
+	for _, h := range [][2]string{{"host", "api"}, {"user-agent", "bench/1.0"}, {"accept", "*/*"}, {"x-tenant", "blue"}, {"", ""}} {
+		headers = append(headers, byte(len(h[0])))
+		headers = append(headers, h[0]...)
+		headers = append(headers, byte(len(h[1])))
+		headers = append(headers, h[1]...)
 	}
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		req.Actions = req.Actions[:0]
-		srv.Handle(req)
-	}
-	b.StopTimer()
-	if len(req.Actions) == 0 {
-		b.Fatal("no variables set")
+	for _, bc := range []struct {
+		name, message string
+		args          []spop.ArgValue
+	}{
+		{"l4", spoa.MessageName, []spop.ArgValue{{Name: spoa.ArgCert, Value: certs["web"]}}},
+		{"l7", spoa.MessageL7, []spop.ArgValue{{Name: spoa.ArgCert, Value: certs["batch"]},
+			{Name: spoa.ArgMethod, Value: "GET"}, {Name: spoa.ArgPath, Value: "/api/items?page=2"}}},
+		{"l7+headers", spoa.MessageL7WithHeaders, []spop.ArgValue{{Name: spoa.ArgCert, Value: certs["fresh"]},
+			{Name: spoa.ArgMethod, Value: "GET"}, {Name: spoa.ArgPath, Value: "/api/items?page=2"},
+			{Name: spoa.ArgHeaders, Value: headers}}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			var e spop.Encoder
+			frame := e.Notify(1, 1, bc.message, bc.args...)
+			payload := append([]byte(nil), frame[4+7:]...) // after length, type, flags, stream-id, frame-id
+			req := request.AcquireRequest()
+			if err := req.Messages.Decode(payload); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				req.Actions = req.Actions[:0]
+				srv.Handle(req)
+			}
+			b.StopTimer()
+			if len(req.Actions) == 0 {
+				b.Fatal("no variables set")
+			}
+			// The answer must be an allow, or the benchmark measures a denial.
+			for _, a := range req.Actions {
+				if (a.Name == spoa.VarAuth || a.Name == spoa.VarL7Auth) && a.Value != true {
+					b.Fatalf("%s answered %s=%v", bc.name, a.Name, a.Value)
+				}
+			}
+		})
 	}
 }

@@ -29,6 +29,16 @@ func fuzzSeeds() [][]byte {
 	wrongTypes := append([]byte(nil), e.Notify(2, 2, MessageName,
 		spop.ArgValue{Name: ArgCert, Value: "not bytes"},
 		spop.ArgValue{Name: ArgTarget, Value: uint64(7)})...)
+	block := []byte{4, 'h', 'o', 's', 't', 3, 'a', 'p', 'i', 0, 0}
+	l7 := append([]byte(nil), e.Notify(3, 3, MessageL7WithHeaders,
+		spop.ArgValue{Name: ArgCert, Value: []byte{0x30, 0x82}},
+		spop.ArgValue{Name: ArgMethod, Value: "GET"},
+		spop.ArgValue{Name: ArgPath, Value: "/a?b=c"},
+		spop.ArgValue{Name: ArgHeaders, Value: block})...)
+	l7Bad := append([]byte(nil), e.Notify(4, 4, MessageL7WithHeaders,
+		spop.ArgValue{Name: ArgMethod, Value: "GET"},
+		spop.ArgValue{Name: ArgPath, Value: "/"},
+		spop.ArgValue{Name: ArgHeaders, Value: block[:6]})...)
 	disconnect := append([]byte(nil), e.Begin(spop.TypeHaproxyDisconnect, 0, 0).
 		String("status-code").Typed(uint32(0)).String("message").Typed("bye").Bytes()...)
 	join := func(parts ...[]byte) []byte {
@@ -43,6 +53,7 @@ func fuzzSeeds() [][]byte {
 		join(hello, msg[:len(msg)-3]),
 		{0, 0, 0, 0, 1}, {0, 0, 0, 1, 1}, {0, 0, 0, 5, 1, 0, 0, 0, 1}, {0x7f, 0xff, 0xff, 0xff, 1},
 		msg, join(hello, []byte{0, 0, 0, 9, 3, 0, 0, 0, 1, 1, 1, 1, 'm'}),
+		join(hello, l7, l7Bad), join(hello, msg, l7),
 	}
 }
 

@@ -16,6 +16,20 @@ const (
 	ProtocolHTTP = "http"
 )
 
+// Names in the rendered configuration that the runtime side relies on.
+const (
+	// InboundFrontend is the mTLS listener's frontend.
+	InboundFrontend = "public_listener"
+	// ConnTable tracks a TCP listener's open connections by caller.
+	ConnTable = "haconnect_conns"
+)
+
+// ConnTable names the stick table of open TCP connections (for templates).
+func (*Model) ConnTable() string { return ConnTable }
+
+// InboundFrontend names the inbound frontend (for templates).
+func (*Model) InboundFrontend() string { return InboundFrontend }
+
 // Model is everything the configuration depends on.
 type Model struct {
 	// Service is the destination service this sidecar fronts.

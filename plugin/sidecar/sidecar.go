@@ -25,6 +25,7 @@ import (
 
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
+	"github.com/haconnect/haconnect/plugin/revoke"
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
 )
@@ -272,44 +273,66 @@ func (s *Sidecar) waitService(ctx context.Context) (string, error) {
 }
 
 // startSPOA runs the embedded authorization agent on a unix socket in the
-// working directory, or returns the external one's address.
+// working directory, or returns the external one's address. Either way an
+// authorizer watches the service's intentions, so that a change reaches
+// the open TCP connections it now denies (plugin/revoke).
 func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func(), error) {
-	if s.cfg.SPOAAddr != "" {
-		addr := s.cfg.SPOAAddr
-		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
-			addr = "unix@" + p
-		}
-		return addr, func() {}, nil
+	external := s.cfg.SPOAAddr != ""
+	var reg prometheus.Registerer
+	if !external {
+		reg = s.cfg.Registerer // an external SPOA reports its own decisions
 	}
+	var rev *revoke.Revoker // set before the authorizer starts calling back
 	az, err := authz.New(authz.Config{
 		Consul:      s.cfg.Consul,
 		Logger:      s.log.Named("authz"),
-		Metrics:     authz.NewMetrics(s.cfg.Registerer),
+		Metrics:     authz.NewMetrics(reg),
 		StaleWindow: s.cfg.StaleWindow,
+		OnChange:    func(target string) { rev.Changed(target) },
 	})
 	if err != nil {
 		return "", nil, err
 	}
+	rev, err = revoke.New(revoke.Config{
+		Runtime: haproxy.NewAdmin(s.path("admin.sock")), Checker: az, Target: service,
+		Table: render.ConnTable, Frontend: render.InboundFrontend,
+		Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
+	})
+	if err != nil {
+		return "", nil, err
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	az.Start(sctx, service)
+	done := make(chan struct{}, 2)
+	go func() { rev.Run(sctx); done <- struct{}{} }()
+	stop := func() { cancel(); <-done; <-done }
+	if external {
+		done <- struct{}{}
+		addr := s.cfg.SPOAAddr
+		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+			addr = "unix@" + p
+		}
+		return addr, stop, nil
+	}
 	srv, err := spoa.NewServer(spoa.Config{Decider: az, Target: service, TTL: s.cfg.TTL,
 		Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer})
 	if err != nil {
+		cancel()
 		return "", nil, err
 	}
 	sock := s.path("spoa.sock")
 	l, err := spoa.Listen("unix:" + sock)
 	if err != nil {
+		cancel()
 		return "", nil, fmt.Errorf("embedded SPOA: %w", err)
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	az.Start(sctx, service)
-	done := make(chan struct{})
 	go func() {
-		defer close(done)
+		defer func() { done <- struct{}{} }()
 		if err := srv.Serve(sctx, l); err != nil {
 			s.log.Error("embedded SPOA stopped", "error", err)
 		}
 	}()
-	return "unix@" + sock, func() { cancel(); <-done }, nil
+	return "unix@" + sock, stop, nil
 }
 
 // update changes the watched state and wakes the apply loop.

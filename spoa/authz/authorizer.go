@@ -63,6 +63,11 @@ type Config struct {
 	DefaultPolicyTTL time.Duration
 	// CallTimeout bounds non-blocking Consul calls (default 2s).
 	CallTimeout time.Duration
+	// OnChange, if set, is called (from a watch goroutine: it must not
+	// block) after the rules of a destination changed and the cache was
+	// re-evaluated, and when Consul has been unreachable past the stale
+	// window. Holders of open connections use it to Recheck their callers.
+	OnChange func(target string)
 }
 
 func (c *Config) setDefaults() {
@@ -574,6 +579,57 @@ func (a *Authorizer) blocking(ctx context.Context, index uint64) *api.QueryOptio
 	return q.WithContext(ctx)
 }
 
+// Recheck decides again, against the current rules, for a caller known
+// only by its SPIFFE ID: the caller of an open connection, whose decision
+// was taken when it connected. It does not use the cache, which is keyed
+// by certificate.
+func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
+	t := a.target(targetName)
+	if t == nil {
+		return Deny(ReasonTooManyTargets)
+	}
+	if !a.consul.fresh(time.Now(), a.cfg.StaleWindow) {
+		return Deny(ReasonConsulStale)
+	}
+	if !t.health.isLoaded() || !t.chain.isLoaded() || !a.roots.isLoaded() {
+		return Deny(ReasonConsulUnavailable)
+	}
+	sid, err := spiffeid.FromString(spiffeID)
+	if err != nil {
+		return Deny(ReasonNotSPIFFE)
+	}
+	id, err := serviceIdentity(sid)
+	if err != nil {
+		return Deny(ReasonNotService)
+	}
+	if id.ID.TrustDomain().Name() != *a.trustDomain.Load() {
+		return newDecision(false, ReasonTrustDomain, &id)
+	}
+	t.mu.RLock()
+	rules := t.rules
+	t.mu.RUnlock()
+	d, _ := a.evaluate(t, rules, &id)
+	return d
+}
+
+func (a *Authorizer) notify(target string) {
+	if a.cfg.OnChange != nil {
+		a.cfg.OnChange(target)
+	}
+}
+
+func (a *Authorizer) notifyAll() {
+	a.mu.RLock()
+	names := make([]string, 0, len(a.targets))
+	for name := range a.targets {
+		names = append(names, name)
+	}
+	a.mu.RUnlock()
+	for _, name := range names {
+		a.notify(name)
+	}
+}
+
 // update installs new rules (intentions or protocol, as change sets them)
 // and re-evaluates the cached callers against them. Until an entry is
 // re-evaluated its generation is old, so a request for it takes the miss
@@ -624,6 +680,7 @@ func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 		}
 	}
 	t.mu.Unlock()
+	a.notify(t.name)
 }
 
 // loop runs one blocking query for as long as ctx lives, tracking Consul's
@@ -652,6 +709,7 @@ func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 			if !staleLogged && !a.consul.fresh(now, a.cfg.StaleWindow) {
 				a.log.Error("consul unreachable past the stale window: denying every caller", "watch", what)
 				staleLogged = true
+				a.notifyAll()
 			}
 			index = 0
 			sleep(ctx, backoff)

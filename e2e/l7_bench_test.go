@@ -1,0 +1,53 @@
+package e2e
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/loadgen"
+)
+
+// BenchmarkL7Check measures what checking every request against HTTP
+// permissions costs next to the connection-level (L4) check, through one
+// sidecar in one run. Only the caller differs between the scenarios:
+//
+//	l4          web: an L4 intention, decided once per connection
+//	l7          batch: permissions on method and path, checked per request
+//	l7+headers  fresh: a permission on a header too (HAProxy sends the
+//	            header block)
+//
+// The CPU per request counts HAProxy (pinned alone to CPU 0) and the
+// sidecar process, whose embedded SPOA answers each L7 check.
+func BenchmarkL7Check(b *testing.B) {
+	m := &mesh{consul: harness.StartConsul(b)}
+	m.consul.SetProtocol(b, "api", "http")
+	perms := func(h api.IntentionHTTPPermission) []*api.IntentionPermission {
+		return []*api.IntentionPermission{
+			{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin"}},
+			{Action: api.IntentionActionAllow, HTTP: &h},
+		}
+	}
+	m.consul.SetIntentions(b, "api",
+		harness.Source("web", api.IntentionActionAllow),
+		&api.SourceIntention{Name: "batch", Permissions: perms(api.IntentionHTTPPermission{PathPrefix: "/api/", Methods: []string{"GET", "HEAD"}})},
+		&api.SourceIntention{Name: "fresh", Permissions: perms(api.IntentionHTTPPermission{PathPrefix: "/api/",
+			Header: []api.IntentionHTTPHeaderPermission{{Name: "x-tenant", Exact: "blue"}}})},
+	)
+	in := benchRegister(b, m, "api-l7", benchApp(b))
+	roots, _ := m.consul.RootsPEM(b)
+	addr := fmt.Sprintf("127.0.0.1:%d", in.port)
+	pids, sidecar := haproxyPids(b, in), []int{in.sidecar.Cmd.Process.Pid}
+	as := func(caller string, headers ...string) loadgen.Config {
+		return loadgen.Config{TLS: harness.ClientTLS(m.consul.IssueLeaf(b, caller), roots), Path: "/api/items", Headers: headers}
+	}
+	scenarios := []*scenario{
+		{name: "l4", addr: addr, pids: pids, alsoCPU: sidecar, load: as("web")},
+		{name: "l7", addr: addr, pids: pids, alsoCPU: sidecar, load: as("batch")},
+		{name: "l7+headers", addr: addr, pids: pids, alsoCPU: sidecar, load: as("fresh", "x-tenant: blue")},
+	}
+	measure(b, scenarios)
+	reportRatios(b, scenarios, scenarios[0])
+}

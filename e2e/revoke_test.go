@@ -1,0 +1,150 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/harness"
+)
+
+// stream is a TCP connection held open through the mesh.
+type stream struct {
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func openStream(t *testing.T, in *instance, dest string) *stream {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", in.upstream[dest]), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	s := &stream{conn: c, r: bufio.NewReader(c)}
+	if err := s.roundTrip("hello"); err != nil {
+		t.Fatalf("%s -> %s: the stream does not echo: %v", in.id, dest, err)
+	}
+	return s
+}
+
+// roundTrip sends a line and reads it back.
+func (s *stream) roundTrip(line string) error {
+	_ = s.conn.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(s.conn, line+"\n"); err != nil {
+		return err
+	}
+	got, err := s.r.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(got) != line {
+		return fmt.Errorf("echoed %q, want %q", got, line)
+	}
+	return nil
+}
+
+// closedAt waits (at most limit) for the peer to close the stream and
+// returns when it noticed; the zero time if it stayed open.
+func (s *stream) closedAt(limit time.Duration) time.Time {
+	_ = s.conn.SetReadDeadline(time.Now().Add(limit))
+	_, err := s.r.ReadByte()
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return time.Time{}
+	}
+	return time.Now()
+}
+
+// TestTCPRevocation checks that a deny reaches TCP streams that were open
+// before it: the denied caller's streams are closed within a second, its new
+// connections are refused, and other callers' streams keep flowing.
+func TestTCPRevocation(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("batch", allow), harness.Source("*", deny))
+	metrics := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
+	echo := m.register(&instance{id: "echo-1", upstream: map[string]int{}, args: []string{"-metrics-listen", metrics}},
+		"echo", "tcp", startEcho(t))
+	web := m.add("web", "web-1", "echo:tcp")
+	batch := m.add("batch", "batch-1", "echo:tcp")
+	harness.WaitFor(t, 10*time.Second, "echo through the mesh", func() bool {
+		got, err := web.echo("echo", "ping")
+		got2, err2 := batch.echo("echo", "ping")
+		return err == nil && got == "ping" && err2 == nil && got2 == "ping"
+	})
+
+	var took []time.Duration
+	for round := 0; round < 3; round++ {
+		webStreams := []*stream{openStream(t, web, "echo"), openStream(t, web, "echo")}
+		batchStream := openStream(t, batch, "echo")
+
+		written := time.Now()
+		m.consul.SetIntentions(t, "echo", harness.Source("web", deny), harness.Source("batch", allow), harness.Source("*", deny))
+		for i, s := range webStreams {
+			at := s.closedAt(3 * time.Second)
+			if at.IsZero() {
+				t.Fatalf("round %d: web's stream %d is still open 3s after the deny", round, i)
+			}
+			took = append(took, at.Sub(written))
+		}
+		if err := batchStream.roundTrip("still here"); err != nil {
+			t.Fatalf("round %d: batch's stream was cut too: %v", round, err)
+		}
+		if got, err := web.echo("echo", "ping"); err == nil {
+			t.Fatalf("round %d: a new connection from web got %q after the deny", round, got)
+		}
+		m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("batch", allow), harness.Source("*", deny))
+		harness.WaitFor(t, 5*time.Second, "web allowed again", func() bool {
+			got, err := web.echo("echo", "ping")
+			return err == nil && got == "ping"
+		})
+	}
+	var worst time.Duration
+	for _, d := range took {
+		worst = max(worst, d)
+	}
+	t.Logf("open streams closed after the deny: %v (worst %v)", took, worst)
+	if worst > time.Second {
+		t.Errorf("a stream took %v to close, want <= 1s", worst)
+	}
+
+	fam := scrape(t, metrics)["haconnect_revoked_connections_total"]
+	if got := find(fam, map[string]string{"reason": "intention_deny"}); got.GetCounter().GetValue() != float64(len(took)) {
+		t.Errorf("haconnect_revoked_connections_total{reason=intention_deny} = %v, want %d", got.GetCounter().GetValue(), len(took))
+	}
+	if out := echo.sidecar.Output(); !strings.Contains(out, "closing the open connections of a caller the intentions no longer allow") ||
+		!strings.Contains(out, "svc/web") {
+		t.Errorf("no log line names the revoked caller:\n%s", out)
+	}
+
+	t.Run("HTTP permissions for a caller of a TCP listener: refused and reported", func(t *testing.T) {
+		// Consul says echo speaks HTTP, its proxy registration says TCP:
+		// the permissions cannot be checked on this listener.
+		held := openStream(t, web, "echo")
+		m.consul.SetProtocol(t, "echo", "http")
+		m.consul.SetIntentions(t, "echo", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{{
+			Action: allow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"},
+		}}}, harness.Source("batch", allow))
+		if held.closedAt(3 * time.Second).IsZero() {
+			t.Fatal("web's open stream survived an intention that cannot be enforced on TCP")
+		}
+		if got, err := web.echo("echo", "ping"); err == nil {
+			t.Fatalf("a new connection from web got %q", got)
+		}
+		if got, err := batch.echo("echo", "ping"); err != nil || got != "ping" {
+			t.Fatalf("batch (an L4 intention) was refused: %q %v", got, err)
+		}
+		fam := scrape(t, metrics)["haconnect_spoa_l7_on_tcp_listener_total"]
+		if got := find(fam, map[string]string{"destination": "echo"}); got.GetCounter().GetValue() < 1 {
+			t.Errorf("haconnect_spoa_l7_on_tcp_listener_total{destination=echo} = %v, want >= 1", got.GetCounter().GetValue())
+		}
+		if out := echo.sidecar.Output(); !strings.Contains(out, "misconfiguration: the caller's intention has HTTP permissions but this listener speaks TCP") {
+			t.Errorf("the misconfiguration is not logged:\n%s", out)
+		}
+	})
+}

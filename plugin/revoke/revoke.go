@@ -1,0 +1,225 @@
+// Package revoke closes the open connections of callers that the
+// intentions no longer allow.
+//
+// An HTTP listener re-checks each keep-alive connection once its decision's
+// ttl has passed, but a TCP stream (a database session, a websocket, a
+// tunnel) is authorized once, when it opens. For those, HAProxy records
+// every authorized connection in a stick table keyed by
+// "<client address>:<port>|<caller SPIFFE ID>" (tracked, so the entry lives
+// as long as the connection). When the authorizer reports a change for the
+// destination, the Revoker re-decides each caller that has connections
+// open and shuts the denied callers' sessions down through the runtime API.
+package revoke
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/haconnect/haconnect/spoa/authz"
+)
+
+// Runtime sends one command to HAProxy's runtime API and returns its answer.
+type Runtime interface {
+	Command(c string) (string, error)
+}
+
+// Checker re-decides a caller by its SPIFFE ID; *authz.Authorizer is one.
+type Checker interface {
+	Recheck(target, spiffeID string) *authz.Decision
+}
+
+// Config configures a Revoker.
+type Config struct {
+	Runtime Runtime
+	Checker Checker
+	// Target is the destination service the listener serves.
+	Target string
+	// Table and Frontend name the stick table of open connections and the
+	// listener whose sessions may be shut down.
+	Table, Frontend string
+	// Settle is when a second sweep follows the first (default 500ms): a
+	// connection authorized just before the change may enter the table
+	// just after the first sweep read it.
+	Settle     time.Duration
+	Logger     hclog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Revoker sweeps on demand; see the package documentation.
+type Revoker struct {
+	cfg    Config
+	kick   chan struct{}
+	closed *prometheus.CounterVec
+}
+
+// New creates a Revoker; call Run to start it.
+func New(cfg Config) (*Revoker, error) {
+	if cfg.Runtime == nil || cfg.Checker == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
+		return nil, fmt.Errorf("revoke: runtime, checker, target, table and frontend are required")
+	}
+	if cfg.Settle <= 0 {
+		cfg.Settle = 500 * time.Millisecond
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	r := &Revoker{
+		cfg:  cfg,
+		kick: make(chan struct{}, 1),
+		closed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "haconnect", Name: "revoked_connections_total",
+			Help: "Open connections shut down because the intentions no longer allow their caller, by reason.",
+		}, []string{"reason"}),
+	}
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(r.closed); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// Changed asks for a sweep; it never blocks (authz.Config.OnChange).
+func (r *Revoker) Changed(target string) {
+	if target != r.cfg.Target {
+		return
+	}
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Run sweeps after each change, and once more Settle later, until ctx is
+// done.
+func (r *Revoker) Run(ctx context.Context) {
+	settle := time.NewTimer(r.cfg.Settle)
+	settle.Stop()
+	defer settle.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.kick:
+			r.sweepAndLog()
+			settle.Reset(r.cfg.Settle)
+		case <-settle.C:
+			r.sweepAndLog()
+		}
+	}
+}
+
+func (r *Revoker) sweepAndLog() {
+	if _, err := r.Sweep(); err != nil {
+		r.cfg.Logger.Warn("cannot check open connections against the new intentions", "error", err)
+	}
+}
+
+// Sweep shuts down the sessions of every caller the current rules deny
+// and returns how many it closed.
+func (r *Revoker) Sweep() (int, error) {
+	out, err := r.cfg.Runtime.Command("show table " + r.cfg.Table)
+	if err != nil {
+		return 0, err
+	}
+	if strings.Contains(out, "No such table") {
+		return 0, nil // an HTTP listener: nothing is tracked
+	}
+	byCaller := openConnections(out)
+	denied := map[string]authz.Reason{} // client address -> why
+	for spiffe, addrs := range byCaller {
+		d := r.cfg.Checker.Recheck(r.cfg.Target, spiffe)
+		reason := d.Reason
+		switch {
+		case !d.Allow:
+		case d.L7 != nil: // HTTP permissions cannot be checked on a TCP stream
+			reason = authz.ReasonL7NotHTTP
+		default:
+			continue
+		}
+		for _, a := range addrs {
+			denied[a] = reason
+		}
+		r.cfg.Logger.Info("closing the open connections of a caller the intentions no longer allow",
+			"target", r.cfg.Target, "spiffe", spiffe, "reason", reason.String(), "connections", len(addrs))
+	}
+	if len(denied) == 0 {
+		return 0, nil
+	}
+	sessions, err := r.cfg.Runtime.Command("show sess")
+	if err != nil {
+		return 0, err
+	}
+	closed := 0
+	for _, s := range parseSessions(sessions) {
+		reason, ok := denied[s.src]
+		if !ok || s.frontend != r.cfg.Frontend {
+			continue
+		}
+		out, err := r.cfg.Runtime.Command("shutdown session " + s.id)
+		if err != nil {
+			return closed, err
+		}
+		if strings.TrimSpace(out) != "" { // the session ended meanwhile
+			continue
+		}
+		r.closed.WithLabelValues(reason.String()).Inc()
+		closed++
+	}
+	return closed, nil
+}
+
+// openConnections reads `show table` output: the client addresses of the
+// live connections (use > 0) of each caller.
+//
+//	0x55e0f1a2b3c0: key=127.0.0.1:40312|spiffe://td/ns/default/dc/dc1/svc/web use=1 exp=0 shard=0
+func openConnections(out string) map[string][]string {
+	byCaller := map[string][]string{}
+	for _, line := range strings.Split(out, "\n") {
+		f := fields(line)
+		key, use := f["key"], f["use"]
+		if key == "" || use == "" || use == "0" {
+			continue
+		}
+		addr, spiffe, ok := strings.Cut(key, "|")
+		if !ok || spiffe == "" {
+			continue
+		}
+		byCaller[spiffe] = append(byCaller[spiffe], addr)
+	}
+	return byCaller
+}
+
+type session struct{ id, src, frontend string }
+
+// parseSessions reads `show sess` output.
+//
+//	0x55e0f1b4c000: proto=tcpv4 src=127.0.0.1:40312 fe=public_listener be=local_app srv=app ts=00 ...
+func parseSessions(out string) []session {
+	var list []session
+	for _, line := range strings.Split(out, "\n") {
+		id, _, ok := strings.Cut(line, ":")
+		if !ok || !strings.HasPrefix(id, "0x") {
+			continue
+		}
+		f := fields(line)
+		list = append(list, session{id: id, src: f["src"], frontend: f["fe"]})
+	}
+	return list
+}
+
+// fields splits "a=b c=d" into a map; words without "=" are skipped.
+func fields(line string) map[string]string {
+	m := map[string]string{}
+	for _, w := range strings.Fields(line) {
+		if k, v, ok := strings.Cut(w, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
