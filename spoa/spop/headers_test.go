@@ -30,3 +30,22 @@ func TestHeaderBlock(t *testing.T) {
 		}
 	}
 }
+
+// FuzzHeaderBlock: any bytes are either refused by Validate or looked up
+// without a panic, and a valid block's lookups stay within it.
+func FuzzHeaderBlock(f *testing.F) {
+	f.Add([]byte(headerBlock("host", "api", "x-a", "1")), "x-a")
+	f.Add([]byte{0xf0, 0xff, 0xff, 0xff, 0xff, 0x7f}, "host")
+	f.Add([]byte{5, 'a'}, "a")
+	f.Fuzz(func(t *testing.T, data []byte, name string) {
+		b := HeaderBlock(data)
+		if b.Validate() != nil {
+			return
+		}
+		if v, ok := b.Lookup(name); !ok && v != "" {
+			t.Fatalf("absent header with value %q", v)
+		} else if len(v) > len(data) {
+			t.Fatalf("value longer than the block: %d > %d", len(v), len(data))
+		}
+	})
+}
