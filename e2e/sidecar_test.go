@@ -107,9 +107,11 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 }
 
 // call makes one request from in's app to destination through the sidecar.
-func (in *instance) call(dest string) (int, string, error) {
+func (in *instance) call(dest string) (int, string, error) { return in.callPath(dest, "/") }
+
+func (in *instance) callPath(dest, path string) (int, string, error) {
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/", in.upstream[dest]))
+	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s", in.upstream[dest], path))
 	if err != nil {
 		return 0, "", err
 	}
@@ -228,6 +230,26 @@ func TestSidecarMesh(t *testing.T) {
 		m.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("*", deny))
 		harness.WaitFor(t, 5*time.Second, "web -> api allowed again", func() bool {
 			code, _, _ := web.call("api")
+			return code == 200
+		})
+	})
+
+	t.Run("HTTP permissions are checked per request", func(t *testing.T) {
+		m.consul.SetProtocol(t, "api", "http")
+		m.consul.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{
+			{Action: deny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin"}},
+			{Action: allow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"}},
+		}}, harness.Source("*", deny))
+		harness.WaitFor(t, 5*time.Second, "web -> api /admin denied by a permission", func() bool {
+			code, body, _ := web.callPath("api", "/admin/users")
+			return code == 403 && strings.Contains(body, "(l7_permission_deny)")
+		})
+		if code, body, err := web.callPath("api", "/orders"); code != 200 {
+			t.Fatalf("web -> api /orders: %d %q %v, want 200", code, body, err)
+		}
+		m.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("*", deny))
+		harness.WaitFor(t, 5*time.Second, "web -> api /admin allowed again", func() bool {
+			code, _, _ := web.callPath("api", "/admin/users")
 			return code == 200
 		})
 	})
