@@ -28,7 +28,8 @@ type Runtime interface {
 	Command(c string) (string, error)
 }
 
-// Checker re-decides a caller by its SPIFFE ID; *authz.Authorizer is one.
+// Checker re-decides a caller by its SPIFFE ID (nil: cannot tell now);
+// *authz.Authorizer is one.
 type Checker interface {
 	Recheck(target, spiffeID string) *authz.Decision
 }
@@ -134,6 +135,9 @@ func (r *Revoker) Sweep() (int, error) {
 	denied := map[string]authz.Reason{} // client address -> why
 	for spiffe, addrs := range byCaller {
 		d := r.cfg.Checker.Recheck(r.cfg.Target, spiffe)
+		if d == nil {
+			continue
+		}
 		reason := d.Reason
 		switch {
 		case !d.Allow:

@@ -582,17 +582,19 @@ func (a *Authorizer) blocking(ctx context.Context, index uint64) *api.QueryOptio
 // Recheck decides again, against the current rules, for a caller known
 // only by its SPIFFE ID: the caller of an open connection, whose decision
 // was taken when it connected. It does not use the cache, which is keyed
-// by certificate.
+// by certificate. It returns nil when it cannot tell now (the rules are not
+// loaded yet, or Consul failed to answer within the stale window): an open
+// connection is not cut for that.
 func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
 	t := a.target(targetName)
 	if t == nil {
-		return Deny(ReasonTooManyTargets)
+		return nil
 	}
 	if !a.consul.fresh(time.Now(), a.cfg.StaleWindow) {
 		return Deny(ReasonConsulStale)
 	}
 	if !t.health.isLoaded() || !t.chain.isLoaded() || !a.roots.isLoaded() {
-		return Deny(ReasonConsulUnavailable)
+		return nil
 	}
 	sid, err := spiffeid.FromString(spiffeID)
 	if err != nil {
@@ -608,7 +610,10 @@ func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
 	t.mu.RLock()
 	rules := t.rules
 	t.mu.RUnlock()
-	d, _ := a.evaluate(t, rules, &id)
+	d, decided := a.evaluate(t, rules, &id)
+	if !decided {
+		return nil
+	}
 	return d
 }
 

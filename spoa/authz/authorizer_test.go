@@ -105,6 +105,27 @@ func TestDecisionsFollowConsul(t *testing.T) {
 			}
 		}
 	})
+	t.Run("Recheck decides an open connection's caller by its SPIFFE ID", func(t *testing.T) {
+		c.SetIntentions(t, "api", harness.Source("web", api.IntentionActionAllow), harness.Source("*", api.IntentionActionDeny))
+		webURI, batchURI := c.IssueLeaf(t, "web").URI, c.IssueLeaf(t, "batch").URI
+		expect(t, a, "api", web, true, authz.ReasonIntentionAllow)
+		for _, tc := range []struct {
+			uri    string
+			allow  bool
+			reason authz.Reason
+		}{
+			{webURI, true, authz.ReasonIntentionAllow},
+			{batchURI, false, authz.ReasonIntentionDeny},
+			{"spiffe://other.consul/ns/default/dc/dc1/svc/web", false, authz.ReasonTrustDomain},
+			{"spiffe://x/not/a/service", false, authz.ReasonNotService},
+			{"not a SPIFFE ID", false, authz.ReasonNotSPIFFE},
+		} {
+			d := a.Recheck("api", tc.uri)
+			if d == nil || d.Allow != tc.allow || d.Reason != tc.reason {
+				t.Errorf("Recheck(%q) = %+v, want allow=%v %s", tc.uri, d, tc.allow, tc.reason)
+			}
+		}
+	})
 	t.Run("bad input is denied with its reason", func(t *testing.T) {
 		for _, tc := range []struct {
 			name   string
