@@ -3,6 +3,7 @@ package harness
 import (
 	"crypto/rand"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -165,15 +166,18 @@ func (c *Consul) Env(addr, token string) []string {
 }
 
 // CreateToken creates an ACL policy from rules (HCL) and a token that holds
-// only that policy.
+// only that policy (no rules: a token without any policy).
 func (c *Consul) CreateToken(t testing.TB, name, rules string) *api.ACLToken {
 	t.Helper()
-	policy, _, err := c.Client.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
-	if err != nil {
-		t.Fatalf("create ACL policy %s: %v", name, err)
+	var links []*api.ACLTokenPolicyLink
+	if strings.TrimSpace(rules) != "" {
+		policy, _, err := c.Client.ACL().PolicyCreate(&api.ACLPolicy{Name: name, Rules: rules}, nil)
+		if err != nil {
+			t.Fatalf("create ACL policy %s: %v", name, err)
+		}
+		links = append(links, &api.ACLTokenPolicyLink{ID: policy.ID})
 	}
-	token, _, err := c.Client.ACL().TokenCreate(&api.ACLToken{Description: name,
-		Policies: []*api.ACLTokenPolicyLink{{ID: policy.ID}}}, nil)
+	token, _, err := c.Client.ACL().TokenCreate(&api.ACLToken{Description: name, Policies: links}, nil)
 	if err != nil {
 		t.Fatalf("create ACL token %s: %v", name, err)
 	}
