@@ -2,9 +2,14 @@ package e2e
 
 import (
 	"fmt"
+	"io"
 	"io/fs"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -377,4 +382,47 @@ func TestSecureACLPoliciesAreMinimal(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSecureNomadHook runs `haconnect nomad-hook` (HAProxy as a child
+// process) with the sidecar policy, Consul's address, token and TLS
+// settings in the task's environment, as a Nomad job sets them.
+func TestSecureNomadHook(t *testing.T) {
+	c := harness.StartSecureConsul(t)
+	c.SetIntentions(t, "api", harness.Source("web", allow))
+	_, policy := sidecarPolicies(t)
+	tok := c.CreateToken(t, "nomad-hook-api", policy)
+	fn := newFakeNomad(t)
+	id := "5ec0e000-0000-4000-8000-000000000001"
+	fn.set(id, connectAlloc(id))
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "app source=%s", r.Header.Get("X-Haconnect-Source"))
+	}))
+	t.Cleanup(app.Close)
+	port := harness.FreePort(t)
+	registerNomadServices(t, c, id, port, "127.0.0.1", port, app.Listener.Addr().(*net.TCPAddr).Port)
+	dir := harness.TempDir(t)
+	hook := harness.StartEnv(t, "nomad-hook", slices.Concat(hookEnv(id, fn.URL), c.Env(c.Addr, tok.SecretID)),
+		harness.Binary(t, "haconnect"), "nomad-hook", "-launcher", "exec", "-dir", dir, "-stop-grace", "1s", "-log-level", "debug")
+	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
+
+	roots, _ := c.RootsPEM(t)
+	call := func(caller string) (int, string) {
+		cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
+			TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
+		resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", port))
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := call("web"); code != 200 || body != "app source=web" {
+		t.Fatalf("web: %d %q, want 200 \"app source=web\"", code, body)
+	}
+	if code, body := call("stranger"); code != 403 || !strings.Contains(body, "default_deny") {
+		t.Fatalf("stranger: %d %q, want 403 default_deny", code, body)
+	}
+	noSecrets(t, []string{c.Token, tok.SecretID}, []*harness.Process{hook}, dir)
 }
