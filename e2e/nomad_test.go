@@ -165,6 +165,20 @@ func hookEnv(allocID, nomadURL string) []string {
 		"NOMAD_JOB_NAME=demo", "NOMAD_ADDR=" + nomadURL}
 }
 
+// callPort makes one request as caller (a leaf from c) to an mTLS listener
+// on a loopback port, and returns the status and body (the error as body).
+func callPort(t *testing.T, c *harness.Consul, roots, caller string, port int) (int, string) {
+	cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
+	resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", port))
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
 func (a *allocation) startHook(t *testing.T) *harness.Process {
 	t.Helper()
 	return harness.StartEnv(t, "nomad-hook "+a.id[:8], a.hookEnv, harness.Binary(t, "haconnect"), "nomad-hook",
@@ -199,17 +213,7 @@ func TestNomadHookDocker(t *testing.T) {
 	a := startAllocation(t, cli, c, fn.URL)
 	fn.set(a.id, connectAlloc(a.id))
 	roots, _ := c.RootsPEM(t)
-	call := func(caller string) (int, string) {
-		cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
-			TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
-		resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", a.hostPort))
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	call := func(caller string) (int, string) { return callPort(t, c, roots, caller, a.hostPort) }
 
 	top := t // hooks outlive the subtest that starts them
 	hook := a.startHook(top)

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -407,17 +406,7 @@ func TestSecureNomadHook(t *testing.T) {
 	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
 
 	roots, _ := c.RootsPEM(t)
-	call := func(caller string) (int, string) {
-		cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
-			TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
-		resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", port))
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	call := func(caller string) (int, string) { return callPort(t, c, roots, caller, port) }
 	if code, body := call("web"); code != 200 || body != "app source=web" {
 		t.Fatalf("web: %d %q, want 200 \"app source=web\"", code, body)
 	}
