@@ -256,6 +256,19 @@ func TestSecureSidecars(t *testing.T) {
 		}
 		noSecrets(t, secrets, procs, web.dir, api1.dir)
 	})
+
+	t.Run("HAProxy does not inherit the token from the sidecar's environment", func(t *testing.T) {
+		worker := workerPid(t, web)
+		for _, pid := range []int{worker, parentOf(t, worker)} {
+			env := readFile(t, fmt.Sprintf("/proc/%d/environ", pid))
+			if !strings.Contains(env, "PATH=") {
+				t.Fatalf("haproxy %d: no environment read", pid)
+			}
+			if strings.Contains(env, webTok.SecretID) {
+				t.Errorf("haproxy %d holds the token in its environment", pid)
+			}
+		}
+	})
 }
 
 // TestSecureACLPoliciesAreMinimal removes each rule of the documented
