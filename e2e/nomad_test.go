@@ -132,24 +132,51 @@ func startAllocation(t *testing.T, cli *client.Client, c *harness.Consul, nomadU
 		t.Fatal(err)
 	}
 
-	// The registrations Nomad makes for this group in Consul.
-	svcID := nomad.ServiceID(a.id, "api", "api", "8080")
+	registerNomadServices(t, c, a.id, a.hostPort, "0.0.0.0", 21000, 8080)
+	a.hookEnv = append(hookEnv(a.id, nomadURL), "CONSUL_HTTP_ADDR="+c.Addr)
+	return a
+}
+
+// registerNomadServices makes the registrations Nomad makes in Consul for
+// connectAlloc's group: the service api (its app on appPort) and its
+// sidecar proxy, public on port and binding bindAddr:bindPort.
+func registerNomadServices(t *testing.T, c *harness.Consul, allocID string, port int, bindAddr string, bindPort, appPort int) {
+	t.Helper()
+	svcID := nomad.ServiceID(allocID, "api", "api", "8080")
 	for _, reg := range []*consulapi.AgentServiceRegistration{
-		{ID: svcID, Name: "api", Address: "127.0.0.1", Port: 8080},
-		{Kind: consulapi.ServiceKindConnectProxy, ID: nomad.ProxyID(a.id, "api", "api", "8080"), Name: "api-sidecar-proxy",
-			Address: "127.0.0.1", Port: a.hostPort, Proxy: &consulapi.AgentServiceConnectProxyConfig{
+		{ID: svcID, Name: "api", Address: "127.0.0.1", Port: appPort},
+		{Kind: consulapi.ServiceKindConnectProxy, ID: nomad.ProxyID(allocID, "api", "api", "8080"), Name: "api-sidecar-proxy",
+			Address: "127.0.0.1", Port: port, Proxy: &consulapi.AgentServiceConnectProxyConfig{
 				DestinationServiceName: "api", DestinationServiceID: svcID,
-				LocalServiceAddress: "127.0.0.1", LocalServicePort: 8080,
-				Config: map[string]any{"bind_address": "0.0.0.0", "bind_port": 21000, "protocol": "http"},
+				LocalServiceAddress: "127.0.0.1", LocalServicePort: appPort,
+				Config: map[string]any{"bind_address": bindAddr, "bind_port": bindPort, "protocol": "http"},
 			}},
 	} {
 		if err := c.Client.Agent().ServiceRegister(reg); err != nil {
 			t.Fatal(err)
 		}
 	}
-	a.hookEnv = []string{"NOMAD_ALLOC_ID=" + a.id, "NOMAD_GROUP_NAME=api", "NOMAD_TASK_NAME=connect-proxy-api",
-		"NOMAD_JOB_NAME=demo", "NOMAD_ADDR=" + nomadURL, "CONSUL_HTTP_ADDR=" + c.Addr}
-	return a
+}
+
+// hookEnv is the Nomad part of the environment of connectAlloc's sidecar
+// task.
+func hookEnv(allocID, nomadURL string) []string {
+	return []string{"NOMAD_ALLOC_ID=" + allocID, "NOMAD_GROUP_NAME=api", "NOMAD_TASK_NAME=connect-proxy-api",
+		"NOMAD_JOB_NAME=demo", "NOMAD_ADDR=" + nomadURL}
+}
+
+// callPort makes one request as caller (a leaf from c) to an mTLS listener
+// on a loopback port, and returns the status and body (the error as body).
+func callPort(t *testing.T, c *harness.Consul, roots, caller string, port int) (int, string) {
+	cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
+	resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", port))
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 func (a *allocation) startHook(t *testing.T) *harness.Process {
@@ -186,17 +213,7 @@ func TestNomadHookDocker(t *testing.T) {
 	a := startAllocation(t, cli, c, fn.URL)
 	fn.set(a.id, connectAlloc(a.id))
 	roots, _ := c.RootsPEM(t)
-	call := func(caller string) (int, string) {
-		cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
-			TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
-		resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", a.hostPort))
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	call := func(caller string) (int, string) { return callPort(t, c, roots, caller, a.hostPort) }
 
 	top := t // hooks outlive the subtest that starts them
 	hook := a.startHook(top)

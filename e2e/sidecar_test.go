@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -37,6 +38,7 @@ type mesh struct {
 type instance struct {
 	id       string
 	args     []string // extra sidecar flags
+	env      []string // extra sidecar environment
 	app      *httptest.Server
 	port     int // sidecar's public port
 	dir      string
@@ -52,9 +54,17 @@ func newMesh(t *testing.T) *mesh {
 // sidecar. upstreams lists destination services ("name", or "name:tcp" for
 // a TCP upstream).
 func (m *mesh) add(service, id string, upstreams ...string) *instance {
+	m.t.Helper()
+	return m.addInstance(&instance{id: id}, service, upstreams...)
+}
+
+// addInstance is add for an instance given its extra sidecar flags and
+// environment (args, env).
+func (m *mesh) addInstance(in *instance, service string, upstreams ...string) *instance {
 	t := m.t
 	t.Helper()
-	in := &instance{id: id, upstream: map[string]int{}}
+	id := in.id
+	in.upstream = map[string]int{}
 	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
 	}))
@@ -96,9 +106,9 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
 		t.Fatalf("register %s: %v", id, err)
 	}
-	in.sidecar = harness.Start(t, "sidecar "+id, harness.Binary(t, "haconnect"), append([]string{"sidecar",
-		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-ttl", "300ms",
-		"-stop-grace", "2s", "-log-level", "debug"}, in.args...)...)
+	in.sidecar = harness.StartEnv(t, "sidecar "+id, in.env, harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
+		"-sidecar-for", id, "-dir", in.dir, "-ttl", "300ms", "-stop-grace", "2s", "-log-level", "debug"},
+		m.consul.Flags(m.consul.Addr, ""), in.args)...)
 	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
 	for _, p := range in.upstream {
 		harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", p), 20*time.Second)

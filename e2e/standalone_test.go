@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -34,16 +35,26 @@ type standalone struct {
 	spoaAddr string
 	metrics  string
 	spoaArgs []string
-	spoa     *harness.Process
-	roots    string
-	td       string
-	leaves   map[string]*harness.Leaf
+	// How the SPOA reaches Consul (through the cutter): flags and
+	// environment.
+	consulArgs []string
+	spoaEnv    []string
+	spoa       *harness.Process
+	roots      string
+	td         string
+	leaves     map[string]*harness.Leaf
 }
 
 func startStandalone(t *testing.T, staleWindow time.Duration, extraCAs ...string) *standalone {
 	t.Helper()
-	s := &standalone{dir: harness.TempDir(t), leaves: map[string]*harness.Leaf{}}
-	s.consul = harness.StartConsul(t)
+	return startStandaloneOn(t, harness.StartConsul(t), "", staleWindow, extraCAs...)
+}
+
+// startStandaloneOn is startStandalone against consul, the SPOA holding the
+// ACL token ("": none).
+func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, staleWindow time.Duration, extraCAs ...string) *standalone {
+	t.Helper()
+	s := &standalone{dir: harness.TempDir(t), leaves: map[string]*harness.Leaf{}, consul: consul}
 	s.cutter = harness.NewCutter(t, s.consul.Addr)
 	s.roots, s.td = s.consul.RootsPEM(t)
 	for _, svc := range []string{"api", "web", "batch", "fresh", "stranger"} {
@@ -70,7 +81,8 @@ func startStandalone(t *testing.T, staleWindow time.Duration, extraCAs ...string
 	cfg := replacer.Replace(readExample(t, "haproxy.cfg"))
 	harness.WriteFile(t, s.dir, "spoe.conf", replacer.Replace(readExample(t, "spoe.conf")))
 
-	s.spoaArgs = []string{"-listen", s.spoaAddr, "-target", "api", "-consul-addr", s.cutter.Addr,
+	s.consulArgs = s.consul.Flags(s.cutter.Addr, token)
+	s.spoaArgs = []string{"-listen", s.spoaAddr, "-target", "api",
 		"-metrics-listen", s.metrics, "-stale-window", staleWindow.String(), "-ttl", "300ms", "-log-level", "debug"}
 	s.startSPOA(t)
 	s.haproxy = harness.StartHAProxy(t, s.dir, cfg, s.inbound)
@@ -88,7 +100,8 @@ func readExample(t *testing.T, name string) string {
 
 func (s *standalone) startSPOA(t *testing.T) {
 	t.Helper()
-	s.spoa = harness.Start(t, "haconnect-spoa", harness.Binary(t, "haconnect-spoa"), s.spoaArgs...)
+	s.spoa = harness.StartEnv(t, "haconnect-spoa", s.spoaEnv, harness.Binary(t, "haconnect-spoa"),
+		slices.Concat(s.spoaArgs, s.consulArgs)...)
 	harness.WaitListening(t, s.spoaAddr, 10*time.Second)
 }
 

@@ -70,7 +70,8 @@ func WriteFile(t testing.TB, dir, name, content string) string {
 	return p
 }
 
-// ForeignCA is a CA outside Consul, for certificates Consul never issued.
+// ForeignCA is a CA outside Consul's Connect CA: for certificates Consul
+// never issued, and for the agent's own HTTPS.
 type ForeignCA struct {
 	CertPEM string
 	cert    *x509.Certificate
@@ -101,15 +102,7 @@ func NewForeignCA(t testing.TB) *ForeignCA {
 // Issue signs a client certificate carrying the given URI SANs.
 func (ca *ForeignCA) Issue(t testing.TB, uris ...string) *Leaf {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: "foreign"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-	}
+	tmpl := &x509.Certificate{Subject: pkix.Name{CommonName: "foreign"}}
 	for _, u := range uris {
 		parsed, err := url.Parse(u)
 		if err != nil {
@@ -117,6 +110,30 @@ func (ca *ForeignCA) Issue(t testing.TB, uris ...string) *Leaf {
 		}
 		tmpl.URIs = append(tmpl.URIs, parsed)
 	}
+	uri := ""
+	if len(uris) > 0 {
+		uri = uris[0]
+	}
+	return ca.sign(t, tmpl, uri)
+}
+
+// IssueHost signs a certificate for a TLS server or client named by
+// dnsNames (none: a client certificate with only a common name).
+func (ca *ForeignCA) IssueHost(t testing.TB, commonName string, dnsNames ...string) *Leaf {
+	t.Helper()
+	return ca.sign(t, &x509.Certificate{Subject: pkix.Name{CommonName: commonName}, DNSNames: dnsNames}, "")
+}
+
+// sign completes tmpl (a fresh key, a day's validity, server and client
+// use) and signs it.
+func (ca *ForeignCA) sign(t testing.TB, tmpl *x509.Certificate, uri string) *Leaf {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl.SerialNumber = big.NewInt(time.Now().UnixNano())
+	tmpl.NotBefore = time.Now().Add(-time.Hour)
+	tmpl.NotAfter = time.Now().Add(24 * time.Hour)
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
 		t.Fatal(err)
@@ -124,10 +141,6 @@ func (ca *ForeignCA) Issue(t testing.TB, uris ...string) *Leaf {
 	keyDER, _ := x509.MarshalECPrivateKey(key)
 	certPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
 	keyPEM := string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}))
-	uri := ""
-	if len(uris) > 0 {
-		uri = uris[0]
-	}
 	return leafFromPEM(t, certPEM, keyPEM, uri)
 }
 

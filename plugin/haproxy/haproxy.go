@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -108,7 +109,9 @@ func Validate(ctx context.Context, binary, text string, dir string) error {
 		return err
 	}
 	f.Close()
-	out, err := exec.CommandContext(ctx, binary, "-c", "-q", "-f", f.Name()).CombinedOutput()
+	check := exec.CommandContext(ctx, binary, "-c", "-q", "-f", f.Name())
+	check.Env = withoutTokens(os.Environ())
+	out, err := check.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("haproxy -c: %v: %s", err, strings.TrimSpace(string(out)))
 	}
@@ -165,6 +168,7 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 		out = cfg.Logger.Named("haproxy").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Info})
 	}
 	cmd := exec.Command(bin, "-W", "-db", "-f", cfg.ConfigPath())
+	cmd.Env = withoutTokens(os.Environ())
 	cmd.Stdout, cmd.Stderr = out, out
 	// HAProxy must not outlive haconnect, even if haconnect is killed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -182,6 +186,15 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 	}
 	cfg.Logger.Info("haproxy started", "pid", cmd.Process.Pid, "config", cfg.ConfigPath())
 	return p, nil
+}
+
+// withoutTokens drops the ACL tokens haconnect may be given in its
+// environment: HAProxy talks to neither Consul nor Nomad, and what it
+// inherits would be readable in /proc/<pid>/environ for as long as it runs.
+func withoutTokens(env []string) []string {
+	return slices.DeleteFunc(env, func(kv string) bool {
+		return strings.HasPrefix(kv, "CONSUL_HTTP_TOKEN=") || strings.HasPrefix(kv, "NOMAD_TOKEN=")
+	})
 }
 
 // Done is closed when the master has exited.

@@ -2,9 +2,13 @@ package sidecar
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/consulflags"
 )
 
 // blockingResult is where a blocking query left off: an index, or a content
@@ -32,8 +36,13 @@ func (s *Sidecar) watch(ctx context.Context, what string,
 		if err != nil {
 			s.metrics.consulErrors.Inc()
 			if !failing {
-				s.log.Warn("consul query failing: keeping the running configuration and retrying",
-					"watch", what, "error", err)
+				if _, refused := consulflags.Refused(err); refused {
+					s.log.Error("consul refused the ACL token: keeping the running configuration and retrying",
+						"watch", what, "error", explainRefusal(what, err))
+				} else {
+					s.log.Warn("consul query failing: keeping the running configuration and retrying",
+						"watch", what, "error", err)
+				}
 				failing = true
 			}
 			last = blockingResult{}
@@ -52,6 +61,36 @@ func (s *Sidecar) watch(ctx context.Context, what string,
 		}
 		last = res
 	}
+}
+
+// watchEndpoints names the endpoint behind each watch (by the start of its
+// name), for the operator who must grant the token access to it.
+var watchEndpoints = []struct{ prefix, endpoint string }{
+	{"proxy registration ", "/v1/agent/service/"},
+	{"leaf certificate", "/v1/agent/connect/ca/leaf/<service>"},
+	{"CA roots", "/v1/agent/connect/ca/roots"},
+	{"instances of ", "/v1/health/connect/"},
+}
+
+// explainRefusal adds what to fix to a watch's 403 error. Consul names the
+// missing permission itself, except /v1/health/connect, which answers a
+// bare "Permission denied" without service:read on the upstream.
+func explainRefusal(what string, err error) error {
+	if consulflags.UnknownToken(err) {
+		return fmt.Errorf("%w (%s)", err, consulflags.UnknownTokenHint)
+	}
+	for _, w := range watchEndpoints {
+		arg, ok := strings.CutPrefix(what, w.prefix)
+		if !ok {
+			continue
+		}
+		if w.prefix == "instances of " && !strings.Contains(err.Error(), "lacks permission") {
+			name, _, _ := strings.Cut(arg, "@") // name@datacenter
+			return fmt.Errorf("%w (the token needs service:read on %q to call %s%s)", err, name, w.endpoint, name)
+		}
+		return fmt.Errorf("%w (calling %s%s)", err, w.endpoint, arg)
+	}
+	return err
 }
 
 // backoff doubles from 100ms to 5s.

@@ -484,15 +484,6 @@ func (a *Authorizer) defaultDecision(t *target, id *Identity) (bool, Reason, err
 	}
 }
 
-// explainACL names the missing permission when the agent refuses a call.
-func explainACL(err error, targetName string) error {
-	var se api.StatusError
-	if errors.As(err, &se) && se.Code == 403 {
-		return fmt.Errorf("%w (the token needs service:write on %q to call /v1/agent/connect/authorize)", err, targetName)
-	}
-	return err
-}
-
 // target returns the state for a destination, creating it and starting its
 // watch the first time. It returns nil past MaxTargets.
 func (a *Authorizer) target(name string) *target {

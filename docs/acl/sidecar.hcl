@@ -1,0 +1,31 @@
+# ACL policy for `haconnect sidecar` (and `haconnect nomad-hook`) serving the
+# service "web", whose proxy is registered as "web-sidecar-proxy", with one
+# upstream "api". Rename to your services; a proxy registered under another
+# name needs that name in the second block.
+
+# The leaf certificate (/v1/agent/connect/ca/leaf/web), and the embedded SPOA
+# deciding for callers of web, as in spoa.hcl.
+service "web" {
+  policy = "write"
+}
+
+# The proxy registration: /v1/agent/service/<proxy-id>, and the agent's
+# service list that -sidecar-for searches.
+service "web-sidecar-proxy" {
+  policy = "read"
+}
+
+# Each upstream: its healthy instances, /v1/health/connect/api. Without the
+# first block Consul refuses the call; without the other two it silently
+# leaves out the instances (their proxies' service and their nodes).
+service "api" {
+  policy = "read"
+}
+
+service "api-sidecar-proxy" {
+  policy = "read"
+}
+
+node_prefix "" {
+  policy = "read"
+}
