@@ -101,11 +101,12 @@ func TestSecureStandalone(t *testing.T) {
 	s := startStandaloneOn(t, c, tok.SecretID, 5*time.Minute)
 	secrets := []string{c.Token, tok.SecretID}
 	procs := []*harness.Process{s.haproxy.Proc, s.spoa}
+	top := t
 	restart := func(t *testing.T, args, env []string) {
 		t.Helper()
 		s.spoa.Kill()
 		s.consulArgs, s.spoaEnv = args, env
-		s.startSPOA(t)
+		s.startSPOA(top) // it must outlive the subtest that starts it
 		procs = append(procs, s.spoa)
 	}
 	want := func(t *testing.T, caller string, code int, reason string) {
@@ -139,6 +140,23 @@ func TestSecureStandalone(t *testing.T) {
 		file := harness.WriteFile(t, harness.TempDir(t), "token", tok.SecretID+"\n")
 		restart(t, append(c.Flags(s.cutter.Addr, ""), "-token-file", file), nil)
 		decisions(t)
+	})
+
+	t.Run("HTTP permissions: a request no permission matches gets the ACL default deny", func(t *testing.T) {
+		c.SetProtocol(t, "api", "http")
+		c.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{
+			{Action: allow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/public"}},
+		}}, harness.Source("batch", deny))
+		k := s.dialKeepAlive(t, "web")
+		harness.WaitFor(t, 5*time.Second, "web /public allowed by its permission", func() bool {
+			code, _ := k.do(t, "GET", "/public/x")
+			return code == 200
+		})
+		if code, body := k.do(t, "GET", "/private"); code != 403 || !strings.Contains(body, "(l7_default_deny)") {
+			t.Fatalf("web /private: %d %q, want 403 l7_default_deny", code, body)
+		}
+		c.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("batch", deny))
+		want(t, "web", 200, "source=web")
 	})
 
 	t.Run("a token without service:write: the error names it, callers no intention decides are denied", func(t *testing.T) {

@@ -248,7 +248,8 @@ func (s *Sidecar) resolveProxyID(ctx context.Context) (string, error) {
 			return "", fmt.Errorf("service %q has %d sidecar proxies (%s): name one with -proxy-id",
 				s.cfg.SidecarFor, len(ids), strings.Join(ids, ", "))
 		default:
-			s.log.Warn("no proxy registered for the service yet: retrying", "sidecar_for", s.cfg.SidecarFor, "retry_in", backoff.peek())
+			s.log.Warn("no proxy registered for the service yet (or the ACL token lacks service:read on the proxy's name, e.g. <service>-sidecar-proxy): retrying",
+				"sidecar_for", s.cfg.SidecarFor, "retry_in", backoff.peek())
 		}
 		if !backoff.wait(ctx) {
 			return "", ctx.Err()
@@ -420,6 +421,12 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 			entries, meta, err := s.client.Health().Connect(u.Name, "", true, q.WithContext(ctx))
 			if err != nil {
 				return blockingResult{}, err
+			}
+			if meta.ResultsFilteredByACLs {
+				// Consul answers, but without the instances the token may
+				// not see: rendering that would route to nobody.
+				return blockingResult{}, fmt.Errorf("consul hides instances of %q from the ACL token: "+
+					"it needs service:read on %q and %q and node:read on their nodes", u.Name, u.Name, u.Name+"-sidecar-proxy")
 			}
 			eps := make([]endpoint, 0, len(entries))
 			for _, e := range entries {

@@ -134,6 +134,7 @@ type target struct {
 	entries map[string]*entry // by certificate DER
 
 	defaultPolicy atomic.Pointer[defaultPolicy]
+	policyErr     atomic.Pointer[string] // the last error learning it, logged once
 }
 
 // ruleSet is what decides for one destination.
@@ -367,8 +368,7 @@ func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decisio
 	}
 	allow, reason, err := a.defaultDecision(t, id)
 	if err != nil {
-		a.log.Error("denied: cannot learn the default intention policy", "target", t.name,
-			"spiffe", id.ID.String(), "error", err)
+		a.policyError(t, id, err)
 		return newDecision(false, reason, id), false
 	}
 	if allow {
@@ -387,19 +387,32 @@ func (a *Authorizer) evaluateL7(t *target, rules *ruleSet, perms *Permissions, i
 	}
 	probe, ok := probeIdentity(rules.intentions, id)
 	if !ok {
-		a.log.Error("denied: cannot learn the default intention policy: every probe identity matches an intention",
-			"target", t.name, "spiffe", id.ID.String())
+		a.policyError(t, id, errors.New("every probe identity matches an intention"))
 		return newDecision(false, ReasonConsulInconsistent, id), false
 	}
 	allow, reason, err := a.defaultDecision(t, probe)
 	if err != nil {
-		a.log.Error("denied: cannot learn the default intention policy", "target", t.name,
-			"spiffe", id.ID.String(), "error", err)
+		a.policyError(t, id, err)
 		return newDecision(false, reason, id), false
 	}
 	d := newDecision(true, ReasonL7Intention, id)
 	d.L7, d.l7DefaultAllow = perms, allow
 	return d, true
+}
+
+// policyError logs that a caller was denied because the default policy
+// could not be learned: at Error the first time an error text is seen for
+// the destination, then at Debug, so that a refused token does not log on
+// every request.
+func (a *Authorizer) policyError(t *target, id *Identity, err error) {
+	text := err.Error()
+	if prev := t.policyErr.Swap(&text); prev == nil || *prev != text {
+		a.log.Error("denied: cannot learn the default intention policy", "target", t.name,
+			"spiffe", id.ID.String(), "error", err)
+		return
+	}
+	a.log.Debug("denied: cannot learn the default intention policy", "target", t.name,
+		"spiffe", id.ID.String(), "error", err)
 }
 
 // probeIdentity returns an identity no intention matches, in the caller's
@@ -473,6 +486,7 @@ func (a *Authorizer) defaultDecision(t *target, id *Identity) (bool, Reason, err
 			return false, ReasonConsulError, explainACL(err, t.name)
 		}
 		if strings.HasPrefix(res.Reason, defaultReasonPrefix) {
+			t.policyErr.Store(nil)
 			t.defaultPolicy.Store(&defaultPolicy{allow: res.Authorized, learned: time.Now()})
 			return res.Authorized, 0, nil
 		}
@@ -699,8 +713,13 @@ func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 			if !h.failing.Swap(true) {
 				a.consul.failing.Add(1)
 				a.cfg.Metrics.setConsulUp(false)
-				a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
-					"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
+				if explained, refused := explainWatchACL(err, what); refused {
+					a.log.Error("consul refused the ACL token: serving cached decisions within the stale window, denying new callers",
+						"watch", what, "stale_window", a.cfg.StaleWindow, "error", explained)
+				} else {
+					a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
+						"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
+				}
 			}
 			if !staleLogged && !a.consul.fresh(now, a.cfg.StaleWindow) {
 				a.log.Error("consul unreachable past the stale window: denying every caller", "watch", what)
