@@ -249,7 +249,7 @@ func TestSecureSidecars(t *testing.T) {
 			return strings.Contains(logText(p), want)
 		})
 		time.Sleep(time.Second) // the watch retries meanwhile: still one line
-		if n := strings.Count(p.Output(), "consul refused the ACL token"); n != 1 {
+		if n := strings.Count(logText(p), want); n != 1 {
 			t.Errorf("the refusal was logged %d times, want once:\n%s", n, p.Output())
 		}
 		if _, err := os.Stat(filepath.Join(dir, "haproxy.cfg")); err == nil {
@@ -266,6 +266,11 @@ func TestSecureSidecars(t *testing.T) {
 	t.Run("a token without service:read on the upstream: the error names it and the endpoint", func(t *testing.T) {
 		weakSidecar(t, "service \"api\" {\n  policy = \"read\"\n}",
 			`(Permission denied) (the token needs service:read on "api" to call /v1/health/connect/api)`)
+	})
+
+	t.Run("a token that may not see the upstream's nodes: the hidden instances are reported", func(t *testing.T) {
+		weakSidecar(t, "node_prefix \"\" {\n  policy = \"read\"\n}",
+			`consul hides instances of "api" from the ACL token: it needs service:read on "api" and "api-sidecar-proxy" and node:read on their nodes`)
 	})
 
 	t.Run("no token in any log line of the sidecars and their HAProxy, nor in their files", func(t *testing.T) {

@@ -16,8 +16,9 @@ service "web-sidecar-proxy" {
 }
 
 # Each upstream: its healthy instances, /v1/health/connect/api. Without the
-# first block Consul refuses the call; without the other two it silently
-# leaves out the instances (their proxies' service and their nodes).
+# first block Consul refuses the call; without the other two it leaves out
+# the instances (their proxies' service and their nodes), which the sidecar
+# reports as an error.
 service "api" {
   policy = "read"
 }
