@@ -1,0 +1,80 @@
+package revoke
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/haconnect/haconnect/spoa/authz"
+)
+
+// fakeRuntime answers show table / show sess with canned HAProxy 2.6 output
+// and records the sessions shut down. (The e2e tests run the real thing.)
+type fakeRuntime struct {
+	table, sess string
+	shut        []string
+}
+
+func (f *fakeRuntime) Command(c string) (string, error) {
+	switch {
+	case strings.HasPrefix(c, "show table "):
+		return f.table, nil
+	case c == "show sess":
+		return f.sess, nil
+	case strings.HasPrefix(c, "shutdown session "):
+		f.shut = append(f.shut, strings.TrimPrefix(c, "shutdown session "))
+		return "", nil
+	}
+	return "Unknown command\n", nil
+}
+
+type fakeChecker map[string]*authz.Decision
+
+func (f fakeChecker) Recheck(_, spiffe string) *authz.Decision { return f[spiffe] }
+
+const (
+	web   = "spiffe://td.consul/ns/default/dc/dc1/svc/web"
+	batch = "spiffe://td.consul/ns/default/dc/dc1/svc/batch"
+	other = "spiffe://td.consul/ns/default/dc/dc1/svc/other"
+)
+
+func TestSweepClosesOnlyDeniedCallersOnTheListener(t *testing.T) {
+	rt := &fakeRuntime{
+		table: "# table: haconnect_conns, type: string, size:102400, used:4\n" +
+			"0x1a: key=127.0.0.1:4001|" + web + " use=1 exp=30000\n" +
+			"0x1b: key=127.0.0.1:4002|" + web + " use=0 exp=12000\n" + // closed already
+			"0x1c: key=127.0.0.1:4003|" + batch + " use=1 exp=30000\n" +
+			"0x1d: key=127.0.0.1:4004|" + other + " use=1 exp=30000\n\n",
+		sess: "0x100: proto=tcpv4 src=127.0.0.1:4001 fe=public_listener be=local_app srv=app ts=00 age=2s\n" +
+			"0x101: proto=tcpv4 src=127.0.0.1:4003 fe=public_listener be=local_app srv=app ts=00 age=2s\n" +
+			"0x102: proto=tcpv4 src=127.0.0.1:4004 fe=public_listener be=local_app srv=app ts=00 age=2s\n" +
+			"0x103: proto=tcpv4 src=127.0.0.1:4001 fe=upstream_listener_db be=upstream_db srv=s1 ts=00 age=2s\n" +
+			"0x104: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none> ts=00 age=0s\n",
+	}
+	r, err := New(Config{Runtime: rt, Target: "echo", Table: "haconnect_conns", Frontend: "public_listener",
+		Checker: fakeChecker{
+			web:   authz.Deny(authz.ReasonIntentionDeny),
+			batch: {Allow: true, Reason: authz.ReasonIntentionAllow},
+			// other: nil, the authorizer cannot tell: left open
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := r.Sweep()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 || len(rt.shut) != 1 || rt.shut[0] != "0x100" {
+		t.Fatalf("closed %d (%v), want only web's session on the listener, 0x100", n, rt.shut)
+	}
+}
+
+func TestSweepWithoutTable(t *testing.T) {
+	rt := &fakeRuntime{table: "No such table\n"}
+	r, err := New(Config{Runtime: rt, Checker: fakeChecker{}, Target: "api", Table: "haconnect_conns", Frontend: "public_listener"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := r.Sweep(); n != 0 || err != nil {
+		t.Fatalf("an HTTP listener (no table): %d %v, want 0 and no error", n, err)
+	}
+}
