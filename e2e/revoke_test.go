@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -147,4 +148,40 @@ func TestTCPRevocation(t *testing.T) {
 			t.Errorf("the misconfiguration is not logged:\n%s", out)
 		}
 	})
+}
+
+// TestStandaloneTCPRevocation: haconnect-spoa -revoke-socket next to the
+// example configuration's TCP listener closes a revoked caller's streams.
+func TestStandaloneTCPRevocation(t *testing.T) {
+	s := startStandalone(t, time.Minute)
+	s.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("batch", allow))
+	dial := func(caller string) *stream {
+		c, err := tls.Dial("tcp", s.tcp, harness.ClientTLS(s.leaves[caller], s.roots))
+		if err != nil {
+			t.Fatalf("%s: %v", caller, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		st := &stream{conn: c, r: bufio.NewReader(c)}
+		if err := st.roundTrip("hello"); err != nil {
+			t.Fatalf("%s: the stream does not echo: %v", caller, err)
+		}
+		return st
+	}
+	web, batch := dial("web"), dial("batch")
+	written := time.Now()
+	s.consul.SetIntentions(t, "api", harness.Source("web", deny), harness.Source("batch", allow))
+	at := web.closedAt(3 * time.Second)
+	if at.IsZero() {
+		t.Fatal("web's stream is still open 3s after the deny")
+	}
+	t.Logf("web's stream closed %v after the deny", at.Sub(written))
+	if at.Sub(written) > time.Second {
+		t.Errorf("closed after %v, want <= 1s", at.Sub(written))
+	}
+	if err := batch.roundTrip("still here"); err != nil {
+		t.Fatalf("batch's stream was cut too: %v", err)
+	}
+	if got := s.metric(t, "haconnect_revoked_connections_total", map[string]string{"reason": "intention_deny"}); got != 1 {
+		t.Errorf("haconnect_revoked_connections_total{reason=intention_deny} = %v, want 1", got)
+	}
 }

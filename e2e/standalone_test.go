@@ -32,6 +32,7 @@ type standalone struct {
 	cutter   *harness.Cutter // between the SPOA and Consul
 	dir      string
 	inbound  string
+	tcp      string // the TCP listener, in front of an echo service
 	spoaAddr string
 	metrics  string
 	spoaArgs []string
@@ -70,22 +71,27 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 	t.Cleanup(app.Close)
 
 	s.inbound = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
+	s.tcp = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	s.spoaAddr = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	s.metrics = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	replacer := strings.NewReplacer(
 		"/etc/haproxy/haconnect", s.dir,
 		"127.0.0.1:21000", s.inbound,
+		"127.0.0.1:21001", s.tcp,
+		"127.0.0.1:9000", fmt.Sprintf("127.0.0.1:%d", startEcho(t)),
 		"127.0.0.1:8080", strings.TrimPrefix(app.URL, "http://"),
 		"127.0.0.1:12345", s.spoaAddr,
 	)
 	cfg := replacer.Replace(readExample(t, "haproxy.cfg"))
 	harness.WriteFile(t, s.dir, "spoe.conf", replacer.Replace(readExample(t, "spoe.conf")))
+	harness.WriteFile(t, s.dir, "spoe-tcp.conf", replacer.Replace(readExample(t, "spoe-tcp.conf")))
 
 	s.consulArgs = s.consul.Flags(s.cutter.Addr, token)
 	s.spoaArgs = []string{"-listen", s.spoaAddr, "-target", "api",
-		"-metrics-listen", s.metrics, "-stale-window", staleWindow.String(), "-ttl", "300ms", "-log-level", "debug"}
+		"-metrics-listen", s.metrics, "-stale-window", staleWindow.String(), "-ttl", "300ms", "-log-level", "debug",
+		"-revoke-socket", filepath.Join(s.dir, "admin.sock")}
 	s.startSPOA(t)
-	s.haproxy = harness.StartHAProxy(t, s.dir, cfg, s.inbound)
+	s.haproxy = harness.StartHAProxy(t, s.dir, cfg, s.inbound, s.tcp)
 	return s
 }
 

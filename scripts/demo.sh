@@ -54,6 +54,7 @@ PIDS+=($!)
 PIDS+=($!)
 sed -e "s#/etc/haproxy/haconnect#$DIR#g" -e "s#127.0.0.1:8080#127.0.0.1:$APP#" "$ROOT/examples/standalone/haproxy.cfg" >"$DIR/haproxy.cfg"
 sed -e "s#/etc/haproxy/haconnect#$DIR#g" "$ROOT/examples/standalone/spoe.conf" >"$DIR/spoe.conf"
+sed -e "s#/etc/haproxy/haconnect#$DIR#g" "$ROOT/examples/standalone/spoe-tcp.conf" >"$DIR/spoe-tcp.conf"
 "$HAPROXY" -c -q -f "$DIR/haproxy.cfg"
 "$HAPROXY" -db -f "$DIR/haproxy.cfg" >"$DIR/haproxy.log" 2>&1 &
 PIDS+=($!)

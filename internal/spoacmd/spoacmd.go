@@ -13,6 +13,8 @@ import (
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/logging"
 	"github.com/haconnect/haconnect/internal/promserve"
+	"github.com/haconnect/haconnect/plugin/haproxy"
+	"github.com/haconnect/haconnect/plugin/revoke"
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
 )
@@ -24,7 +26,13 @@ type Options struct {
 	Target        string
 	StaleWindow   time.Duration
 	TTL           time.Duration
-	Consul        consulflags.Flags
+	// RevokeSocket is HAProxy's runtime API (level admin); when set, the
+	// open connections of RevokeFrontend (a TCP listener tracking them in
+	// RevokeTable) are closed when an intention revokes their caller.
+	RevokeSocket   string
+	RevokeFrontend string
+	RevokeTable    string
+	Consul         consulflags.Flags
 	Log           logging.Flags
 }
 
@@ -35,6 +43,9 @@ func (o *Options) Register(fs *flag.FlagSet) {
 	fs.StringVar(&o.Target, "target", "", "destination service checked when a message has no target argument")
 	fs.DurationVar(&o.StaleWindow, "stale-window", 5*time.Minute, "how long cached decisions are served while Consul is unreachable")
 	fs.DurationVar(&o.TTL, "ttl", time.Second, "how long HAProxy may reuse a decision on an open connection (sent as ttl_ms)")
+	fs.StringVar(&o.RevokeSocket, "revoke-socket", "", "HAProxy runtime API socket (level admin): close the open TCP connections of callers an intention change denies (needs -target)")
+	fs.StringVar(&o.RevokeFrontend, "revoke-frontend", "inbound_tcp", "with -revoke-socket: the TCP frontend whose connections may be closed")
+	fs.StringVar(&o.RevokeTable, "revoke-table", "haconnect_conns", "with -revoke-socket: the stick table tracking that frontend's connections by caller")
 	o.Consul.Register(fs)
 	o.Log.Register(fs)
 }
@@ -70,6 +81,9 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	if o.TTL <= 0 || o.TTL > time.Hour {
 		return fmt.Errorf("-ttl must be in (0, 1h], got %s", o.TTL)
 	}
+	if o.RevokeSocket != "" && o.Target == "" {
+		return fmt.Errorf("-revoke-socket needs -target: connections are re-decided for that destination")
+	}
 	log, err := o.Log.New("haconnect-spoa", logOut)
 	if err != nil {
 		return err
@@ -80,14 +94,30 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	}
 	reg := promserve.NewRegistry()
 
+	var rev *revoke.Revoker // set before the authorizer starts calling back
 	az, err := authz.New(authz.Config{
 		Consul:      consulCfg,
 		Logger:      log.Named("authz"),
 		Metrics:     authz.NewMetrics(reg),
 		StaleWindow: o.StaleWindow,
+		OnChange: func(target string) {
+			if rev != nil {
+				rev.Changed(target)
+			}
+		},
 	})
 	if err != nil {
 		return err
+	}
+	if o.RevokeSocket != "" {
+		rev, err = revoke.New(revoke.Config{
+			Runtime: haproxy.NewAdmin(o.RevokeSocket), Checker: az, Target: o.Target,
+			Table: o.RevokeTable, Frontend: o.RevokeFrontend,
+			Logger: log.Named("revoke"), Registerer: reg,
+		})
+		if err != nil {
+			return err
+		}
 	}
 	srv, err := spoa.NewServer(spoa.Config{
 		Decider:    az,
@@ -118,6 +148,9 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 		targets = append(targets, o.Target)
 	}
 	az.Start(ctx, targets...)
+	if rev != nil {
+		go rev.Run(ctx)
+	}
 	if ms != nil {
 		ms.Serve(reg)
 		defer ms.Close()
