@@ -29,11 +29,7 @@ import (
 // readPolicy reads a documented ACL policy (docs/acl/<name>).
 func readPolicy(t *testing.T, name string) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(harness.RepoRoot(), "docs", "acl", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
+	return readRepoFile(t, "docs", "acl", name)
 }
 
 // sidecarPolicies returns docs/acl/sidecar.hcl (written for the service web

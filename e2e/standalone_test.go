@@ -97,7 +97,13 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 
 func readExample(t *testing.T, name string) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(harness.RepoRoot(), "examples", "standalone", name))
+	return readRepoFile(t, "examples", "standalone", name)
+}
+
+// readRepoFile reads a file of the repository, by its path's parts.
+func readRepoFile(t *testing.T, parts ...string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(append([]string{harness.RepoRoot()}, parts...)...))
 	if err != nil {
 		t.Fatal(err)
 	}
