@@ -33,7 +33,7 @@ type Options struct {
 	RevokeFrontend string
 	RevokeTable    string
 	Consul         consulflags.Flags
-	Log           logging.Flags
+	Log            logging.Flags
 }
 
 // Register adds the command's flags to fs.
