@@ -22,6 +22,7 @@ tools:
 
 ## test: every test (unit, end-to-end against real Consul and HAProxy) and a bounded fuzz run
 test: tools
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 20m ./...
 	$(MAKE) bench-smoke
