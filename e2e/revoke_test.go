@@ -6,13 +6,16 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/plugin/haproxy"
 )
 
 // stream is a TCP connection held open through the mesh.
@@ -122,6 +125,33 @@ func TestTCPRevocation(t *testing.T) {
 		!strings.Contains(out, "svc/web") {
 		t.Errorf("no log line names the revoked caller:\n%s", out)
 	}
+
+	t.Run("a stream held by an old worker after a reload is closed too", func(t *testing.T) {
+		held := openStream(t, web, "echo")
+		oldWorker := workerPid(t, echo)
+		if err := syscall.Kill(parentOf(t, oldWorker), syscall.SIGUSR2); err != nil { // a hitless reload
+			t.Fatal(err)
+		}
+		harness.WaitFor(t, 10*time.Second, "a new worker", func() bool {
+			pid, err := haproxy.NewAdmin(filepath.Join(echo.dir, "admin.sock")).WorkerPid()
+			return err == nil && pid != 0 && pid != oldWorker
+		})
+		if !alive(oldWorker) {
+			t.Fatal("the old worker left although it still holds a stream")
+		}
+		if err := held.roundTrip("through the old worker"); err != nil {
+			t.Fatal(err)
+		}
+		m.consul.SetIntentions(t, "echo", harness.Source("web", deny), harness.Source("batch", allow), harness.Source("*", deny))
+		if held.closedAt(3 * time.Second).IsZero() {
+			t.Fatal("the old worker's stream is still open 3s after the deny")
+		}
+		m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("batch", allow), harness.Source("*", deny))
+		harness.WaitFor(t, 5*time.Second, "web allowed again", func() bool {
+			got, err := web.echo("echo", "ping")
+			return err == nil && got == "ping"
+		})
+	})
 
 	t.Run("HTTP permissions for a caller of a TCP listener: refused and reported", func(t *testing.T) {
 		// Consul says echo speaks HTTP, its proxy registration says TCP:

@@ -187,7 +187,7 @@ func (l *Launcher) create(ctx context.Context, cfg haproxy.Config) (string, erro
 	}
 	res, err := l.Client.ContainerCreate(ctx, &container.Config{
 		Image:  l.Image,
-		Cmd:    []string{"-f", cfg.ConfigPath()},
+		Cmd:    append(cfg.MasterArgs(), "-f", cfg.ConfigPath()), // after the image's "haproxy -W -db"
 		Labels: labels,
 		User:   fmt.Sprintf("%d:%d", os.Getuid(), os.Getgid()), // the files are 0600, owned by us
 	}, host, nil, nil, l.Name)

@@ -56,6 +56,11 @@ func (a *Admin) command(c string) (string, error) {
 	if _, err := io.WriteString(conn, c+"\n"); err != nil {
 		return "", err
 	}
+	// End the request: the master CLI, unlike a worker's, waits for more
+	// commands until it reads the end of the stream.
+	if uc, ok := conn.(*net.UnixConn); ok {
+		_ = uc.CloseWrite()
+	}
 	b, err := io.ReadAll(bufio.NewReader(conn))
 	return string(b), err
 }

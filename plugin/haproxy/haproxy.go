@@ -96,6 +96,15 @@ func BinaryPath(configured string) (string, error) {
 // ConfigPath is where the running configuration lives.
 func (c Config) ConfigPath() string { return filepath.Join(c.Dir, "haproxy.cfg") }
 
+// MasterSocket is the master CLI's socket. Through it (`@!<pid> <command>`)
+// the runtime API of every worker is reachable, including old workers still
+// finishing their connections after a reload, which the stats socket, held
+// by the newest worker, no longer reaches.
+func (c Config) MasterSocket() string { return filepath.Join(c.Dir, "master.sock") }
+
+// MasterArgs are the command-line flags that open the master CLI.
+func (c Config) MasterArgs() []string { return []string{"-S", c.MasterSocket() + ",mode,600"} }
+
 // Validate checks a configuration with `haproxy -c` without touching the
 // running one. The error carries HAProxy's explanation.
 func Validate(ctx context.Context, binary, text string, dir string) error {
@@ -167,7 +176,7 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 	if out == nil {
 		out = cfg.Logger.Named("haproxy").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Info})
 	}
-	cmd := exec.Command(bin, "-W", "-db", "-f", cfg.ConfigPath())
+	cmd := exec.Command(bin, slices.Concat([]string{"-W", "-db"}, cfg.MasterArgs(), []string{"-f", cfg.ConfigPath()})...)
 	cmd.Env = withoutTokens(os.Environ())
 	cmd.Stdout, cmd.Stderr = out, out
 	// HAProxy must not outlive haconnect, even if haconnect is killed.

@@ -36,7 +36,12 @@ type Checker interface {
 
 // Config configures a Revoker.
 type Config struct {
+	// Runtime is a worker's runtime API (the stats socket). Master, when
+	// set, is the master CLI instead: every worker is swept through it,
+	// including old workers that still hold connections opened before a
+	// reload.
 	Runtime Runtime
+	Master  Runtime
 	Checker Checker
 	// Target is the destination service the listener serves.
 	Target string
@@ -60,8 +65,8 @@ type Revoker struct {
 
 // New creates a Revoker; call Run to start it.
 func New(cfg Config) (*Revoker, error) {
-	if cfg.Runtime == nil || cfg.Checker == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
-		return nil, fmt.Errorf("revoke: runtime, checker, target, table and frontend are required")
+	if (cfg.Runtime == nil && cfg.Master == nil) || cfg.Checker == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
+		return nil, fmt.Errorf("revoke: a runtime or master, checker, target, table and frontend are required")
 	}
 	if cfg.Settle <= 0 {
 		cfg.Settle = 500 * time.Millisecond
@@ -124,7 +129,55 @@ func (r *Revoker) sweepAndLog() {
 // Sweep shuts down the sessions of every caller the current rules deny
 // and returns how many it closed.
 func (r *Revoker) Sweep() (int, error) {
-	out, err := r.cfg.Runtime.Command("show table " + r.cfg.Table)
+	workers, err := r.workers()
+	if err != nil {
+		return 0, err
+	}
+	verdicts := map[string]*authz.Decision{} // by caller, shared by the workers
+	closed := 0
+	for _, w := range workers {
+		n, err := r.sweepWorker(w, verdicts)
+		closed += n
+		if err != nil {
+			return closed, err
+		}
+	}
+	return closed, nil
+}
+
+// workers are the runtime APIs to sweep: through the master CLI, every
+// worker it lists (current and old); else the one runtime.
+func (r *Revoker) workers() ([]Runtime, error) {
+	if r.cfg.Master == nil {
+		return []Runtime{r.cfg.Runtime}, nil
+	}
+	out, err := r.cfg.Master.Command("show proc")
+	if err != nil {
+		return nil, err
+	}
+	var ws []Runtime
+	for _, line := range strings.Split(out, "\n") {
+		// 9554            worker          0               0d00h00m01s     2.6.12
+		if f := strings.Fields(line); len(f) >= 2 && f[1] == "worker" {
+			ws = append(ws, viaMaster{master: r.cfg.Master, pid: f[0]})
+		}
+	}
+	if len(ws) == 0 {
+		return nil, fmt.Errorf("the master lists no worker: %q", strings.TrimSpace(out))
+	}
+	return ws, nil
+}
+
+// viaMaster sends commands to one worker through the master CLI.
+type viaMaster struct {
+	master Runtime
+	pid    string
+}
+
+func (v viaMaster) Command(c string) (string, error) { return v.master.Command("@!" + v.pid + " " + c) }
+
+func (r *Revoker) sweepWorker(rt Runtime, verdicts map[string]*authz.Decision) (int, error) {
+	out, err := rt.Command("show table " + r.cfg.Table)
 	if err != nil {
 		return 0, err
 	}
@@ -134,7 +187,11 @@ func (r *Revoker) Sweep() (int, error) {
 	byCaller := openConnections(out)
 	denied := map[string]authz.Reason{} // client address -> why
 	for spiffe, addrs := range byCaller {
-		d := r.cfg.Checker.Recheck(r.cfg.Target, spiffe)
+		d, seen := verdicts[spiffe]
+		if !seen {
+			d = r.cfg.Checker.Recheck(r.cfg.Target, spiffe)
+			verdicts[spiffe] = d
+		}
 		if d == nil {
 			continue
 		}
@@ -155,7 +212,7 @@ func (r *Revoker) Sweep() (int, error) {
 	if len(denied) == 0 {
 		return 0, nil
 	}
-	sessions, err := r.cfg.Runtime.Command("show sess")
+	sessions, err := rt.Command("show sess")
 	if err != nil {
 		return 0, err
 	}
@@ -165,7 +222,7 @@ func (r *Revoker) Sweep() (int, error) {
 		if !ok || s.frontend != r.cfg.Frontend {
 			continue
 		}
-		out, err := r.cfg.Runtime.Command("shutdown session " + s.id)
+		out, err := rt.Command("shutdown session " + s.id)
 		if err != nil {
 			return closed, err
 		}

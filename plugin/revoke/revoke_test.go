@@ -78,3 +78,38 @@ func TestSweepWithoutTable(t *testing.T) {
 		t.Fatalf("an HTTP listener (no table): %d %v, want 0 and no error", n, err)
 	}
 }
+
+// masterRuntime is a master CLI in front of workers: "@!<pid> <command>".
+type masterRuntime struct{ workers map[string]*fakeRuntime }
+
+func (m masterRuntime) Command(c string) (string, error) {
+	if c == "show proc" {
+		out := "#<PID>          <type>          <reloads>       <uptime>        <version>\n" +
+			"9498            master          1 [failed: 0]   0d00h00m04s     2.6.12\n# workers\n"
+		for pid := range m.workers {
+			out += pid + "            worker          0               0d00h00m01s     2.6.12\n"
+		}
+		return out + "# programs\n\n", nil
+	}
+	target, rest, _ := strings.Cut(strings.TrimPrefix(c, "@!"), " ")
+	return m.workers[target].Command(rest)
+}
+
+func TestSweepReachesOldWorkersThroughTheMaster(t *testing.T) {
+	conn := func(port string) *fakeRuntime {
+		return &fakeRuntime{
+			table: "0x1a: key=127.0.0.1:" + port + "|" + web + " use=1 exp=30000\n",
+			sess:  "0x100: proto=tcpv4 src=127.0.0.1:" + port + " fe=public_listener be=local_app srv=app ts=00\n",
+		}
+	}
+	current, old := conn("4001"), conn("4002")
+	r, err := New(Config{Master: masterRuntime{map[string]*fakeRuntime{"9554": current, "9509": old}},
+		Checker: fakeChecker{web: authz.Deny(authz.ReasonIntentionDeny)},
+		Target:  "echo", Table: "haconnect_conns", Frontend: "public_listener"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := r.Sweep(); n != 2 || err != nil || len(current.shut) != 1 || len(old.shut) != 1 {
+		t.Fatalf("closed %d (%v): current %v, old %v; want one in each worker", n, err, current.shut, old.shut)
+	}
+}
