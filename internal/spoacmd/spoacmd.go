@@ -43,7 +43,7 @@ func (o *Options) Register(fs *flag.FlagSet) {
 	fs.StringVar(&o.Target, "target", "", "destination service checked when a message has no target argument")
 	fs.DurationVar(&o.StaleWindow, "stale-window", 5*time.Minute, "how long cached decisions are served while Consul is unreachable")
 	fs.DurationVar(&o.TTL, "ttl", time.Second, "how long HAProxy may reuse a decision on an open connection (sent as ttl_ms)")
-	fs.StringVar(&o.RevokeSocket, "revoke-socket", "", "HAProxy runtime API socket (level admin): close the open TCP connections of callers an intention change denies (needs -target)")
+	fs.StringVar(&o.RevokeSocket, "revoke-socket", "", "HAProxy's master CLI socket (haproxy -S; reaches old workers after a reload) or a stats socket (level admin): close the open TCP connections of callers an intention change denies (needs -target)")
 	fs.StringVar(&o.RevokeFrontend, "revoke-frontend", "inbound_tcp", "with -revoke-socket: the TCP frontend whose connections may be closed")
 	fs.StringVar(&o.RevokeTable, "revoke-table", "haconnect_conns", "with -revoke-socket: the stick table tracking that frontend's connections by caller")
 	o.Consul.Register(fs)

@@ -36,12 +36,11 @@ type Checker interface {
 
 // Config configures a Revoker.
 type Config struct {
-	// Runtime is a worker's runtime API (the stats socket). Master, when
-	// set, is the master CLI instead: every worker is swept through it,
-	// including old workers that still hold connections opened before a
-	// reload.
+	// Runtime is HAProxy's master CLI (preferred: every worker is swept
+	// through it, including old workers that still hold connections opened
+	// before a reload) or a worker's stats socket (that worker only). Which
+	// one it is, is asked with "show proc", a master-only command.
 	Runtime Runtime
-	Master  Runtime
 	Checker Checker
 	// Target is the destination service the listener serves.
 	Target string
@@ -65,8 +64,8 @@ type Revoker struct {
 
 // New creates a Revoker; call Run to start it.
 func New(cfg Config) (*Revoker, error) {
-	if (cfg.Runtime == nil && cfg.Master == nil) || cfg.Checker == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
-		return nil, fmt.Errorf("revoke: a runtime or master, checker, target, table and frontend are required")
+	if cfg.Runtime == nil || cfg.Checker == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
+		return nil, fmt.Errorf("revoke: runtime, checker, target, table and frontend are required")
 	}
 	if cfg.Settle <= 0 {
 		cfg.Settle = 500 * time.Millisecond
@@ -145,13 +144,11 @@ func (r *Revoker) Sweep() (int, error) {
 	return closed, nil
 }
 
-// workers are the runtime APIs to sweep: through the master CLI, every
-// worker it lists (current and old); else the one runtime.
+// workers are the runtime APIs to sweep: through a master CLI, every
+// worker it lists (current and old); a worker's stats socket, which does
+// not know "show proc", is swept alone.
 func (r *Revoker) workers() ([]Runtime, error) {
-	if r.cfg.Master == nil {
-		return []Runtime{r.cfg.Runtime}, nil
-	}
-	out, err := r.cfg.Master.Command("show proc")
+	out, err := r.cfg.Runtime.Command("show proc")
 	if err != nil {
 		return nil, err
 	}
@@ -159,11 +156,11 @@ func (r *Revoker) workers() ([]Runtime, error) {
 	for _, line := range strings.Split(out, "\n") {
 		// 9554            worker          0               0d00h00m01s     2.6.12
 		if f := strings.Fields(line); len(f) >= 2 && f[1] == "worker" {
-			ws = append(ws, viaMaster{master: r.cfg.Master, pid: f[0]})
+			ws = append(ws, viaMaster{master: r.cfg.Runtime, pid: f[0]})
 		}
 	}
 	if len(ws) == 0 {
-		return nil, fmt.Errorf("the master lists no worker: %q", strings.TrimSpace(out))
+		return []Runtime{r.cfg.Runtime}, nil
 	}
 	return ws, nil
 }

@@ -103,7 +103,7 @@ func TestSweepReachesOldWorkersThroughTheMaster(t *testing.T) {
 		}
 	}
 	current, old := conn("4001"), conn("4002")
-	r, err := New(Config{Master: masterRuntime{map[string]*fakeRuntime{"9554": current, "9509": old}},
+	r, err := New(Config{Runtime: masterRuntime{map[string]*fakeRuntime{"9554": current, "9509": old}},
 		Checker: fakeChecker{web: authz.Deny(authz.ReasonIntentionDeny)},
 		Target:  "echo", Table: "haconnect_conns", Frontend: "public_listener"})
 	if err != nil {

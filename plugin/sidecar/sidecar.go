@@ -295,7 +295,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 		return "", nil, err
 	}
 	rev, err = revoke.New(revoke.Config{
-		Master: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Checker: az, Target: service,
+		Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Checker: az, Target: service,
 		Table: render.ConnTable, Frontend: render.InboundFrontend,
 		Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
 	})
