@@ -304,11 +304,10 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	}
 	sctx, cancel := context.WithCancel(ctx)
 	az.Start(sctx, service)
-	done := make(chan struct{}, 2)
-	go func() { rev.Run(sctx); done <- struct{}{} }()
-	stop := func() { cancel(); <-done; <-done }
+	var running sync.WaitGroup
+	running.Go(func() { rev.Run(sctx) })
+	stop := func() { cancel(); running.Wait() }
 	if external {
-		done <- struct{}{}
 		addr := s.cfg.SPOAAddr
 		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
 			addr = "unix@" + p
@@ -318,21 +317,20 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	srv, err := spoa.NewServer(spoa.Config{Decider: az, Target: service, TTL: s.cfg.TTL,
 		Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer})
 	if err != nil {
-		cancel()
+		stop()
 		return "", nil, err
 	}
 	sock := s.path("spoa.sock")
 	l, err := spoa.Listen("unix:" + sock)
 	if err != nil {
-		cancel()
+		stop()
 		return "", nil, fmt.Errorf("embedded SPOA: %w", err)
 	}
-	go func() {
-		defer func() { done <- struct{}{} }()
+	running.Go(func() {
 		if err := srv.Serve(sctx, l); err != nil {
 			s.log.Error("embedded SPOA stopped", "error", err)
 		}
-	}()
+	})
 	return "unix@" + sock, stop, nil
 }
 

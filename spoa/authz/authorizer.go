@@ -140,7 +140,7 @@ type target struct {
 // ruleSet is what decides for one destination.
 type ruleSet struct {
 	intentions []*api.Intention // precedence order, as Consul returns them
-	perms      []*Permissions   // compiled, by intention; nil for L4 intentions
+	perms      []*Permissions   // compiled with intentions, by intention; nil for L4 intentions
 	// protocol is the destination's protocol from its discovery chain
 	// (service-defaults, then proxy-defaults, then tcp).
 	protocol string
@@ -553,7 +553,13 @@ func (a *Authorizer) queryIntentions(ctx context.Context, t *target, index uint6
 	}
 	if meta.LastIndex != index || !t.health.isLoaded() {
 		list := res[t.name]
-		a.update(t, "intentions", func(rs *ruleSet) { rs.intentions = list })
+		perms := make([]*Permissions, len(list))
+		for i, ixn := range list {
+			if len(ixn.Permissions) > 0 {
+				perms[i] = compilePermissions(t.name, ixn, a.cfg.Metrics)
+			}
+		}
+		a.update(t, "intentions", func(rs *ruleSet) { rs.intentions, rs.perms = list, perms })
 	}
 	return meta.LastIndex, nil
 }
@@ -648,12 +654,10 @@ func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 	t.mu.Lock()
 	rules := *t.rules
 	change(&rules)
-	rules.perms = make([]*Permissions, len(rules.intentions))
 	misconfigured := 0
-	for i, ixn := range rules.intentions {
-		if len(ixn.Permissions) > 0 {
-			rules.perms[i] = compilePermissions(t.name, ixn, a.cfg.Metrics)
-			if rules.protocol != "" && !IsHTTP(rules.protocol) { // "": not loaded yet
+	if rules.protocol != "" && !IsHTTP(rules.protocol) { // "": not loaded yet
+		for _, p := range rules.perms {
+			if p != nil {
 				misconfigured++
 			}
 		}
