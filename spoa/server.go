@@ -69,18 +69,9 @@ const (
 	VarL7Reason = "l7_reason"
 )
 
-// boxedReasons and boxedModes hold the values HAProxy receives, converted
-// to `any` once: boxing allocates.
-var (
-	boxedReasons = func() map[authz.Reason]any {
-		m := map[authz.Reason]any{}
-		for _, r := range authz.Reasons() {
-			m[r] = r.String()
-		}
-		return m
-	}()
-	boxedModes = [3]any{0, 1, 2}
-)
+// boxedModes holds the l7 values HAProxy receives, converted to `any`
+// once: boxing allocates.
+var boxedModes = [3]any{0, 1, 2}
 
 // Decider makes authorization decisions; *authz.Authorizer is the real one.
 type Decider interface {
@@ -232,7 +223,8 @@ func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
 func (s *Server) handleRequest(req *request.Request, msg *message.Message, withHeaders bool) {
 	allow, reason := s.checkRequest(msg, withHeaders)
 	req.Actions.SetVar(action.ScopeTransaction, VarL7Auth, allow)
-	req.Actions.SetVar(action.ScopeTransaction, VarL7Reason, boxedReasons[reason])
+	// The shared denial for a reason carries its text already boxed.
+	req.Actions.SetVar(action.ScopeTransaction, VarL7Reason, authz.Deny(reason).Boxed.Reason)
 }
 
 func (s *Server) checkRequest(msg *message.Message, withHeaders bool) (bool, authz.Reason) {
