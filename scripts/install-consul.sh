@@ -16,7 +16,11 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="$ROOT/.tools/consul-$VERSION"
 BIN="$DEST/consul"
 
-if [[ -x "$BIN" ]] && "$BIN" version 2>/dev/null | grep -q "Consul v$VERSION"; then
+# The version output is read whole, never piped into a reader that stops early
+# (grep -q, head): under pipefail consul's SIGPIPE would fail the script.
+installed_version() { "$BIN" version 2>/dev/null | sed -n 1p; }
+
+if [[ -x "$BIN" ]] && [[ "$(installed_version)" == "Consul v$VERSION" ]]; then
 	echo "consul v$VERSION: cached at $BIN"
 	exit 0
 fi
@@ -75,4 +79,4 @@ CGO_ENABLED=0 go build -trimpath -o "$BIN.tmp" github.com/hashicorp/consul
 mv "$BIN.tmp" "$BIN"
 cd "$ROOT"
 rm -rf "$WORK"
-"$BIN" version | head -1
+installed_version

@@ -15,6 +15,9 @@ if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
 	# The package starts a system haproxy; haconnect runs its own.
 	$SUDO systemctl disable --now haproxy >/dev/null 2>&1 || $SUDO service haproxy stop >/dev/null 2>&1 || true
 fi
-echo "tools: $(/usr/sbin/haproxy -v 2>/dev/null | head -1 || haproxy -v | head -1)"
+HAPROXY_BIN=/usr/sbin/haproxy
+[[ -x $HAPROXY_BIN ]] || HAPROXY_BIN="$(command -v haproxy)"
+# sed reads all its input (unlike head), so haproxy never dies of SIGPIPE.
+echo "tools: $("$HAPROXY_BIN" -v | sed -n 1p)"
 
 bash "$ROOT/scripts/install-consul.sh"
