@@ -94,30 +94,27 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	}
 	reg := promserve.NewRegistry()
 
-	var rev *revoke.Revoker // set before the authorizer starts calling back
-	az, err := authz.New(authz.Config{
+	azCfg := authz.Config{
 		Consul:      consulCfg,
 		Logger:      log.Named("authz"),
 		Metrics:     authz.NewMetrics(reg),
 		StaleWindow: o.StaleWindow,
-		OnChange: func(target string) {
-			if rev != nil {
-				rev.Changed(target)
-			}
-		},
-	})
-	if err != nil {
-		return err
 	}
+	var rev *revoke.Revoker
 	if o.RevokeSocket != "" {
 		rev, err = revoke.New(revoke.Config{
-			Runtime: haproxy.NewAdmin(o.RevokeSocket), Checker: az, Target: o.Target,
+			Runtime: haproxy.NewAdmin(o.RevokeSocket), Target: o.Target,
 			Table: o.RevokeTable, Frontend: o.RevokeFrontend,
 			Logger: log.Named("revoke"), Registerer: reg,
 		})
 		if err != nil {
 			return err
 		}
+		azCfg.OnChange = rev.Changed
+	}
+	az, err := authz.New(azCfg)
+	if err != nil {
+		return err
 	}
 	srv, err := spoa.NewServer(spoa.Config{
 		Decider:    az,
@@ -149,7 +146,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	}
 	az.Start(ctx, targets...)
 	if rev != nil {
-		go rev.Run(ctx)
+		go rev.Run(ctx, az)
 	}
 	if ms != nil {
 		ms.Serve(reg)

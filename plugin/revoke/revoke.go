@@ -41,7 +41,6 @@ type Config struct {
 	// before a reload) or a worker's stats socket (that worker only). Which
 	// one it is, is asked with "show proc", a master-only command.
 	Runtime Runtime
-	Checker Checker
 	// Target is the destination service the listener serves.
 	Target string
 	// Table and Frontend name the stick table of open connections and the
@@ -62,10 +61,11 @@ type Revoker struct {
 	closed *prometheus.CounterVec
 }
 
-// New creates a Revoker; call Run to start it.
+// New creates a Revoker; call Run to start it. It takes no Checker, so
+// that it can exist before the authorizer whose OnChange it receives.
 func New(cfg Config) (*Revoker, error) {
-	if cfg.Runtime == nil || cfg.Checker == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
-		return nil, fmt.Errorf("revoke: runtime, checker, target, table and frontend are required")
+	if cfg.Runtime == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
+		return nil, fmt.Errorf("revoke: runtime, target, table and frontend are required")
 	}
 	if cfg.Settle <= 0 {
 		cfg.Settle = 500 * time.Millisecond
@@ -89,7 +89,8 @@ func New(cfg Config) (*Revoker, error) {
 	return r, nil
 }
 
-// Changed asks for a sweep; it never blocks (authz.Config.OnChange).
+// Changed asks for a sweep; it never blocks (authz.Config.OnChange). A
+// change reported before Run starts is swept when it does.
 func (r *Revoker) Changed(target string) {
 	if target != r.cfg.Target {
 		return
@@ -101,8 +102,8 @@ func (r *Revoker) Changed(target string) {
 }
 
 // Run sweeps after each change, and once more Settle later, until ctx is
-// done.
-func (r *Revoker) Run(ctx context.Context) {
+// done, re-deciding callers with c.
+func (r *Revoker) Run(ctx context.Context, c Checker) {
 	settle := time.NewTimer(r.cfg.Settle)
 	settle.Stop()
 	defer settle.Stop()
@@ -111,23 +112,23 @@ func (r *Revoker) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-r.kick:
-			r.sweepAndLog()
+			r.sweepAndLog(c)
 			settle.Reset(r.cfg.Settle)
 		case <-settle.C:
-			r.sweepAndLog()
+			r.sweepAndLog(c)
 		}
 	}
 }
 
-func (r *Revoker) sweepAndLog() {
-	if _, err := r.Sweep(); err != nil {
+func (r *Revoker) sweepAndLog(c Checker) {
+	if _, err := r.Sweep(c); err != nil {
 		r.cfg.Logger.Warn("cannot check open connections against the new intentions", "error", err)
 	}
 }
 
-// Sweep shuts down the sessions of every caller the current rules deny
-// and returns how many it closed.
-func (r *Revoker) Sweep() (int, error) {
+// Sweep shuts down the sessions of every caller that c now denies and
+// returns how many it closed.
+func (r *Revoker) Sweep(c Checker) (int, error) {
 	workers, err := r.workers()
 	if err != nil {
 		return 0, err
@@ -135,7 +136,7 @@ func (r *Revoker) Sweep() (int, error) {
 	verdicts := map[string]*authz.Decision{} // by caller, shared by the workers
 	closed := 0
 	for _, w := range workers {
-		n, err := r.sweepWorker(w, verdicts)
+		n, err := r.sweepWorker(w, c, verdicts)
 		closed += n
 		if err != nil {
 			return closed, err
@@ -173,7 +174,7 @@ type viaMaster struct {
 
 func (v viaMaster) Command(c string) (string, error) { return v.master.Command("@!" + v.pid + " " + c) }
 
-func (r *Revoker) sweepWorker(rt Runtime, verdicts map[string]*authz.Decision) (int, error) {
+func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.Decision) (int, error) {
 	out, err := rt.Command("show table " + r.cfg.Table)
 	if err != nil {
 		return 0, err
@@ -186,7 +187,7 @@ func (r *Revoker) sweepWorker(rt Runtime, verdicts map[string]*authz.Decision) (
 	for spiffe, addrs := range byCaller {
 		d, seen := verdicts[spiffe]
 		if !seen {
-			d = r.cfg.Checker.Recheck(r.cfg.Target, spiffe)
+			d = c.Recheck(r.cfg.Target, spiffe)
 			verdicts[spiffe] = d
 		}
 		if d == nil {

@@ -50,16 +50,15 @@ func TestSweepClosesOnlyDeniedCallersOnTheListener(t *testing.T) {
 			"0x103: proto=tcpv4 src=127.0.0.1:4001 fe=upstream_listener_db be=upstream_db srv=s1 ts=00 age=2s\n" +
 			"0x104: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none> ts=00 age=0s\n",
 	}
-	r, err := New(Config{Runtime: rt, Target: "echo", Table: "haconnect_conns", Frontend: "public_listener",
-		Checker: fakeChecker{
-			web:   authz.Deny(authz.ReasonIntentionDeny),
-			batch: {Allow: true, Reason: authz.ReasonIntentionAllow},
-			// other: nil, the authorizer cannot tell: left open
-		}})
+	r, err := New(Config{Runtime: rt, Target: "echo", Table: "haconnect_conns", Frontend: "public_listener"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := r.Sweep()
+	n, err := r.Sweep(fakeChecker{
+		web:   authz.Deny(authz.ReasonIntentionDeny),
+		batch: {Allow: true, Reason: authz.ReasonIntentionAllow},
+		// other: nil, the authorizer cannot tell: left open
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,11 +69,11 @@ func TestSweepClosesOnlyDeniedCallersOnTheListener(t *testing.T) {
 
 func TestSweepWithoutTable(t *testing.T) {
 	rt := &fakeRuntime{table: "No such table\n"}
-	r, err := New(Config{Runtime: rt, Checker: fakeChecker{}, Target: "api", Table: "haconnect_conns", Frontend: "public_listener"})
+	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontend: "public_listener"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, err := r.Sweep(); n != 0 || err != nil {
+	if n, err := r.Sweep(fakeChecker{}); n != 0 || err != nil {
 		t.Fatalf("an HTTP listener (no table): %d %v, want 0 and no error", n, err)
 	}
 }
@@ -104,12 +103,11 @@ func TestSweepReachesOldWorkersThroughTheMaster(t *testing.T) {
 	}
 	current, old := conn("4001"), conn("4002")
 	r, err := New(Config{Runtime: masterRuntime{map[string]*fakeRuntime{"9554": current, "9509": old}},
-		Checker: fakeChecker{web: authz.Deny(authz.ReasonIntentionDeny)},
-		Target:  "echo", Table: "haconnect_conns", Frontend: "public_listener"})
+		Target: "echo", Table: "haconnect_conns", Frontend: "public_listener"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, err := r.Sweep(); n != 2 || err != nil || len(current.shut) != 1 || len(old.shut) != 1 {
+	if n, err := r.Sweep(fakeChecker{web: authz.Deny(authz.ReasonIntentionDeny)}); n != 2 || err != nil || len(current.shut) != 1 || len(old.shut) != 1 {
 		t.Fatalf("closed %d (%v): current %v, old %v; want one in each worker", n, err, current.shut, old.shut)
 	}
 }

@@ -283,21 +283,20 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	if !external {
 		reg = s.cfg.Registerer // an external SPOA reports its own decisions
 	}
-	var rev *revoke.Revoker // set before the authorizer starts calling back
+	rev, err := revoke.New(revoke.Config{
+		Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Target: service,
+		Table: render.ConnTable, Frontend: render.InboundFrontend,
+		Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
+	})
+	if err != nil {
+		return "", nil, err
+	}
 	az, err := authz.New(authz.Config{
 		Consul:      s.cfg.Consul,
 		Logger:      s.log.Named("authz"),
 		Metrics:     authz.NewMetrics(reg),
 		StaleWindow: s.cfg.StaleWindow,
-		OnChange:    func(target string) { rev.Changed(target) },
-	})
-	if err != nil {
-		return "", nil, err
-	}
-	rev, err = revoke.New(revoke.Config{
-		Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Checker: az, Target: service,
-		Table: render.ConnTable, Frontend: render.InboundFrontend,
-		Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
+		OnChange:    rev.Changed,
 	})
 	if err != nil {
 		return "", nil, err
@@ -305,7 +304,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	sctx, cancel := context.WithCancel(ctx)
 	az.Start(sctx, service)
 	var running sync.WaitGroup
-	running.Go(func() { rev.Run(sctx) })
+	running.Go(func() { rev.Run(sctx, az) })
 	stop := func() { cancel(); running.Wait() }
 	if external {
 		addr := s.cfg.SPOAAddr

@@ -308,16 +308,14 @@ func (a *Authorizer) miss(t *target, der []byte) *Decision {
 		a.log.Debug("denied: unusable client certificate", "target", t.name, "reason", reason.String(), "error", err)
 		return Deny(reason)
 	}
-	if td := *a.trustDomain.Load(); id.ID.TrustDomain().Name() != td {
-		a.log.Warn("denied: certificate from a foreign trust domain", "target", t.name,
-			"spiffe", id.ID.String(), "trust_domain", td)
-		return newDecision(false, ReasonTrustDomain, &id)
-	}
-
 	t.mu.RLock()
 	gen, rules := t.gen, t.rules
 	t.mu.RUnlock()
 	d, cacheable := a.evaluate(t, rules, &id)
+	if d.Reason == ReasonTrustDomain {
+		a.log.Warn("denied: certificate from a foreign trust domain", "target", t.name,
+			"spiffe", id.ID.String(), "trust_domain", *a.trustDomain.Load())
+	}
 	if !cacheable {
 		return d
 	}
@@ -352,8 +350,13 @@ func (a *Authorizer) waitLoaded(h *health) bool {
 // evaluate applies the intentions (in precedence order) to the caller: the
 // first whose source matches decides, as in Consul's RBAC rules for Envoy
 // (an intention with HTTP permissions hands the decision to each request).
-// The boolean says whether the decision may be cached.
+// A caller from another trust domain is denied first: intention sources
+// name services of this cluster only. The boolean says whether the
+// decision is final: it may be cached, or close an open connection.
 func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decision, bool) {
+	if id.ID.TrustDomain().Name() != *a.trustDomain.Load() {
+		return newDecision(false, ReasonTrustDomain, id), true
+	}
 	for i, ixn := range rules.intentions {
 		if !sourceMatches(ixn, id) {
 			continue
@@ -614,9 +617,6 @@ func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
 	id, err := serviceIdentity(sid)
 	if err != nil {
 		return Deny(ReasonNotService)
-	}
-	if id.ID.TrustDomain().Name() != *a.trustDomain.Load() {
-		return newDecision(false, ReasonTrustDomain, &id)
 	}
 	t.mu.RLock()
 	rules := t.rules

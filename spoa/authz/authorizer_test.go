@@ -126,6 +126,18 @@ func TestDecisionsFollowConsul(t *testing.T) {
 			}
 		}
 	})
+	t.Run("a caller from another trust domain stays denied when a wildcard allows", func(t *testing.T) {
+		c.DeleteIntentions(t, "api")
+		impostor := derOf(t, harness.NewForeignCA(t).Issue(t, "spiffe://other.consul/ns/default/dc/dc1/svc/web"))
+		expect(t, a, "api", impostor, false, authz.ReasonTrustDomain) // now cached
+		c.SetIntentions(t, "api", harness.Source("*", api.IntentionActionAllow))
+		expect(t, a, "api", web, true, authz.ReasonIntentionAllow) // the change has been applied...
+		// ...and the cached denial was re-evaluated with it.
+		if d := a.Decide("api", impostor); d.Allow || d.Reason != authz.ReasonTrustDomain {
+			t.Fatalf("impostor after a * allow: %v %s, want deny %s", d.Allow, d.Reason, authz.ReasonTrustDomain)
+		}
+		c.DeleteIntentions(t, "api")
+	})
 	t.Run("bad input is denied with its reason", func(t *testing.T) {
 		for _, tc := range []struct {
 			name   string

@@ -89,6 +89,8 @@ func TestL7OnNonHTTPDestinationDenied(t *testing.T) {
 		{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"}},
 	}}
 	a := &Authorizer{log: hclog.NewNullLogger()}
+	td := "td.consul"
+	a.trustDomain.Store(&td)
 	rules := &ruleSet{intentions: []*api.Intention{ixn}, perms: []*Permissions{compilePermissions("db", ixn, nil)}, protocol: "tcp"}
 	if d, cacheable := a.evaluate(nil, rules, &ident); d.Allow || d.Reason != ReasonL7NotHTTP || !cacheable {
 		t.Fatalf("got allow=%v %s cacheable=%v, want a cacheable deny %s", d.Allow, d.Reason, cacheable, ReasonL7NotHTTP)
