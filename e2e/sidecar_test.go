@@ -305,6 +305,12 @@ func TestSidecarMesh(t *testing.T) {
 			code, _, _ := web.call("api")
 			return code == 200
 		})
+		// The health check (every 500ms) may have run while HAProxy was
+		// down and report it critical only now; the next test must not
+		// start with api-1 about to leave web's pool.
+		harness.WaitSteady(t, 15*time.Second, 1500*time.Millisecond, "api-1 steadily in web's pool", func() bool {
+			return serverActive(web.admin(t, "show stat upstream_api 4 -1"), api1.port)
+		})
 	})
 
 	t.Run("more instances than slots: a hitless reload loses no request", func(t *testing.T) {

@@ -52,6 +52,32 @@ func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
+// WaitSteady polls cond every 10ms until it has held without a break for
+// hold, or fails after timeout. It is for state that settles late: a Consul
+// health check that ran while a process restarted reports it up to one
+// check interval afterwards, so "true once" is not "true from now on".
+func WaitSteady(t testing.TB, timeout, hold time.Duration, what string, cond func() bool) {
+	t.Helper()
+	start := time.Now()
+	var since time.Time // zero: cond did not hold at the last poll
+	for {
+		if cond() {
+			if since.IsZero() {
+				since = time.Now()
+			}
+			if time.Since(since) >= hold {
+				return
+			}
+		} else {
+			since = time.Time{}
+		}
+		if time.Since(start) > timeout {
+			t.Fatalf("timed out after %s waiting for %s to hold for %s", timeout, what, hold)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // WaitListening waits until addr accepts TCP connections.
 func WaitListening(t testing.TB, addr string, timeout time.Duration) {
 	t.Helper()

@@ -147,6 +147,12 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	az.Start(ctx, targets...)
 	if rev != nil {
 		go rev.Run(ctx, az)
+		// The revoker keeps quiet while HAProxy has not started; say once
+		// that it does not answer, in case the path is wrong.
+		if _, err := haproxy.NewAdmin(o.RevokeSocket).Command("help"); err != nil {
+			log.Warn("-revoke-socket does not answer (yet): open TCP connections are re-checked once HAProxy listens there",
+				"socket", o.RevokeSocket, "error", err)
+		}
 	}
 	if ms != nil {
 		ms.Serve(reg)

@@ -13,8 +13,11 @@ package revoke
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -59,6 +62,10 @@ type Revoker struct {
 	cfg    Config
 	kick   chan struct{}
 	closed *prometheus.CounterVec
+	// reached: HAProxy has answered once. Until then a socket that is
+	// absent or refuses means HAProxy has not started, so no connection
+	// is open; that is not worth a warning (Run's goroutine only).
+	reached bool
 }
 
 // New creates a Revoker; call Run to start it. It takes no Checker, so
@@ -121,9 +128,21 @@ func (r *Revoker) Run(ctx context.Context, c Checker) {
 }
 
 func (r *Revoker) sweepAndLog(c Checker) {
-	if _, err := r.Sweep(c); err != nil {
+	_, err := r.Sweep(c)
+	switch {
+	case err == nil:
+		r.reached = true
+	case !r.reached && notStarted(err):
+		r.cfg.Logger.Debug("HAProxy's runtime API does not answer yet: no open connection to check", "error", err)
+	default:
+		r.reached = true
 		r.cfg.Logger.Warn("cannot check open connections against the new intentions", "error", err)
 	}
+}
+
+// notStarted reports whether err says nothing listens on the socket yet.
+func notStarted(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // Sweep shuts down the sessions of every caller that c now denies and

@@ -1,8 +1,11 @@
 package revoke
 
 import (
+	"net"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/haconnect/haconnect/spoa/authz"
 )
@@ -109,5 +112,42 @@ func TestSweepReachesOldWorkersThroughTheMaster(t *testing.T) {
 	}
 	if n, err := r.Sweep(fakeChecker{web: authz.Deny(authz.ReasonIntentionDeny)}); n != 2 || err != nil || len(current.shut) != 1 || len(old.shut) != 1 {
 		t.Fatalf("closed %d (%v): current %v, old %v; want one in each worker", n, err, current.shut, old.shut)
+	}
+}
+
+// flakyRuntime is a runtime API that HAProxy may not serve yet: down, it
+// fails as a dial to a socket nobody created does.
+type flakyRuntime struct {
+	fakeRuntime
+	down bool
+}
+
+func (f *flakyRuntime) Command(c string) (string, error) {
+	if f.down {
+		_, err := net.Dial("unix", "/nonexistent/haconnect/master.sock")
+		return "", err
+	}
+	return f.fakeRuntime.Command(c)
+}
+
+func TestNotStartedHAProxyIsNotAWarning(t *testing.T) {
+	var logs strings.Builder
+	rt := &flakyRuntime{fakeRuntime: fakeRuntime{table: "No such table\n"}, down: true}
+	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontend: "public_listener",
+		Logger: hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.sweepAndLog(fakeChecker{})
+	if got := logs.String(); !strings.Contains(got, "[DEBUG]") || strings.Contains(got, "[WARN]") {
+		t.Fatalf("before HAProxy first answers, a missing socket is for debugging only; logged:\n%s", got)
+	}
+	rt.down = false
+	r.sweepAndLog(fakeChecker{})
+	rt.down = true
+	logs.Reset()
+	r.sweepAndLog(fakeChecker{})
+	if got := logs.String(); !strings.Contains(got, "[WARN]") || !strings.Contains(got, "no such file") {
+		t.Fatalf("once HAProxy has answered, losing it is a warning; logged:\n%s", got)
 	}
 }
