@@ -3,6 +3,7 @@ package authz
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -229,17 +230,8 @@ func (p *Permissions) Check(r *Request, defaultAllow bool) (bool, Reason) {
 }
 
 func (r *rule) matches(method, path string, hs Headers) bool {
-	if len(r.methods) > 0 {
-		found := false
-		for _, m := range r.methods {
-			if m == method {
-				found = true
-				break
-			}
-		}
-		if !found {
-			return false
-		}
+	if len(r.methods) > 0 && !slices.Contains(r.methods, method) {
+		return false
 	}
 	if r.path.kind != matchAny && !r.path.matches(path) {
 		return false
