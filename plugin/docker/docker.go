@@ -260,9 +260,6 @@ func (c *Container) ConfigPath() string { return c.cfg.ConfigPath() }
 // Runtime implements haproxy.Instance.
 func (c *Container) Runtime(cmds ...string) error { return c.admin.Runtime(cmds...) }
 
-// Command implements haproxy.Instance.
-func (c *Container) Command(cmd string) (string, error) { return c.admin.Command(cmd) }
-
 // Reload validates text with the container's own haproxy (`haproxy -c`
 // through docker exec), installs it and signals the master (SIGUSR2).
 func (c *Container) Reload(ctx context.Context, text string) error {

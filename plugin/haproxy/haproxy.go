@@ -10,7 +10,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,9 +32,8 @@ type Config struct {
 	// AdminSocket is the stats socket the configuration declares (level
 	// admin, expose-fd listeners); the runtime API is spoken there.
 	AdminSocket string
-	Logger      hclog.Logger
-	// Output receives HAProxy's own log lines (default: the logger at info).
-	Output io.Writer
+	// Logger also receives HAProxy's own log lines, at info.
+	Logger hclog.Logger
 }
 
 // Instance is a running HAProxy, wherever it runs: a child process (exec
@@ -44,9 +42,8 @@ type Instance interface {
 	// Reload validates text and makes HAProxy run it without dropping
 	// connections; a rejected text leaves the running one in place.
 	Reload(ctx context.Context, text string) error
-	// Runtime sends runtime API commands; Command returns one answer.
+	// Runtime sends runtime API commands.
 	Runtime(cmds ...string) error
-	Command(c string) (string, error)
 	// Stop finishes connections for up to grace, then ends HAProxy.
 	Stop(grace time.Duration)
 	// Done is closed when HAProxy ended by itself; Err says why.
@@ -172,10 +169,7 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 	if err := WriteFileAtomic(cfg.ConfigPath(), []byte(text), 0o600); err != nil {
 		return nil, err
 	}
-	out := cfg.Output
-	if out == nil {
-		out = cfg.Logger.Named("haproxy").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Info})
-	}
+	out := cfg.Logger.Named("haproxy").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Info})
 	cmd := exec.Command(bin, slices.Concat([]string{"-W", "-db"}, cfg.MasterArgs(), []string{"-f", cfg.ConfigPath()})...)
 	cmd.Env = withoutTokens(os.Environ())
 	cmd.Stdout, cmd.Stderr = out, out
@@ -231,9 +225,6 @@ func (p *Process) Reload(ctx context.Context, text string) error {
 
 // Runtime sends commands to the admin socket (see Admin.Runtime).
 func (p *Process) Runtime(cmds ...string) error { return p.admin.Runtime(cmds...) }
-
-// Command sends one command to the admin socket and returns the answer.
-func (p *Process) Command(c string) (string, error) { return p.admin.Command(c) }
 
 // Stop asks HAProxy to finish its connections (soft stop) and waits up to
 // grace, then kills it. It never leaves a process behind.

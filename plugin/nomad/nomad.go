@@ -27,9 +27,7 @@ type Env struct {
 	AllocID    string // NOMAD_ALLOC_ID
 	Group      string // NOMAD_GROUP_NAME
 	Task       string // NOMAD_TASK_NAME
-	Job        string // NOMAD_JOB_NAME
 	Namespace  string // NOMAD_NAMESPACE
-	AllocDir   string // NOMAD_ALLOC_DIR
 	SecretsDir string // NOMAD_SECRETS_DIR
 }
 
@@ -39,9 +37,7 @@ func EnvFromOS() (Env, error) {
 		AllocID:    os.Getenv("NOMAD_ALLOC_ID"),
 		Group:      os.Getenv("NOMAD_GROUP_NAME"),
 		Task:       os.Getenv("NOMAD_TASK_NAME"),
-		Job:        os.Getenv("NOMAD_JOB_NAME"),
 		Namespace:  os.Getenv("NOMAD_NAMESPACE"),
-		AllocDir:   os.Getenv("NOMAD_ALLOC_DIR"),
 		SecretsDir: os.Getenv("NOMAD_SECRETS_DIR"),
 	}
 	if e.AllocID == "" {
@@ -52,10 +48,9 @@ func EnvFromOS() (Env, error) {
 
 // Target is the sidecar one hook serves.
 type Target struct {
-	AllocID   string
-	Group     string
-	Service   string
-	PortLabel string
+	AllocID string
+	Group   string
+	Service string
 	// ProxyID is the Consul service ID of the Connect sidecar proxy.
 	ProxyID string
 	// Upstreams names the destinations the job declares (for logs).
@@ -137,7 +132,7 @@ func Resolve(alloc *api.Allocation, env Env, service string) (*Target, error) {
 	case svc == nil:
 		return nil, resolveErr("group %q has no Connect service %q (it has: %s)", group, service, strings.Join(names, ", "))
 	}
-	t := &Target{AllocID: alloc.ID, Group: group, Service: svc.Name, PortLabel: svc.PortLabel,
+	t := &Target{AllocID: alloc.ID, Group: group, Service: svc.Name,
 		ProxyID: ProxyID(alloc.ID, group, svc.Name, svc.PortLabel)}
 	if p := svc.Connect.SidecarService.Proxy; p != nil {
 		for _, u := range p.Upstreams {

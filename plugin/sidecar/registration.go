@@ -12,7 +12,6 @@ import (
 
 // proxyConfig is what the sidecar reads from a Connect proxy registration.
 type proxyConfig struct {
-	ProxyID   string
 	Service   string // destination service name
 	BindAddr  string
 	BindPort  int
@@ -47,7 +46,6 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		return nil, fmt.Errorf("proxy %q names no destination service", svc.ID)
 	}
 	c := &proxyConfig{
-		ProxyID:   svc.ID,
 		Service:   p.DestinationServiceName,
 		BindAddr:  "0.0.0.0",
 		BindPort:  svc.Port,
