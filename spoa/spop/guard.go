@@ -118,19 +118,19 @@ func (g *Guard) next() error {
 		}
 		return g.readError(err)
 	}
-	f, err := ParseFrame(g.frame[4:])
+	typ, err := ParseFrame(g.frame[4:])
 	if err != nil {
 		return g.fail(err)
 	}
 	switch {
-	case !g.gotHello && f.Type != TypeHaproxyHello:
-		return g.fail(reject(RejectOrder, "frame type %#x before HELLO", f.Type))
-	case g.gotHello && f.Type == TypeHaproxyHello:
+	case !g.gotHello && typ != TypeHaproxyHello:
+		return g.fail(reject(RejectOrder, "frame type %#x before HELLO", typ))
+	case g.gotHello && typ == TypeHaproxyHello:
 		return g.fail(reject(RejectOrder, "second HELLO"))
-	case f.Type == TypeHaproxyHello:
+	case typ == TypeHaproxyHello:
 		g.gotHello = true
 		_ = g.Conn.SetReadDeadline(time.Time{})
-	case f.Type == TypeNotify:
+	case typ == TypeNotify:
 		// Wait for a free slot: the library acknowledges every NOTIFY.
 		select {
 		case g.slots <- struct{}{}:

@@ -15,21 +15,22 @@ type HeaderBlock []byte
 func (b HeaderBlock) Validate() error {
 	rest := []byte(b)
 	for {
-		name, r, ok := nextString(rest)
+		name, n, ok := parseString(rest)
 		if !ok {
 			return errors.New("header block: truncated name")
 		}
-		value, r, ok := nextString(r)
+		rest = rest[n:]
+		value, n, ok := parseString(rest)
 		if !ok {
 			return errors.New("header block: truncated value")
 		}
+		rest = rest[n:]
 		if len(name) == 0 && len(value) == 0 {
-			if len(r) != 0 {
+			if len(rest) != 0 {
 				return errors.New("header block: data after the end marker")
 			}
 			return nil
 		}
-		rest = r
 	}
 }
 
@@ -41,15 +42,16 @@ func (b HeaderBlock) Lookup(name string) (string, bool) {
 	found := false
 	rest := []byte(b)
 	for {
-		n, r, ok := nextString(rest)
+		n, size, ok := parseString(rest)
 		if !ok {
 			break
 		}
-		v, r, ok := nextString(r)
+		rest = rest[size:]
+		v, size, ok := parseString(rest)
 		if !ok || (len(n) == 0 && len(v) == 0) {
 			break
 		}
-		rest = r
+		rest = rest[size:]
 		if len(n) != len(name) || !strings.EqualFold(string(n), name) {
 			continue
 		}
@@ -60,14 +62,4 @@ func (b HeaderBlock) Lookup(name string) (string, bool) {
 		}
 	}
 	return joined, found
-}
-
-// nextString reads one length-prefixed string.
-func nextString(buf []byte) (s, rest []byte, ok bool) {
-	l, n := uvarint(buf)
-	if n < 0 || l > uint64(len(buf)-n) {
-		return nil, nil, false
-	}
-	end := n + int(l)
-	return buf[n:end], buf[end:], true
 }

@@ -189,51 +189,43 @@ func parseValue(buf []byte) (Value, int, bool) {
 	return v, 0, false
 }
 
-// Frame is the header of a validated frame.
-type Frame struct {
-	Type     byte
-	Flags    uint32
-	StreamID uint64
-	FrameID  uint64
-}
-
 // ParseFrame validates one frame body (everything after the 4-byte length)
-// sent by HAProxy, with the grammar the agent library will apply to it. It
-// keeps nothing of the payload: the library does the decoding.
-func ParseFrame(body []byte) (*Frame, error) {
+// sent by HAProxy, with the grammar the agent library will apply to it, and
+// returns the frame's type. It keeps nothing of the payload: the library
+// does the decoding. It runs on every frame, so it allocates nothing.
+func ParseFrame(body []byte) (frameType byte, err error) {
 	if len(body) < minFrameLen {
-		return nil, reject(RejectFrameLength, "frame of %d bytes is shorter than its header", len(body))
+		return 0, reject(RejectFrameLength, "frame of %d bytes is shorter than its header", len(body))
 	}
-	f := &Frame{Type: body[0]}
-	f.Flags = uint32(body[1])<<24 | uint32(body[2])<<16 | uint32(body[3])<<8 | uint32(body[4])
+	frameType = body[0]
+	flags := uint32(body[1])<<24 | uint32(body[2])<<16 | uint32(body[3])<<8 | uint32(body[4])
 	rest := body[5:]
 	var n int
-	if f.StreamID, n = uvarint(rest); n < 0 {
-		return nil, reject(RejectMalformed, "bad stream-id")
+	if _, n = uvarint(rest); n < 0 {
+		return 0, reject(RejectMalformed, "bad stream-id")
 	}
 	rest = rest[n:]
-	if f.FrameID, n = uvarint(rest); n < 0 {
-		return nil, reject(RejectMalformed, "bad frame-id")
+	if _, n = uvarint(rest); n < 0 {
+		return 0, reject(RejectMalformed, "bad frame-id")
 	}
 	rest = rest[n:]
-	if f.Flags&flagFin == 0 {
+	if flags&flagFin == 0 {
 		// Fragmentation is never negotiated by haconnect, so every frame
 		// must be complete.
-		return nil, reject(RejectNotFin, "fragmented frame")
+		return 0, reject(RejectNotFin, "fragmented frame")
 	}
-	switch f.Type {
+	switch frameType {
 	case TypeHaproxyHello, TypeHaproxyDisconnect:
-		if err := checkKVList(rest); err != nil {
-			return nil, err
-		}
+		err = checkKVList(rest)
 	case TypeNotify:
-		if err := checkMessages(rest); err != nil {
-			return nil, err
-		}
+		err = checkMessages(rest)
 	default:
-		return nil, reject(RejectFrameType, "frame type %#x is not sent by HAProxy", f.Type)
+		err = reject(RejectFrameType, "frame type %#x is not sent by HAProxy", frameType)
 	}
-	return f, nil
+	if err != nil {
+		return 0, err
+	}
+	return frameType, nil
 }
 
 // checkKVList checks a HELLO/DISCONNECT payload. The agent library
