@@ -2,6 +2,7 @@ package consulflags
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/hashicorp/consul/api"
@@ -19,6 +20,19 @@ func Refused(err error) (api.StatusError, bool) {
 		return se, true
 	}
 	return se, false
+}
+
+// Explain adds what to fix to an error of Consul refusing the ACL token,
+// keeping Consul's own text (it names the missing permission): the hint
+// about an unknown token, else fix. Other errors are returned unchanged.
+func Explain(err error, fix string) error {
+	if _, refused := Refused(err); !refused {
+		return err
+	}
+	if UnknownToken(err) {
+		return fmt.Errorf("%w (%s)", err, UnknownTokenHint)
+	}
+	return fmt.Errorf("%w (%s)", err, fix)
 }
 
 // UnknownToken reports whether err is Consul refusing a token it does not

@@ -1,11 +1,14 @@
 package consulflags
 
 import (
+	"errors"
 	"flag"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/consul/api"
 )
 
 func parse(t *testing.T, args ...string) (*Flags, error) {
@@ -52,6 +55,23 @@ func TestConfigRejectsBadValues(t *testing.T) {
 	} {
 		if _, err := parse(t, tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: err %v, want one mentioning %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+func TestExplain(t *testing.T) {
+	lacks := api.StatusError{Code: 403, Body: `Permission denied: token with AccessorID 'a1' lacks permission 'intention:read' on "api"`}
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{lacks, lacks.Error() + " (calling /v1/connect/intentions/match?by=destination&name=api)"},
+		{api.StatusError{Code: 403, Body: "ACL not found"}, "Unexpected response code: 403 (ACL not found) (" + UnknownTokenHint + ")"},
+		{api.StatusError{Code: 500, Body: "rpc error"}, "Unexpected response code: 500 (rpc error)"},
+	} {
+		got := Explain(tc.err, "calling /v1/connect/intentions/match?by=destination&name=api")
+		if got.Error() != tc.want || !errors.Is(got, tc.err) {
+			t.Errorf("Explain(%v)\n got %s\nwant %s", tc.err, got, tc.want)
 		}
 	}
 }

@@ -162,7 +162,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer cancel()
 	runCtx := ctx // upstream watches live as long as the sidecar
 
-	go s.watch(ctx, "proxy registration "+proxyID, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+	go s.watch(ctx, "proxy registration "+proxyID, "/v1/agent/service/"+proxyID, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
 		svc, meta, err := s.client.Agent().Service(proxyID, q.WithContext(ctx))
 		if err != nil {
 			return blockingResult{}, err
@@ -180,7 +180,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		}
 		return blockingResult{hash: meta.LastContentHash}, nil
 	})
-	go s.watch(ctx, "CA roots", func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+	go s.watch(ctx, "CA roots", "/v1/agent/connect/ca/roots", func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
 		roots, meta, err := s.client.Agent().ConnectCARoots(q.WithContext(ctx))
 		if err != nil {
 			return blockingResult{}, err
@@ -195,7 +195,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	if err != nil {
 		return nil // stopped while waiting
 	}
-	go s.watch(ctx, "leaf certificate", func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+	go s.watch(ctx, "leaf certificate", "/v1/agent/connect/ca/leaf/"+service, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
 		leaf, meta, err := s.client.Agent().ConnectCALeaf(service, q.WithContext(ctx))
 		if err != nil {
 			return blockingResult{}, err
@@ -413,7 +413,7 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 		wctx, cancel := context.WithCancel(ctx)
 		s.watching[k] = cancel
 		k, u := k, u
-		go s.watch(wctx, "instances of "+k, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
+		go s.watch(wctx, "instances of "+k, healthEndpoint+u.Name, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
 			q.Datacenter = u.Datacenter
 			entries, meta, err := s.client.Health().Connect(u.Name, "", true, q.WithContext(ctx))
 			if err != nil {

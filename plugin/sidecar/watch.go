@@ -19,8 +19,9 @@ type blockingResult struct {
 }
 
 // watch runs a blocking query until ctx is done, retrying with backoff and
-// logging once when it starts failing and once when it recovers.
-func (s *Sidecar) watch(ctx context.Context, what string,
+// logging once when it starts failing and once when it recovers. endpoint
+// is what a refused token must be granted access to.
+func (s *Sidecar) watch(ctx context.Context, what, endpoint string,
 	fetch func(ctx context.Context, q *api.QueryOptions) (blockingResult, error)) {
 	var last blockingResult
 	backoff := newBackoff()
@@ -38,7 +39,7 @@ func (s *Sidecar) watch(ctx context.Context, what string,
 			if !failing {
 				if _, refused := consulflags.Refused(err); refused {
 					s.log.Error("consul refused the ACL token: keeping the running configuration and retrying",
-						"watch", what, "error", explainRefusal(what, err))
+						"watch", what, "error", explainRefusal(endpoint, err))
 				} else {
 					s.log.Warn("consul query failing: keeping the running configuration and retrying",
 						"watch", what, "error", err)
@@ -63,34 +64,17 @@ func (s *Sidecar) watch(ctx context.Context, what string,
 	}
 }
 
-// watchEndpoints names the endpoint behind each watch (by the start of its
-// name), for the operator who must grant the token access to it.
-var watchEndpoints = []struct{ prefix, endpoint string }{
-	{"proxy registration ", "/v1/agent/service/"},
-	{"leaf certificate", "/v1/agent/connect/ca/leaf/<service>"},
-	{"CA roots", "/v1/agent/connect/ca/roots"},
-	{"instances of ", "/v1/health/connect/"},
-}
+// healthEndpoint is the prefix of the upstream instances' endpoint.
+const healthEndpoint = "/v1/health/connect/"
 
 // explainRefusal adds what to fix to a watch's 403 error. Consul names the
 // missing permission itself, except /v1/health/connect, which answers a
 // bare "Permission denied" without service:read on the upstream.
-func explainRefusal(what string, err error) error {
-	if consulflags.UnknownToken(err) {
-		return fmt.Errorf("%w (%s)", err, consulflags.UnknownTokenHint)
+func explainRefusal(endpoint string, err error) error {
+	if name, ok := strings.CutPrefix(endpoint, healthEndpoint); ok && !strings.Contains(err.Error(), "lacks permission") {
+		return consulflags.Explain(err, fmt.Sprintf("the token needs service:read on %q to call %s", name, endpoint))
 	}
-	for _, w := range watchEndpoints {
-		arg, ok := strings.CutPrefix(what, w.prefix)
-		if !ok {
-			continue
-		}
-		if w.prefix == "instances of " && !strings.Contains(err.Error(), "lacks permission") {
-			name, _, _ := strings.Cut(arg, "@") // name@datacenter
-			return fmt.Errorf("%w (the token needs service:read on %q to call %s%s)", err, name, w.endpoint, name)
-		}
-		return fmt.Errorf("%w (calling %s%s)", err, w.endpoint, arg)
-	}
-	return err
+	return consulflags.Explain(err, "calling "+endpoint)
 }
 
 // backoff doubles from 100ms to 5s.

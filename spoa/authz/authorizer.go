@@ -35,6 +35,8 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/haconnect/haconnect/internal/consulflags"
 )
 
 // Config configures an Authorizer.
@@ -228,7 +230,7 @@ func New(cfg Config) (*Authorizer, error) {
 // their first request on.
 func (a *Authorizer) Start(ctx context.Context, targets ...string) {
 	a.ctx = ctx
-	go a.loop(ctx, queryRoots, "CA roots", &a.roots, a.queryRoots)
+	go a.loop(ctx, queryRoots, "CA roots", "/v1/agent/connect/ca/roots", &a.roots, a.queryRoots)
 	for _, t := range targets {
 		a.target(t)
 	}
@@ -521,10 +523,10 @@ func (a *Authorizer) target(name string) *target {
 	}
 	t = &target{name: name, health: newHealth(), chain: newHealth(), rules: &ruleSet{}, entries: map[string]*entry{}}
 	a.targets[name] = t
-	go a.loop(a.ctx, queryIntentions, "intentions for "+name, &t.health, func(ctx context.Context, index uint64) (uint64, error) {
+	go a.loop(a.ctx, queryIntentions, "intentions for "+name, "/v1/connect/intentions/match?by=destination&name="+name, &t.health, func(ctx context.Context, index uint64) (uint64, error) {
 		return a.queryIntentions(ctx, t, index)
 	})
-	go a.loop(a.ctx, queryChain, "protocol of "+name, &t.chain, func(ctx context.Context, index uint64) (uint64, error) {
+	go a.loop(a.ctx, queryChain, "protocol of "+name, "/v1/discovery-chain/"+name, &t.chain, func(ctx context.Context, index uint64) (uint64, error) {
 		return a.queryProtocol(ctx, t, index)
 	})
 	return t
@@ -698,8 +700,9 @@ func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 }
 
 // loop runs one blocking query for as long as ctx lives, tracking Consul's
-// reachability and logging each change of state once.
-func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
+// reachability and logging each change of state once. endpoint is what a
+// refused token must be granted access to.
+func (a *Authorizer) loop(ctx context.Context, query, what, endpoint string, h *health,
 	fetch func(ctx context.Context, index uint64) (uint64, error)) {
 	var index uint64
 	backoff := 50 * time.Millisecond
@@ -717,9 +720,9 @@ func (a *Authorizer) loop(ctx context.Context, query, what string, h *health,
 			if !h.failing.Swap(true) {
 				a.consul.failing.Add(1)
 				a.cfg.Metrics.setConsulUp(false)
-				if explained, refused := explainWatchACL(err, what); refused {
+				if _, refused := consulflags.Refused(err); refused {
 					a.log.Error("consul refused the ACL token: serving cached decisions within the stale window, denying new callers",
-						"watch", what, "stale_window", a.cfg.StaleWindow, "error", explained)
+						"watch", what, "stale_window", a.cfg.StaleWindow, "error", consulflags.Explain(err, "calling "+endpoint))
 				} else {
 					a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
 						"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
