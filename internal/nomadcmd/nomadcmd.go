@@ -16,6 +16,8 @@ import (
 	"github.com/docker/docker/client"
 	nomadapi "github.com/hashicorp/nomad/api"
 
+	"github.com/haconnect/haconnect/internal/backoff"
+	"github.com/haconnect/haconnect/internal/cli"
 	"github.com/haconnect/haconnect/internal/sidecarcmd"
 	"github.com/haconnect/haconnect/plugin/docker"
 	"github.com/haconnect/haconnect/plugin/haproxy"
@@ -64,52 +66,52 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&netCtr, "network-container", "", "docker launcher: container whose network namespace HAProxy joins (default: Nomad's nomad_init_<alloc ID>)")
 	fs.Float64Var(&cpus, "cpus", 0, "docker launcher: CPU limit of the HAProxy container, in cores (0: none)")
 	fs.Int64Var(&memoryMB, "memory", 0, "docker launcher: memory limit of the HAProxy container, MiB (0: none)")
-	if code, done := sidecarcmd.Parse(fs, args, stderr); done {
+	if code, done := cli.Parse(fs, args, stderr); done {
 		return code
 	}
 	if launcher != "docker" && launcher != "exec" {
-		return sidecarcmd.Fail(stderr, name, fmt.Errorf("-launcher %q: want docker or exec", launcher))
+		return cli.Fail(stderr, name, fmt.Errorf("-launcher %q: want docker or exec", launcher))
 	}
 	if cpus < 0 || memoryMB < 0 {
-		return sidecarcmd.Fail(stderr, name, errors.New("-cpus and -memory must not be negative"))
+		return cli.Fail(stderr, name, errors.New("-cpus and -memory must not be negative"))
 	}
 	env, err := nomad.EnvFromOS()
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	if o.Sidecar.Dir == "" && env.SecretsDir != "" {
 		o.Sidecar.Dir = filepath.Join(env.SecretsDir, "haconnect")
 	}
 	p, err := o.Prepare("haconnect-nomad-hook", stderr)
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	defer p.Close()
 	nc, err := nf.client()
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	target, err := lookupWithRetry(ctx, nc, env, service, p)
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	p.Config.ProxyID = target.ProxyID
 	p.Log.Info("serving the Connect sidecar of an allocation", "alloc_id", target.AllocID, "group", target.Group,
 		"service", target.Service, "proxy_id", target.ProxyID, "upstreams", target.Upstreams, "launcher", launcher)
 
 	if launcher == "docker" {
-		cli, err := docker.New(ctx)
+		dc, err := docker.New(ctx)
 		if err != nil {
-			return sidecarcmd.Fail(stderr, name, err)
+			return cli.Fail(stderr, name, err)
 		}
-		defer cli.Close()
+		defer dc.Close()
 		if netCtr == "" {
-			if netCtr, err = docker.FindNetworkContainer(ctx, cli, env.AllocID); err != nil {
-				return sidecarcmd.Fail(stderr, name, fmt.Errorf("%w (name it with -network-container)", err))
+			if netCtr, err = docker.FindNetworkContainer(ctx, dc, env.AllocID); err != nil {
+				return cli.Fail(stderr, name, fmt.Errorf("%w (name it with -network-container)", err))
 			}
 		}
 		l := &docker.Launcher{
-			Client:           cli,
+			Client:           dc,
 			Image:            image,
 			Name:             "haconnect-" + env.AllocID + "-" + target.Service,
 			NetworkContainer: netCtr,
@@ -121,7 +123,7 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 		// A hook running in a task container shares its volumes (the
 		// working directory lives in them); on a host, the directory is
 		// bind-mounted.
-		if own, err := ownContainer(ctx, cli, env); err == nil && own != "" {
+		if own, err := ownContainer(ctx, dc, env); err == nil && own != "" {
 			l.VolumesFrom = own
 		}
 		p.Config.Launcher = l
@@ -134,7 +136,7 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 // lookupWithRetry reads the allocation, retrying while Nomad cannot be
 // reached; a definite answer (no such group or service) is final.
 func lookupWithRetry(ctx context.Context, nc *nomadapi.Client, env nomad.Env, service string, p *sidecarcmd.Prepared) (*nomad.Target, error) {
-	delay := 100 * time.Millisecond
+	retry := backoff.New(100*time.Millisecond, 5*time.Second)
 	for {
 		t, err := nomad.Lookup(ctx, nc, env, service)
 		if err == nil {
@@ -143,13 +145,10 @@ func lookupWithRetry(ctx context.Context, nc *nomadapi.Client, env nomad.Env, se
 		if ctx.Err() != nil || !isTransient(err) {
 			return nil, err
 		}
-		p.Log.Warn("cannot read the allocation from Nomad: retrying", "error", err, "retry_in", delay)
-		select {
-		case <-ctx.Done():
+		p.Log.Warn("cannot read the allocation from Nomad: retrying", "error", err, "retry_in", retry.Next())
+		if !retry.Wait(ctx) {
 			return nil, ctx.Err()
-		case <-time.After(delay):
 		}
-		delay = min(delay*2, 5*time.Second)
 	}
 }
 
@@ -164,11 +163,11 @@ func isTransient(err error) bool {
 
 // ownContainer finds the container the hook itself runs in, by the labels
 // Nomad's docker driver puts on task containers.
-func ownContainer(ctx context.Context, cli *client.Client, env nomad.Env) (string, error) {
+func ownContainer(ctx context.Context, dc *client.Client, env nomad.Env) (string, error) {
 	if env.Task == "" {
 		return "", nil
 	}
-	list, err := cli.ContainerList(ctx, container.ListOptions{Filters: filters.NewArgs(
+	list, err := dc.ContainerList(ctx, container.ListOptions{Filters: filters.NewArgs(
 		filters.Arg("label", "com.hashicorp.nomad.alloc_id="+env.AllocID),
 		filters.Arg("label", "com.hashicorp.nomad.task_name="+env.Task))})
 	if err != nil || len(list) != 1 {
@@ -186,21 +185,21 @@ func RunGC(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var nf nomadFlags
 	nf.register(fs)
 	dryRun := fs.Bool("dry-run", false, "only list what would be removed")
-	if code, done := sidecarcmd.Parse(fs, args, stderr); done {
+	if code, done := cli.Parse(fs, args, stderr); done {
 		return code
 	}
 	nc, err := nf.client()
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
-	cli, err := docker.New(ctx)
+	dc, err := docker.New(ctx)
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
-	defer cli.Close()
-	list, err := docker.Managed(ctx, cli)
+	defer dc.Close()
+	list, err := docker.Managed(ctx, dc)
 	if err != nil {
-		return sidecarcmd.Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	removed, kept := 0, 0
 	for _, c := range list {
@@ -210,7 +209,7 @@ func RunGC(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		alive, err := nomad.Alive(ctx, nc, alloc)
 		if err != nil {
-			return sidecarcmd.Fail(stderr, name, fmt.Errorf("allocation %s: %w (nothing removed for it)", alloc, err))
+			return cli.Fail(stderr, name, fmt.Errorf("allocation %s: %w (nothing removed for it)", alloc, err))
 		}
 		if alive {
 			kept++
@@ -218,8 +217,8 @@ func RunGC(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stdout, "allocation %s is gone: removing container %s (%s)\n", alloc, c.ID[:12], firstName(c.Names))
 		if !*dryRun {
-			if err := cli.ContainerRemove(ctx, c.ID, container.RemoveOptions{Force: true}); err != nil {
-				return sidecarcmd.Fail(stderr, name, err)
+			if err := dc.ContainerRemove(ctx, c.ID, container.RemoveOptions{Force: true}); err != nil {
+				return cli.Fail(stderr, name, err)
 			}
 		}
 		removed++

@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/haconnect/haconnect/internal/cli"
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/logging"
 	"github.com/haconnect/haconnect/internal/promserve"
@@ -110,15 +111,15 @@ func Run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var o Options
 	o.Register(fs, true)
-	if code, done := Parse(fs, args, stderr); done {
+	if code, done := cli.Parse(fs, args, stderr); done {
 		return code
 	}
 	if (o.Sidecar.ProxyID == "") == (o.Sidecar.SidecarFor == "") {
-		return Fail(stderr, "haconnect sidecar", errors.New("give exactly one of -sidecar-for and -proxy-id"))
+		return cli.Fail(stderr, "haconnect sidecar", errors.New("give exactly one of -sidecar-for and -proxy-id"))
 	}
 	p, err := o.Prepare("haconnect-sidecar", stderr)
 	if err != nil {
-		return Fail(stderr, "haconnect sidecar", err)
+		return cli.Fail(stderr, "haconnect sidecar", err)
 	}
 	defer p.Close()
 	return Serve(ctx, p, stderr, "haconnect sidecar")
@@ -128,32 +129,11 @@ func Run(ctx context.Context, args []string, stderr io.Writer) int {
 func Serve(ctx context.Context, p *Prepared, stderr io.Writer, name string) int {
 	sc, err := sidecar.New(p.Config)
 	if err != nil {
-		return Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	if err := sc.Run(ctx); err != nil {
-		return Fail(stderr, name, err)
+		return cli.Fail(stderr, name, err)
 	}
 	p.Log.Info("stopped")
 	return 0
-}
-
-// Parse parses flags; done reports that the command must exit with code.
-func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) (code int, done bool) {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0, true
-		}
-		return 2, true
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
-		return 2, true
-	}
-	return 0, false
-}
-
-// Fail prints err and returns exit code 1.
-func Fail(stderr io.Writer, name string, err error) int {
-	fmt.Fprintf(stderr, "%s: %v\n", name, err)
-	return 1
 }

@@ -4,12 +4,12 @@ package spoacmd
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"time"
 
+	"github.com/haconnect/haconnect/internal/cli"
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/logging"
 	"github.com/haconnect/haconnect/internal/promserve"
@@ -56,19 +56,11 @@ func Run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var o Options
 	o.Register(fs)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "haconnect-spoa: unexpected argument %q\n", fs.Arg(0))
-		return 2
+	if code, done := cli.Parse(fs, args, stderr); done {
+		return code
 	}
 	if err := Serve(ctx, o, stderr); err != nil {
-		fmt.Fprintf(stderr, "haconnect-spoa: %v\n", err)
-		return 1
+		return cli.Fail(stderr, fs.Name(), err)
 	}
 	return 0
 }

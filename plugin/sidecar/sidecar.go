@@ -224,7 +224,7 @@ func (s *Sidecar) resolveProxyID(ctx context.Context) (string, error) {
 	if s.cfg.ProxyID != "" {
 		return s.cfg.ProxyID, nil
 	}
-	backoff := newBackoff()
+	retry := newBackoff()
 	for {
 		services, err := s.client.Agent().ServicesWithFilterOpts(
 			fmt.Sprintf("Kind == %q and Proxy.DestinationServiceID == %q", api.ServiceKindConnectProxy, s.cfg.SidecarFor),
@@ -233,7 +233,7 @@ func (s *Sidecar) resolveProxyID(ctx context.Context) (string, error) {
 		case ctx.Err() != nil:
 			return "", ctx.Err()
 		case err != nil:
-			s.log.Warn("cannot list the agent's services: retrying", "error", err, "retry_in", backoff.peek())
+			s.log.Warn("cannot list the agent's services: retrying", "error", err, "retry_in", retry.Next())
 		case len(services) == 1:
 			for id := range services {
 				s.log.Info("found the proxy", "sidecar_for", s.cfg.SidecarFor, "proxy_id", id)
@@ -249,9 +249,9 @@ func (s *Sidecar) resolveProxyID(ctx context.Context) (string, error) {
 				s.cfg.SidecarFor, len(ids), strings.Join(ids, ", "))
 		default:
 			s.log.Warn("no proxy registered for the service yet (or the ACL token lacks service:read on the proxy's name, e.g. <service>-sidecar-proxy): retrying",
-				"sidecar_for", s.cfg.SidecarFor, "retry_in", backoff.peek())
+				"sidecar_for", s.cfg.SidecarFor, "retry_in", retry.Next())
 		}
-		if !backoff.wait(ctx) {
+		if !retry.Wait(ctx) {
 			return "", ctx.Err()
 		}
 	}

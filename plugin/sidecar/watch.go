@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haconnect/haconnect/internal/backoff"
 	"github.com/haconnect/haconnect/internal/consulflags"
 )
 
@@ -24,7 +25,7 @@ type blockingResult struct {
 func (s *Sidecar) watch(ctx context.Context, what, endpoint string,
 	fetch func(ctx context.Context, q *api.QueryOptions) (blockingResult, error)) {
 	var last blockingResult
-	backoff := newBackoff()
+	retry := newBackoff()
 	failing := false
 	for ctx.Err() == nil {
 		q := &api.QueryOptions{WaitIndex: last.index, WaitHash: last.hash, WaitTime: 5 * time.Minute}
@@ -47,7 +48,7 @@ func (s *Sidecar) watch(ctx context.Context, what, endpoint string,
 				failing = true
 			}
 			last = blockingResult{}
-			if !backoff.wait(ctx) {
+			if !retry.Wait(ctx) {
 				return
 			}
 			continue
@@ -56,7 +57,7 @@ func (s *Sidecar) watch(ctx context.Context, what, endpoint string,
 			s.log.Info("consul query recovered", "watch", what)
 			failing = false
 		}
-		backoff.reset()
+		retry.Reset()
 		if res.index < last.index {
 			res.index = 0
 		}
@@ -77,24 +78,6 @@ func explainRefusal(endpoint string, err error) error {
 	return consulflags.Explain(err, "calling "+endpoint)
 }
 
-// backoff doubles from 100ms to 5s.
-type backoff struct{ next time.Duration }
-
-func newBackoff() *backoff { return &backoff{next: 100 * time.Millisecond} }
-
-func (b *backoff) peek() time.Duration { return b.next }
-
-func (b *backoff) reset() { b.next = 100 * time.Millisecond }
-
-// wait sleeps for the current delay and doubles it; false if ctx ended.
-func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(b.next)
-	defer t.Stop()
-	b.next = min(b.next*2, 5*time.Second)
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
+// newBackoff spaces the retries of a failing Consul call: from 100ms,
+// doubling up to 5s.
+func newBackoff() *backoff.Backoff { return backoff.New(100*time.Millisecond, 5*time.Second) }

@@ -36,6 +36,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/haconnect/haconnect/internal/backoff"
 	"github.com/haconnect/haconnect/internal/consulflags"
 )
 
@@ -705,7 +706,7 @@ func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 func (a *Authorizer) loop(ctx context.Context, query, what, endpoint string, h *health,
 	fetch func(ctx context.Context, index uint64) (uint64, error)) {
 	var index uint64
-	backoff := 50 * time.Millisecond
+	retry := backoff.New(50*time.Millisecond, 2*time.Second)
 	staleLogged := false
 	for ctx.Err() == nil {
 		qctx, cancel := context.WithTimeout(ctx, a.cfg.WaitTime+15*time.Second)
@@ -734,8 +735,7 @@ func (a *Authorizer) loop(ctx context.Context, query, what, endpoint string, h *
 				a.notifyAll()
 			}
 			index = 0
-			sleep(ctx, backoff)
-			backoff = min(backoff*2, 2*time.Second)
+			retry.Wait(ctx) // a cancelled ctx ends the loop
 			continue
 		}
 		a.consul.lastContact.Store(now.UnixNano())
@@ -748,19 +748,10 @@ func (a *Authorizer) loop(ctx context.Context, query, what, endpoint string, h *
 		}
 		h.once.Do(func() { close(h.loaded) })
 		staleLogged = false
-		backoff = 50 * time.Millisecond
+		retry.Reset()
 		if next < index { // the index went backwards (e.g. a snapshot restore): start over
 			next = 0
 		}
 		index = next
-	}
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-ctx.Done():
 	}
 }
