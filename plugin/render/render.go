@@ -17,6 +17,7 @@ var spoeTemplate string
 var funcs = template.FuncMap{
 	"hostport":   hostPort,
 	"uripattern": uriSANPattern,
+	"backend":    BackendName,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
 			return def
@@ -47,33 +48,35 @@ func Render(m *Model) (*Output, error) {
 	if err := m.Validate(); err != nil {
 		return nil, err
 	}
-	cfg, err := execute(cfgTmpl, m, false)
+	tel := newTelemetry(m.AdminBind)
+	cfg, err := execute(cfgTmpl, m, tel, false)
 	if err != nil {
 		return nil, err
 	}
-	shape, err := execute(cfgTmpl, m, true)
+	shape, err := execute(cfgTmpl, m, tel, true)
 	if err != nil {
 		return nil, err
 	}
-	spoe, err := execute(spoeTmpl, m, false)
+	spoe, err := execute(spoeTmpl, m, tel, false)
 	if err != nil {
 		return nil, err
 	}
 	return &Output{Config: cfg, SPOE: spoe, Shape: shape}, nil
 }
 
-func execute(t *template.Template, m *Model, shape bool) (string, error) {
+func execute(t *template.Template, m *Model, tel telemetry, shape bool) (string, error) {
 	var b bytes.Buffer
 	err := t.Execute(&b, struct {
 		*Model
 		Shape     bool
 		Telemetry telemetry
-	}{m, shape, newTelemetry(m.AdminBind)})
+	}{m, shape, tel})
 	return strings.TrimLeft(b.String(), "\n"), err
 }
 
 // ServerName is the configuration name of an upstream's slot.
 func ServerName(i int) string { return "s" + strconv.Itoa(i+1) }
 
-// BackendName is the backend of an upstream.
+// BackendName is the backend of an upstream (the template's and the
+// runtime commands' name for it).
 func BackendName(upstream string) string { return "upstream_" + upstream }
