@@ -118,7 +118,6 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 			Labels:           map[string]string{docker.LabelAllocID: env.AllocID, docker.LabelProxyID: target.ProxyID},
 			NanoCPUs:         int64(cpus * 1e9),
 			MemoryBytes:      memoryMB << 20,
-			Logger:           p.Log,
 		}
 		// A hook running in a task container shares its volumes (the
 		// working directory lives in them); on a host, the directory is

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -86,9 +85,7 @@ func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
 		}
 		dir := c.Dir
 		p.cleanup = append(p.cleanup, func() { os.RemoveAll(dir) })
-	} else if c.Dir, err = filepath.Abs(c.Dir); err != nil {
-		return nil, err
-	}
+	} // sidecar.New makes a relative -dir absolute
 	reg := promserve.NewRegistry()
 	c.Logger, c.Registerer = log, reg
 	if o.MetricsListen != "" {

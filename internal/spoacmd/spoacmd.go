@@ -93,9 +93,11 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 		StaleWindow: o.StaleWindow,
 	}
 	var rev *revoke.Revoker
+	var revokeAdmin *haproxy.Admin
 	if o.RevokeSocket != "" {
+		revokeAdmin = haproxy.NewAdmin(o.RevokeSocket)
 		rev, err = revoke.New(revoke.Config{
-			Runtime: haproxy.NewAdmin(o.RevokeSocket), Target: o.Target,
+			Runtime: revokeAdmin, Target: o.Target,
 			Table: o.RevokeTable, Frontend: o.RevokeFrontend,
 			Logger: log.Named("revoke"), Registerer: reg,
 		})
@@ -141,7 +143,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 		go rev.Run(ctx, az)
 		// The revoker keeps quiet while HAProxy has not started; say once
 		// that it does not answer, in case the path is wrong.
-		if _, err := haproxy.NewAdmin(o.RevokeSocket).Command("help"); err != nil {
+		if _, err := revokeAdmin.Command("help"); err != nil {
 			log.Warn("-revoke-socket does not answer (yet): open TCP connections are re-checked once HAProxy listens there",
 				"socket", o.RevokeSocket, "error", err)
 		}

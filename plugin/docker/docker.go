@@ -53,7 +53,6 @@ type Launcher struct {
 	Labels      map[string]string
 	NanoCPUs    int64
 	MemoryBytes int64
-	Logger      hclog.Logger
 }
 
 // New connects to the Docker engine named by the environment (DOCKER_HOST,
@@ -72,12 +71,9 @@ func New(ctx context.Context) (*client.Client, error) {
 // Start implements haproxy.Launcher: it adopts a running container of the
 // same name, or creates and starts one, then waits for its HAProxy worker.
 func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (haproxy.Instance, error) {
-	log := l.Logger
+	log := cfg.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
-	}
-	if err := haproxy.WriteFileAtomic(cfg.ConfigPath(), []byte(text), 0o600); err != nil {
-		return nil, err
 	}
 	c := &Container{l: l, cfg: cfg, log: log, admin: haproxy.NewAdmin(cfg.AdminSocket), done: make(chan struct{})}
 	existing, err := l.Client.ContainerInspect(ctx, l.Name)
@@ -102,6 +98,11 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 		}
 	case !errdefs.IsNotFound(err):
 		return nil, fmt.Errorf("inspect %s: %w", l.Name, err)
+	}
+	// A new container reads its configuration at start. (An adopted one
+	// got it through Reload, which installs a text only once it is valid.)
+	if err := haproxy.WriteFileAtomic(cfg.ConfigPath(), []byte(text), 0o600); err != nil {
+		return nil, err
 	}
 	if err := l.ensureImage(ctx, log); err != nil {
 		return nil, err

@@ -70,13 +70,15 @@ type Sidecar struct {
 
 	changed chan struct{}
 
-	mu        sync.Mutex
-	reg       *proxyConfig
-	regErr    error
-	leaf      *api.LeafCert
-	roots     *api.CARootList
-	endpoints map[string][]endpoint // by upstream key
-	loaded    map[string]bool       // upstream key -> first answer seen
+	mu     sync.Mutex
+	reg    *proxyConfig
+	regErr error
+	leaf   *api.LeafCert
+	roots  *api.CARootList
+	// endpoints are the instances of each upstream (by key), from its
+	// watch's first answer on: a key that is absent is not loaded yet.
+	// Each slice is replaced whole, never changed in place.
+	endpoints map[string][]endpoint
 	watching  map[string]context.CancelFunc
 	pendingAt time.Time // first change not yet applied
 
@@ -140,7 +142,6 @@ func New(cfg Config) (*Sidecar, error) {
 		metrics:   newMetrics(cfg.Registerer),
 		changed:   make(chan struct{}, 1),
 		endpoints: map[string][]endpoint{},
-		loaded:    map[string]bool{},
 		watching:  map[string]context.CancelFunc{},
 		slots:     map[string][]string{},
 	}, nil
@@ -367,10 +368,11 @@ func (s *Sidecar) snapshot() snapshot {
 	if snap.reg != nil {
 		for _, u := range snap.reg.Upstreams {
 			k := upstreamKey(u)
-			if !s.loaded[k] {
+			eps, loaded := s.endpoints[k]
+			if !loaded {
 				snap.missing = append(snap.missing, "instances of "+k)
 			}
-			snap.endpoints[k] = append([]endpoint(nil), s.endpoints[k]...)
+			snap.endpoints[k] = eps
 		}
 	} else {
 		snap.missing = append(snap.missing, "proxy registration")
@@ -403,7 +405,6 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 			stop()
 			delete(s.watching, k)
 			delete(s.endpoints, k)
-			delete(s.loaded, k)
 		}
 	}
 	for k, u := range want {
@@ -437,7 +438,6 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 			s.update(func() {
 				if ctx.Err() == nil {
 					s.endpoints[k] = eps
-					s.loaded[k] = true
 				}
 			})
 			return blockingResult{index: meta.LastIndex}, nil
