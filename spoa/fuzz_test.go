@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -41,19 +42,12 @@ func fuzzSeeds() [][]byte {
 		spop.ArgValue{Name: ArgHeaders, Value: block[:6]})...)
 	disconnect := append([]byte(nil), e.Begin(spop.TypeHaproxyDisconnect, 0, 0).
 		String("status-code").Typed(uint32(0)).String("message").Typed("bye").Bytes()...)
-	join := func(parts ...[]byte) []byte {
-		var out []byte
-		for _, p := range parts {
-			out = append(out, p...)
-		}
-		return out
-	}
 	return [][]byte{
-		hello, health, join(hello, msg), join(hello, msg, wrongTypes, disconnect),
-		join(hello, msg[:len(msg)-3]),
+		hello, health, slices.Concat(hello, msg), slices.Concat(hello, msg, wrongTypes, disconnect),
+		slices.Concat(hello, msg[:len(msg)-3]),
 		{0, 0, 0, 0, 1}, {0, 0, 0, 1, 1}, {0, 0, 0, 5, 1, 0, 0, 0, 1}, {0x7f, 0xff, 0xff, 0xff, 1},
-		msg, join(hello, []byte{0, 0, 0, 9, 3, 0, 0, 0, 1, 1, 1, 1, 'm'}),
-		join(hello, l7, l7Bad), join(hello, msg, l7),
+		msg, slices.Concat(hello, []byte{0, 0, 0, 9, 3, 0, 0, 0, 1, 1, 1, 1, 'm'}),
+		slices.Concat(hello, l7, l7Bad), slices.Concat(hello, msg, l7),
 	}
 }
 

@@ -2,7 +2,6 @@ package authz_test
 
 import (
 	"context"
-	"encoding/pem"
 	"testing"
 	"time"
 
@@ -11,15 +10,6 @@ import (
 	"github.com/haconnect/haconnect/internal/harness"
 	"github.com/haconnect/haconnect/spoa/authz"
 )
-
-func derOf(t testing.TB, l *harness.Leaf) []byte {
-	t.Helper()
-	b, _ := pem.Decode([]byte(l.CertPEM))
-	if b == nil {
-		t.Fatal("no PEM block in leaf")
-	}
-	return b.Bytes
-}
 
 func start(t testing.TB, c *harness.Consul, targets ...string) *authz.Authorizer {
 	t.Helper()
@@ -51,7 +41,7 @@ func expect(t *testing.T, a *authz.Authorizer, target string, der []byte, allow 
 func TestDecisionsFollowConsul(t *testing.T) {
 	c := harness.StartConsul(t)
 	a := start(t, c, "api")
-	web, batch := derOf(t, c.IssueLeaf(t, "web")), derOf(t, c.IssueLeaf(t, "batch"))
+	web, batch := c.IssueLeaf(t, "web").TLS.Certificate[0], c.IssueLeaf(t, "batch").TLS.Certificate[0]
 
 	t.Run("no intention: the ACL default (allow with ACLs off)", func(t *testing.T) {
 		expect(t, a, "api", web, true, authz.ReasonDefaultAllow)
@@ -128,7 +118,7 @@ func TestDecisionsFollowConsul(t *testing.T) {
 	})
 	t.Run("a caller from another trust domain stays denied when a wildcard allows", func(t *testing.T) {
 		c.DeleteIntentions(t, "api")
-		impostor := derOf(t, harness.NewForeignCA(t).Issue(t, "spiffe://other.consul/ns/default/dc/dc1/svc/web"))
+		impostor := harness.NewForeignCA(t).Issue(t, "spiffe://other.consul/ns/default/dc/dc1/svc/web").TLS.Certificate[0]
 		expect(t, a, "api", impostor, false, authz.ReasonTrustDomain) // now cached
 		c.SetIntentions(t, "api", harness.Source("*", api.IntentionActionAllow))
 		expect(t, a, "api", web, true, authz.ReasonIntentionAllow) // the change has been applied...
@@ -165,7 +155,7 @@ func TestDestinationsAreBounded(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	a.Start(ctx)
-	web := derOf(t, c.IssueLeaf(t, "web"))
+	web := c.IssueLeaf(t, "web").TLS.Certificate[0]
 	a.Decide("one", web)
 	a.Decide("two", web)
 	if d := a.Decide("three", web); d.Allow || d.Reason != authz.ReasonTooManyTargets {
@@ -178,7 +168,7 @@ func BenchmarkDecideCacheHit(b *testing.B) {
 	c := harness.StartConsul(b)
 	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
 	a := start(b, c, "api")
-	web := derOf(b, c.IssueLeaf(b, "web"))
+	web := c.IssueLeaf(b, "web").TLS.Certificate[0]
 	if d := a.Decide("api", web); !d.Allow {
 		b.Fatalf("warm-up decision: %s", d.Reason)
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,14 +30,6 @@ func notify(frameID uint64) []byte {
 func raw(typ byte, payload ...byte) []byte {
 	body := append([]byte{typ, 0, 0, 0, flagFin, 0, 0}, payload...)
 	return append(binary.BigEndian.AppendUint32(nil, uint32(len(body))), body...)
-}
-
-func cat(frames ...[]byte) []byte {
-	var out []byte
-	for _, f := range frames {
-		out = append(out, f...)
-	}
-	return out
 }
 
 // serve runs the real SPOE library behind a Guard on one end of a pipe,
@@ -92,7 +85,7 @@ func tcpPair(t *testing.T) (*net.TCPConn, net.Conn) {
 }
 
 func TestGuardPassesValidFrames(t *testing.T) {
-	reason, handled := serve(t, Limits{}, nil, cat(hello(), notify(1), notify(2)))
+	reason, handled := serve(t, Limits{}, nil, slices.Concat(hello(), notify(1), notify(2)))
 	if reason != "" || handled != 2 {
 		t.Fatalf("reason %q, handled %d; want none and 2", reason, handled)
 	}
@@ -125,18 +118,18 @@ func TestGuardRejects(t *testing.T) {
 		{"agent frame type from the peer", raw(TypeAgentAck), RejectFrameType},
 		{"notify before hello", notify(1), RejectOrder},
 		{"disconnect before hello", raw(TypeHaproxyDisconnect), RejectOrder},
-		{"second hello", cat(hello(), hello()), RejectOrder},
+		{"second hello", slices.Concat(hello(), hello()), RejectOrder},
 		{"string where max-frame-size is an int", stringAsSize, RejectBadHello},
 		{"int where healthcheck is a bool", intAsHealthcheck, RejectBadHello},
-		{"short ipv4", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataIPv4, 1, 2)), RejectMalformed},
-		{"short ipv6", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataIPv6, 1, 2, 3)), RejectMalformed},
-		{"message name longer than the frame", cat(hello(), nameTooLong), RejectMalformed},
-		{"missing argument count", cat(hello(), raw(TypeNotify, 1, 'm')), RejectMalformed},
-		{"fewer arguments than announced", cat(hello(), raw(TypeNotify, 1, 'm', 3, 1, 'a', DataNull)), RejectMalformed},
-		{"truncated varint", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataInt64, 0xF5)), RejectMalformed},
-		{"unknown data type", cat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', 0x0E)), RejectMalformed},
-		{"fragmented frame", cat(hello(), []byte{0, 0, 0, 7, TypeNotify, 0, 0, 0, 0, 1, 1}), RejectNotFin},
-		{"truncated frame", cat(hello(), []byte{0, 0, 0, 50, TypeNotify, 0, 0, 0, 1}), RejectFrameLength},
+		{"short ipv4", slices.Concat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataIPv4, 1, 2)), RejectMalformed},
+		{"short ipv6", slices.Concat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataIPv6, 1, 2, 3)), RejectMalformed},
+		{"message name longer than the frame", slices.Concat(hello(), nameTooLong), RejectMalformed},
+		{"missing argument count", slices.Concat(hello(), raw(TypeNotify, 1, 'm')), RejectMalformed},
+		{"fewer arguments than announced", slices.Concat(hello(), raw(TypeNotify, 1, 'm', 3, 1, 'a', DataNull)), RejectMalformed},
+		{"truncated varint", slices.Concat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', DataInt64, 0xF5)), RejectMalformed},
+		{"unknown data type", slices.Concat(hello(), raw(TypeNotify, 1, 'm', 1, 1, 'a', 0x0E)), RejectMalformed},
+		{"fragmented frame", slices.Concat(hello(), []byte{0, 0, 0, 7, TypeNotify, 0, 0, 0, 0, 1, 1}), RejectNotFin},
+		{"truncated frame", slices.Concat(hello(), []byte{0, 0, 0, 50, TypeNotify, 0, 0, 0, 1}), RejectFrameLength},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			reason, handled := serve(t, Limits{}, nil, tc.input)
@@ -185,7 +178,7 @@ func TestGuardBoundsInFlightMessages(t *testing.T) {
 	for i := 1; i <= 40; i++ {
 		frames = append(frames, notify(uint64(i)))
 	}
-	reason, handled := serve(t, Limits{MaxInFlight: limit}, handler, cat(frames...))
+	reason, handled := serve(t, Limits{MaxInFlight: limit}, handler, slices.Concat(frames...))
 	if reason != "" || handled != 40 {
 		t.Fatalf("reason %q handled %d, want none and 40", reason, handled)
 	}
