@@ -160,10 +160,8 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}
 	var once sync.Once
 	stop := func() { once.Do(func() { _ = l.Close() }) }
-	go func() {
-		<-ctx.Done()
-		stop()
-	}()
+	// Stop serving when ctx ends; no goroutine outlives Serve otherwise.
+	defer context.AfterFunc(ctx, stop)()
 	err := spoe.New(s.Handle, libLogger{s.log}).Serve(guarded)
 	stop()
 	if ctx.Err() != nil {
