@@ -64,7 +64,7 @@ backend app
 
 // haproxyPids returns the master and worker pids of a sidecar's HAProxy.
 func haproxyPids(b testing.TB, in *instance) []int {
-	worker := workerPid(b, in)
+	worker := workerPid(b, in.dir)
 	return []int{parentOf(b, worker), worker}
 }
 

@@ -422,7 +422,7 @@ func applyTimes(b *testing.B, m *mesh, short bool) []applyTime {
 		began := time.Now()
 		in := benchRegisterWeb(b, m, fmt.Sprintf("client-%d", n), "client", "many", nil)
 		harness.WaitFor(b, 60*time.Second, fmt.Sprintf("%d instances in the pool", n), func() bool {
-			return strings.Count(in.adminTB(b, "show stat upstream_many 4 -1"), "127.0.0.3:") >= n
+			return strings.Count(in.admin(b, "show stat upstream_many 4 -1"), "127.0.0.3:") >= n
 		})
 		at := applyTime{instances: n, start: time.Since(began)}
 		var adds []time.Duration
@@ -432,7 +432,7 @@ func applyTimes(b *testing.B, m *mesh, short bool) []applyTime {
 			port := 20000 + next
 			next++
 			deadline := time.Now().Add(60 * time.Second)
-			for !strings.Contains(in.adminTB(b, "show stat upstream_many 4 -1"), fmt.Sprintf("127.0.0.3:%d", port)) {
+			for !strings.Contains(in.admin(b, "show stat upstream_many 4 -1"), fmt.Sprintf("127.0.0.3:%d", port)) {
 				if time.Now().After(deadline) {
 					b.Fatalf("instance %d never reached HAProxy", port)
 				}

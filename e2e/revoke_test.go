@@ -128,7 +128,7 @@ func TestTCPRevocation(t *testing.T) {
 
 	t.Run("a stream held by an old worker after a reload is closed too", func(t *testing.T) {
 		held := openStream(t, web, "echo")
-		oldWorker := workerPid(t, echo)
+		oldWorker := workerPid(t, echo.dir)
 		if err := syscall.Kill(parentOf(t, oldWorker), syscall.SIGUSR2); err != nil { // a hitless reload
 			t.Fatal(err)
 		}

@@ -277,7 +277,7 @@ func TestSecureSidecars(t *testing.T) {
 	})
 
 	t.Run("HAProxy does not inherit the token from the sidecar's environment", func(t *testing.T) {
-		worker := workerPid(t, web)
+		worker := workerPid(t, web.dir)
 		for _, pid := range []int{worker, parentOf(t, worker)} {
 			env := readFile(t, fmt.Sprintf("/proc/%d/environ", pid))
 			if !strings.Contains(env, "PATH=") {

@@ -79,7 +79,7 @@ func benchAdd(b *testing.B, m *mesh) *instance {
 func waitStat(b *testing.B, in *instance, port int, present bool) time.Time {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		if serverActive(in.adminTB(b, "show stat upstream_api 4 -1"), port) == present {
+		if in.inPool(b, port) == present {
 			return time.Now()
 		}
 		time.Sleep(200 * time.Microsecond)

@@ -131,21 +131,20 @@ func (in *instance) callPath(dest, path string) (int, string, error) {
 }
 
 // admin asks in's HAProxy a runtime API question.
-func (in *instance) admin(t *testing.T, cmd string) string {
+func (in *instance) admin(t testing.TB, cmd string) string {
 	t.Helper()
-	return in.adminTB(t, cmd)
-}
-
-func (in *instance) adminTB(t testing.TB, cmd string) string {
-	t.Helper()
-	c, err := net.Dial("unix", filepath.Join(in.dir, "admin.sock"))
+	out, err := haproxy.NewAdmin(filepath.Join(in.dir, "admin.sock")).Command(cmd)
 	if err != nil {
 		t.Fatalf("admin socket: %v", err)
 	}
-	defer c.Close()
-	fmt.Fprintln(c, cmd)
-	b, _ := io.ReadAll(c)
-	return string(b)
+	return out
+}
+
+// inPool reports whether in's HAProxy has an active server on port in its
+// upstream api.
+func (in *instance) inPool(t testing.TB, port int) bool {
+	t.Helper()
+	return serverActive(in.admin(t, "show stat upstream_api 4 -1"), port)
 }
 
 // load calls dest from in with workers keep-alive clients until stop is
@@ -267,7 +266,7 @@ func TestSidecarMesh(t *testing.T) {
 	t.Run("upstream churn: a new instance gets traffic, a killed one loses none", func(t *testing.T) {
 		api2 := m.add("api", "api-2")
 		harness.WaitFor(t, 15*time.Second, "api-2 in web's pool", func() bool {
-			return serverActive(web.admin(t, "show stat upstream_api 4 -1"), api2.port)
+			return web.inPool(t, api2.port)
 		})
 		l := startLoad(web, "api", 4)
 		harness.WaitFor(t, 15*time.Second, "traffic on api-2", func() bool {
@@ -278,7 +277,7 @@ func TestSidecarMesh(t *testing.T) {
 		api2.sidecar.Kill()
 		killed := time.Now()
 		harness.WaitFor(t, 15*time.Second, "api-2 out of web's pool", func() bool {
-			return !serverActive(web.admin(t, "show stat upstream_api 4 -1"), api2.port)
+			return !web.inPool(t, api2.port)
 		})
 		t.Logf("killed instance left the pool %s after the kill", time.Since(killed).Round(time.Millisecond))
 		time.Sleep(500 * time.Millisecond)
@@ -290,14 +289,14 @@ func TestSidecarMesh(t *testing.T) {
 	})
 
 	t.Run("a crashed HAProxy is started again", func(t *testing.T) {
-		master := parentOf(t, workerPid(t, api1))
+		master := parentOf(t, workerPid(t, api1.dir))
 		if err := syscall.Kill(master, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
 		harness.WaitFor(t, 15*time.Second, "api-1 serving again", func() bool {
 			return strings.Contains(api1.sidecar.Output(), "haproxy exited unexpectedly") &&
-				serverActive(web.admin(t, "show stat upstream_api 4 -1"), api1.port) && func() bool {
-				_, err := net.Dial("unix", filepath.Join(api1.dir, "admin.sock"))
+				web.inPool(t, api1.port) && func() bool {
+				_, err := haproxy.NewAdmin(filepath.Join(api1.dir, "admin.sock")).Command("show info")
 				return err == nil
 			}()
 		})
@@ -309,7 +308,7 @@ func TestSidecarMesh(t *testing.T) {
 		// down and report it critical only now; the next test must not
 		// start with api-1 about to leave web's pool.
 		harness.WaitSteady(t, 15*time.Second, 1500*time.Millisecond, "api-1 steadily in web's pool", func() bool {
-			return serverActive(web.admin(t, "show stat upstream_api 4 -1"), api1.port)
+			return web.inPool(t, api1.port)
 		})
 	})
 
@@ -427,10 +426,11 @@ func TestSidecarTCP(t *testing.T) {
 	})
 }
 
-// workerPid asks in's HAProxy for its worker's pid.
-func workerPid(t testing.TB, in *instance) int {
+// workerPid asks the HAProxy whose admin socket is in dir for its worker's
+// pid.
+func workerPid(t testing.TB, dir string) int {
 	t.Helper()
-	pid, err := haproxy.NewAdmin(filepath.Join(in.dir, "admin.sock")).WorkerPid()
+	pid, err := haproxy.NewAdmin(filepath.Join(dir, "admin.sock")).WorkerPid()
 	if err != nil || pid == 0 {
 		t.Fatalf("no worker pid from the admin socket: %d %v", pid, err)
 	}
@@ -606,7 +606,7 @@ func TestSidecarStartAndStop(t *testing.T) {
 	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
 
 	// SIGTERM: HAProxy stops, the sidecar exits 0, nothing is left running.
-	worker := workerPid(t, &instance{dir: dir})
+	worker := workerPid(t, dir)
 	if err := sc.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
