@@ -18,8 +18,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/haconnect/haconnect/internal/harness"
 )
@@ -186,31 +184,12 @@ func (k *keepAlive) do(t *testing.T, method, path string, headers ...string) (in
 	return resp.StatusCode, string(body)
 }
 
+// metric sums the values of name's series whose labels include labels.
 func (s *standalone) metric(t *testing.T, name string, labels map[string]string) float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + s.metrics + "/metrics")
-	if err != nil {
-		t.Fatalf("metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(resp.Body)
-	if err != nil {
-		t.Fatalf("metrics do not parse as Prometheus text: %v", err)
-	}
 	var sum float64
-	for _, m := range families[name].GetMetric() {
-		match := true
-		for k, v := range labels {
-			found := false
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == k && lp.GetValue() == v {
-					found = true
-				}
-			}
-			match = match && found
-		}
-		if match {
+	for _, m := range scrape(t, s.metrics)[name].GetMetric() {
+		if hasLabels(m, labels) {
 			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
 		}
 	}

@@ -31,7 +31,7 @@ func headerEcho(t *testing.T) *httptest.Server {
 	return app
 }
 
-// scrape reads /metrics from an admin listener and parses it.
+// scrape reads /metrics from an admin or metrics listener and parses it.
 func scrape(t *testing.T, admin string) map[string]*dto.MetricFamily {
 	t.Helper()
 	resp, err := http.Get("http://" + admin + "/metrics")
@@ -51,21 +51,29 @@ func scrape(t *testing.T, admin string) map[string]*dto.MetricFamily {
 	return fams
 }
 
+// find is fam's first series whose labels include labels (nil if none, or
+// if fam is nil).
 func find(fam *dto.MetricFamily, labels map[string]string) *dto.Metric {
 	for _, m := range fam.GetMetric() {
-		ok := true
-		for k, v := range labels {
-			found := false
-			for _, lp := range m.GetLabel() {
-				found = found || lp.GetName() == k && lp.GetValue() == v
-			}
-			ok = ok && found
-		}
-		if ok {
+		if hasLabels(m, labels) {
 			return m
 		}
 	}
 	return nil
+}
+
+// hasLabels reports whether m has every label in labels, with its value.
+func hasLabels(m *dto.Metric, labels map[string]string) bool {
+	for k, v := range labels {
+		found := false
+		for _, lp := range m.GetLabel() {
+			found = found || lp.GetName() == k && lp.GetValue() == v
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }
 
 func TestTaggingAndTelemetry(t *testing.T) {
@@ -157,11 +165,7 @@ func TestTaggingAndTelemetry(t *testing.T) {
 	t.Run("counters are exact across threads and connections", func(t *testing.T) {
 		before := scrape(t, admin)
 		count := func(f map[string]*dto.MetricFamily, name string, labels map[string]string) float64 {
-			fam := f[name]
-			if fam == nil {
-				return 0
-			}
-			mm := find(fam, labels)
+			mm := find(f[name], labels)
 			if mm == nil {
 				return 0
 			}
