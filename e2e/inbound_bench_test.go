@@ -3,9 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"testing"
 	"time"
@@ -127,22 +125,9 @@ func BenchmarkInboundPath(b *testing.B) {
 // (this process, the app, the SPOA, Consul) on CPU 1.
 func measure(b *testing.B, scenarios []*scenario) {
 	for _, sc := range scenarios {
-		for _, pid := range sc.pids {
-			if err := loadgen.Pin(pid, 0); err != nil {
-				b.Fatal(err)
-			}
-		}
+		pinDataPlane(b, sc.pids...)
 	}
-	if err := loadgen.Pin(os.Getpid(), 1); err != nil {
-		b.Fatal(err)
-	}
-	defer func() { // give the rest of the test process every CPU back
-		all := make([]int, runtime.NumCPU())
-		for i := range all {
-			all[i] = i
-		}
-		_ = loadgen.Pin(os.Getpid(), all...)
-	}()
+	defer pinTestProcess(b)()
 	rounds, dur := 5, 3*time.Second
 	if testing.Short() {
 		rounds, dur = 1, time.Second

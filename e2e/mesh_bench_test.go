@@ -84,11 +84,7 @@ func BenchmarkMesh(b *testing.B) {
 	}
 	for _, sc := range scenarios {
 		sc.rounds, sc.cpu = map[string][]loadgen.Result{}, map[string][]float64{}
-		for _, pid := range sc.pids {
-			if err := loadgen.Pin(pid, 0); err != nil {
-				b.Fatal(err)
-			}
-		}
+		pinDataPlane(b, sc.pids...)
 	}
 	defer pinTestProcess(b)()
 
@@ -167,6 +163,17 @@ func BenchmarkMesh(b *testing.B) {
 	}
 }
 
+// pinDataPlane pins the processes of a data plane under test to CPU 0.
+func pinDataPlane(b testing.TB, pids ...int) {
+	for _, pid := range pids {
+		if err := loadgen.Pin(pid, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// pinTestProcess pins this process (the load generator) to CPU 1 and
+// returns the function that gives it every CPU back.
 func pinTestProcess(b testing.TB) func() {
 	if err := loadgen.Pin(os.Getpid(), 1); err != nil {
 		b.Fatal(err)
