@@ -170,5 +170,6 @@ func reportRatios(b *testing.B, scenarios []*scenario, base *scenario) {
 // benchRegister registers an instance of api whose app listens on appPort
 // and starts its sidecar with one HAProxy thread.
 func benchRegister(b *testing.B, m *mesh, id string, appPort int, args ...string) *instance {
-	return benchRegisterProto(b, m, id, "api", appPort, "http", args...)
+	return benchSidecar(b, m, benchService{id: id, name: "api", protocol: "http", appPort: appPort,
+		args: append([]string{"-threads", "1"}, args...)})
 }

@@ -45,11 +45,13 @@ func BenchmarkMesh(b *testing.B) {
 	appPort := benchApp(b)
 	bareAddr, barePid := bareMTLS(b, m.consul, appPort)
 	apiIn := benchRegister(b, m, "api-1", appPort, "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)))
-	webIn := benchRegisterWeb(b, m, "web-1", "web", "api", nil)
+	webIn := benchRegisterWeb(b, m, "web-1", "web", "api")
 	// The same two hops with protocol tcp (L4, like Consul's proxy).
 	m.consul.SetIntentions(b, "tapi", harness.Source("tweb", api.IntentionActionAllow))
-	tapiIn := benchRegisterProto(b, m, "tapi-1", "tapi", appPort, "tcp")
-	twebIn := benchRegisterWebProto(b, m, "tweb-1", "tweb", "tapi", "tcp")
+	tapiIn := benchSidecar(b, m, benchService{id: "tapi-1", name: "tapi", protocol: "tcp", appPort: appPort,
+		args: []string{"-threads", "1"}})
+	twebIn := benchSidecar(b, m, benchService{id: "tweb-1", name: "tweb", protocol: "tcp", appPort: 1, upstream: "tapi",
+		args: []string{"-threads", "1"}})
 	capi, cweb := consulProxies(b, m, appPort)
 	roots, _ := m.consul.RootsPEM(b)
 	tlsCfg := harness.ClientTLS(m.consul.IssueLeaf(b, "web"), roots)
@@ -204,51 +206,47 @@ func medianP99(rs []loadgen.Result) time.Duration {
 	return s[len(s)/2]
 }
 
-// benchRegisterWeb registers a client service whose sidecar has an
-// upstream to dest, and starts its haconnect sidecar on one thread.
-func benchRegisterWeb(b *testing.B, m *mesh, id, name, dest string, args []string) *instance {
-	return benchRegisterWebProto(b, m, id, name, dest, "http", args...)
+// benchService is a service instance a benchmark registers, with its
+// haconnect sidecar.
+type benchService struct {
+	id, name string
+	protocol string   // of the sidecar and of its upstream
+	appPort  int      // the app's port (1 for a client without one)
+	upstream string   // the destination of its upstream ("": none)
+	args     []string // extra sidecar flags, e.g. -threads 1
 }
 
-// benchRegisterProto registers a destination whose app listens on appPort,
-// with the given protocol, and starts its sidecar on one thread.
-func benchRegisterProto(b *testing.B, m *mesh, id, name string, appPort int, proto string, args ...string) *instance {
-	in := &instance{id: id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
+// benchSidecar registers s, starts its sidecar and waits until its public
+// listener and its upstream's listen.
+func benchSidecar(b *testing.B, m *mesh, s benchService) *instance {
+	in := &instance{id: s.id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
+	proxy := &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": s.protocol, "bind_address": "127.0.0.1"}}
+	if s.upstream != "" {
+		in.upstream[s.upstream] = harness.FreePort(b)
+		proxy.Upstreams = []api.Upstream{{DestinationName: s.upstream, LocalBindPort: in.upstream[s.upstream],
+			Config: map[string]any{"protocol": s.protocol}}}
+	}
 	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: id, Name: name, Address: "127.0.0.1", Port: appPort,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
-			Port:  in.port,
-			Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": proto, "bind_address": "127.0.0.1"}},
-		}},
+		ID: s.id, Name: s.name, Address: "127.0.0.1", Port: s.appPort,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: in.port, Proxy: proxy}},
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
-	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
-		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1"}, args...)...)
+	in.sidecar = harness.Start(b, "sidecar "+s.id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
+		"-sidecar-for", s.id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s"}, s.args...)...)
 	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
+	for _, p := range in.upstream {
+		harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", p), 20*time.Second)
+	}
 	return in
 }
 
-func benchRegisterWebProto(b *testing.B, m *mesh, id, name, dest, proto string, args ...string) *instance {
-	in := &instance{id: id, upstream: map[string]int{dest: harness.FreePort(b)}, port: harness.FreePort(b), dir: harness.TempDir(b)}
-	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: id, Name: name, Address: "127.0.0.1", Port: 1,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
-			Port: in.port,
-			Proxy: &api.AgentServiceConnectProxyConfig{
-				Config:    map[string]any{"protocol": proto, "bind_address": "127.0.0.1"},
-				Upstreams: []api.Upstream{{DestinationName: dest, LocalBindPort: in.upstream[dest], Config: map[string]any{"protocol": proto}}},
-			},
-		}},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	in.sidecar = harness.Start(b, "sidecar "+id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
-		"-sidecar-for", id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s", "-threads", "1"}, args...)...)
-	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.upstream[dest]), 20*time.Second)
-	return in
+// benchRegisterWeb registers a client service whose sidecar has an HTTP
+// upstream to dest, and starts its sidecar on one thread.
+func benchRegisterWeb(b *testing.B, m *mesh, id, name, dest string) *instance {
+	return benchSidecar(b, m, benchService{id: id, name: name, protocol: "http", appPort: 1, upstream: dest,
+		args: []string{"-threads", "1"}})
 }
 
 type consulProxy struct {
@@ -427,7 +425,7 @@ func applyTimes(b *testing.B, m *mesh, short bool) []applyTime {
 			register(next)
 		}
 		began := time.Now()
-		in := benchRegisterWeb(b, m, fmt.Sprintf("client-%d", n), "client", "many", nil)
+		in := benchRegisterWeb(b, m, fmt.Sprintf("client-%d", n), "client", "many")
 		harness.WaitFor(b, 60*time.Second, fmt.Sprintf("%d instances in the pool", n), func() bool {
 			return strings.Count(in.admin(b, "show stat upstream_many 4 -1"), "127.0.0.3:") >= n
 		})

@@ -17,7 +17,7 @@ import (
 // the p50 and p99 over b.N changes of each kind.
 func BenchmarkSidecarApplyLatency(b *testing.B) {
 	m := &mesh{consul: harness.StartConsul(b)}
-	web := benchAdd(b, m)
+	web := benchSidecar(b, m, benchService{id: "web-1", name: "web", protocol: "http", appPort: 1, upstream: "api"})
 	var up, down []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -50,28 +50,6 @@ func BenchmarkSidecarApplyLatency(b *testing.B) {
 		b.ReportMetric(float64(s.d[len(s.d)/2].Microseconds())/1000, s.name+"-p50-ms")
 		b.ReportMetric(float64(s.d[len(s.d)*99/100].Microseconds())/1000, s.name+"-p99-ms")
 	}
-}
-
-func benchAdd(b *testing.B, m *mesh) *instance {
-	b.Helper()
-	in := &instance{id: "web-1", upstream: map[string]int{"api": harness.FreePort(b)}, port: harness.FreePort(b), dir: harness.TempDir(b)}
-	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: "web-1", Name: "web", Address: "127.0.0.1", Port: 1,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
-			Port: in.port,
-			Proxy: &api.AgentServiceConnectProxyConfig{
-				Config:    map[string]any{"protocol": "http", "bind_address": "127.0.0.1"},
-				Upstreams: []api.Upstream{{DestinationName: "api", LocalBindPort: in.upstream["api"]}},
-			},
-		}},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	in.sidecar = harness.Start(b, "sidecar web-1", harness.Binary(b, "haconnect"), "sidecar",
-		"-sidecar-for", "web-1", "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s")
-	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
-	return in
 }
 
 // waitStat polls web's runtime API every 200us until the server on port is
