@@ -72,7 +72,7 @@ func TestTCPRevocation(t *testing.T) {
 	m := newMesh(t)
 	m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("batch", allow), harness.Source("*", deny))
 	metrics := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-	echo := m.register(&instance{id: "echo-1", upstream: map[string]int{}, args: []string{"-metrics-listen", metrics}},
+	echo := m.register(&instance{id: "echo-1", args: []string{"-metrics-listen", metrics}},
 		"echo", "tcp", startEcho(t))
 	web := m.add("web", "web-1", "echo:tcp")
 	batch := m.add("batch", "batch-1", "echo:tcp")

@@ -64,7 +64,6 @@ func (m *mesh) addInstance(in *instance, service string, upstreams ...string) *i
 	t := m.t
 	t.Helper()
 	id := in.id
-	in.upstream = map[string]int{}
 	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
 	}))
@@ -79,6 +78,9 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 	t.Helper()
 	id := in.id
 	in.port, in.dir = harness.FreePort(t), harness.TempDir(t)
+	if in.upstream == nil {
+		in.upstream = map[string]int{}
+	}
 	var ups []api.Upstream
 	for _, u := range upstreams {
 		name, proto, _ := strings.Cut(u, ":")
@@ -395,7 +397,7 @@ func (in *instance) echo(dest, line string) (string, error) {
 func TestSidecarTCP(t *testing.T) {
 	m := newMesh(t)
 	m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("*", deny))
-	echo := m.register(&instance{id: "echo-1", upstream: map[string]int{}}, "echo", "tcp", startEcho(t))
+	echo := m.register(&instance{id: "echo-1"}, "echo", "tcp", startEcho(t))
 	// An "api" instance that is really echo's sidecar: its certificate
 	// names echo, so web must not talk to it as api.
 	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{

@@ -81,7 +81,7 @@ func TestTaggingAndTelemetry(t *testing.T) {
 	m.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("*", deny))
 	admin := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	app := headerEcho(t)
-	apiIn := m.register(&instance{id: "api-1", upstream: map[string]int{}, args: []string{"-admin-bind", admin}},
+	apiIn := m.register(&instance{id: "api-1", args: []string{"-admin-bind", admin}},
 		"api", "http", app.Listener.Addr().(*net.TCPAddr).Port)
 	harness.WaitListening(t, admin, 10*time.Second)
 	roots, td := m.consul.RootsPEM(t)
