@@ -45,8 +45,8 @@ func TestComposeMesh(t *testing.T) {
 		ports[k] = harness.FreePort(t)
 		env = append(env, fmt.Sprintf("%s=%d", k, ports[k]))
 	}
+	base := composeCommand(t)
 	compose := func(args ...string) (string, error) {
-		base := composeCommand(t)
 		cmd := exec.Command(base[0], append(append(base[1:], "-p", project, "-f", "docker-compose.yml"), args...)...)
 		cmd.Dir, cmd.Env = harness.RepoRoot(), env
 		out, err := cmd.CombinedOutput()
