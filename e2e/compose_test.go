@@ -37,7 +37,7 @@ func composeCommand(t *testing.T) []string {
 // that leaves nothing behind.
 func TestComposeMesh(t *testing.T) {
 	cli := harness.Docker(t)
-	harness.Images(t, cli)
+	harness.Images(t)
 	project := fmt.Sprintf("haconnect-e2e-%d", os.Getpid())
 	ports := map[string]int{}
 	env := os.Environ()

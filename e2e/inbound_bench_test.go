@@ -79,7 +79,6 @@ type scenario struct {
 	load loadgen.Config
 	rps  []float64
 	cpu  []float64 // CPU microseconds per request of pids and alsoCPU
-	p99  []time.Duration
 }
 
 func median(v []float64) float64 {
@@ -148,7 +147,7 @@ func measure(b *testing.B, scenarios []*scenario) {
 				}
 				perReq := float64(used.Microseconds()) / float64(res.Requests)
 				b.Logf("round %d %-10s %s, %.1fus CPU/request", r+1, sc.name, res, perReq)
-				sc.rps, sc.cpu, sc.p99 = append(sc.rps, res.RPS), append(sc.cpu, perReq), append(sc.p99, res.P99)
+				sc.rps, sc.cpu = append(sc.rps, res.RPS), append(sc.cpu, perReq)
 			}
 		}
 	}

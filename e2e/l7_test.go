@@ -263,7 +263,7 @@ func l7Labels(c l7Case) map[string]string {
 		result = "deny"
 	}
 	source := c.caller
-	if c.permission != "" && !slices.Contains([]string{"web"}, c.caller) {
+	if c.permission != "" && c.caller != "web" {
 		source = "*"
 	}
 	return map[string]string{"destination": "api", "source": source, "permission": c.permission, "result": result}

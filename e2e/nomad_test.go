@@ -206,7 +206,7 @@ func runningHAProxy(t *testing.T, cli *client.Client, allocID string) (container
 
 func TestNomadHookDocker(t *testing.T) {
 	cli := harness.Docker(t)
-	harness.Images(t, cli)
+	harness.Images(t)
 	c := harness.StartConsul(t)
 	c.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("*", deny))
 	fn := newFakeNomad(t)

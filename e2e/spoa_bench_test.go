@@ -19,8 +19,9 @@ import (
 // runningAgent starts the SPOA in-process with a real authorizer against a
 // real Consul, warmed up for the callers of api: web (an L4 intention),
 // batch (HTTP permissions on method and path) and fresh (on a header too).
-// It returns web's certificate and all of them by caller.
-func runningAgent(b *testing.B) (*spoa.Server, string, []byte, map[string][]byte) {
+// It returns the server, its address and the callers' certificates by
+// caller.
+func runningAgent(b *testing.B) (*spoa.Server, string, map[string][]byte) {
 	b.Helper()
 	c := harness.StartConsul(b)
 	c.SetProtocol(b, "api", "http")
@@ -59,13 +60,14 @@ func runningAgent(b *testing.B) (*spoa.Server, string, []byte, map[string][]byte
 			b.Fatalf("warm-up %s: %s", caller, d.Reason)
 		}
 	}
-	return srv, l.Addr().String(), certs["web"], certs
+	return srv, l.Addr().String(), certs
 }
 
 // BenchmarkSPOERoundTrip is one HAProxy-side request/answer over loopback
 // against the running agent (guard, SPOE library, handler, cached decision).
 func BenchmarkSPOERoundTrip(b *testing.B) {
-	_, addr, cert, _ := runningAgent(b)
+	_, addr, certs := runningAgent(b)
+	cert := certs["web"]
 	b.Run("sequential", func(b *testing.B) {
 		c, err := spop.Dial("tcp", addr, 5*time.Second)
 		if err != nil {
@@ -106,7 +108,7 @@ func BenchmarkSPOERoundTrip(b *testing.B) {
 // variables. l4 is the connection-level check; l7 and l7+headers are the
 // per-request checks of callers whose intentions carry HTTP permissions.
 func BenchmarkHandle(b *testing.B) {
-	srv, _, _, certs := runningAgent(b)
+	srv, _, certs := runningAgent(b)
 	headers := []byte{}
 	for _, h := range [][2]string{{"host", "api"}, {"user-agent", "bench/1.0"}, {"accept", "*/*"}, {"x-tenant", "blue"}, {"", ""}} {
 		headers = append(headers, byte(len(h[0])))

@@ -40,7 +40,6 @@ type standalone struct {
 	spoaEnv    []string
 	spoa       *harness.Process
 	roots      string
-	td         string
 	leaves     map[string]*harness.Leaf
 }
 
@@ -55,7 +54,7 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 	t.Helper()
 	s := &standalone{dir: harness.TempDir(t), leaves: map[string]*harness.Leaf{}, consul: consul}
 	s.cutter = harness.NewCutter(t, s.consul.Addr)
-	s.roots, s.td = s.consul.RootsPEM(t)
+	s.roots, _ = s.consul.RootsPEM(t)
 	for _, svc := range []string{"api", "web", "batch", "fresh", "stranger"} {
 		s.leaves[svc] = s.consul.IssueLeaf(t, svc)
 	}

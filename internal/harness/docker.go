@@ -39,7 +39,7 @@ var (
 // scripts/images.sh (offline: a debootstrap base, FROM scratch), once per
 // test process, so that tests never run stale images. Docker's layer cache
 // makes a rebuild take seconds.
-func Images(t testing.TB, cli *client.Client) {
+func Images(t testing.TB) {
 	t.Helper()
 	imagesOnce.Do(func() {
 		cmd := exec.Command("bash", filepath.Join(RepoRoot(), "scripts", "images.sh"))

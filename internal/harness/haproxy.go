@@ -11,7 +11,6 @@ import (
 
 // HAProxy is a running haproxy.
 type HAProxy struct {
-	Dir  string
 	Proc *Process
 }
 
@@ -24,8 +23,7 @@ func StartHAProxy(t testing.TB, dir, cfg string, waitAddrs ...string) *HAProxy {
 	if out, err := exec.Command(bin, "-c", "-f", path).CombinedOutput(); err != nil {
 		t.Fatalf("haproxy -c rejected the configuration: %v\n%s\n--- config ---\n%s", err, out, cfg)
 	}
-	h := &HAProxy{Dir: dir}
-	h.Proc = Start(t, "haproxy", bin, "-db", "-f", path)
+	h := &HAProxy{Proc: Start(t, "haproxy", bin, "-db", "-f", path)}
 	for _, a := range waitAddrs {
 		WaitListening(t, a, 10*time.Second)
 	}

@@ -22,9 +22,8 @@ type Config struct {
 	// Addr is host:port; TLS nil means plain HTTP.
 	Addr string
 	TLS  *tls.Config
-	// Path and Host of the requests (default "/" and Addr).
+	// Path of the requests (default "/"); their Host header is Addr.
 	Path string
-	Host string
 	// Conns is the number of concurrent connections (default 16).
 	Conns int
 	// Duration of the run (default 5s).
@@ -39,7 +38,6 @@ type Config struct {
 type Result struct {
 	Requests int64
 	Errors   int64
-	Elapsed  time.Duration
 	RPS      float64
 	P50      time.Duration
 	P90      time.Duration
@@ -64,10 +62,7 @@ func Run(ctx context.Context, cfg Config) Result {
 	if cfg.Path == "" {
 		cfg.Path = "/"
 	}
-	if cfg.Host == "" {
-		cfg.Host = cfg.Addr
-	}
-	req := "GET " + cfg.Path + " HTTP/1.1\r\nHost: " + cfg.Host + "\r\n"
+	req := "GET " + cfg.Path + " HTTP/1.1\r\nHost: " + cfg.Addr + "\r\n"
 	for _, h := range cfg.Headers {
 		req += h + "\r\n"
 	}
@@ -102,7 +97,6 @@ func Run(ctx context.Context, cfg Config) Result {
 			res.FirstError = w.firstError
 		}
 	}
-	res.Elapsed = elapsed
 	res.RPS = float64(res.Requests) / elapsed.Seconds()
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	pct := func(p float64) time.Duration {
