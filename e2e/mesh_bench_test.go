@@ -332,14 +332,8 @@ func startRSSSampler(pids []int) func() []int64 {
 func intentionFlips(b *testing.B, m *mesh, in *instance, tlsCfg *tls.Config, n int) (p50, p99 time.Duration) {
 	url := fmt.Sprintf("https://127.0.0.1:%d/", in.port)
 	get := func() int {
-		tr := &http.Transport{TLSClientConfig: tlsCfg, DisableKeepAlives: true}
-		defer tr.CloseIdleConnections()
-		resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get(url)
-		if err != nil {
-			return 0
-		}
-		resp.Body.Close()
-		return resp.StatusCode
+		code, _, _ := getOnce(tlsCfg, url, 5*time.Second)
+		return code
 	}
 	var took []time.Duration
 	for i := 0; i < n; i++ {

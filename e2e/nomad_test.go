@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -168,15 +167,11 @@ func hookEnv(allocID, nomadURL string) []string {
 // callPort makes one request as caller (a leaf from c) to an mTLS listener
 // on a loopback port, and returns the status and body (the error as body).
 func callPort(t *testing.T, c *harness.Consul, roots, caller string, port int) (int, string) {
-	cl := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
-		TLSClientConfig: harness.ClientTLS(c.IssueLeaf(t, caller), roots), DisableKeepAlives: true}}
-	resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d/", port))
+	code, body, err := getOnce(harness.ClientTLS(c.IssueLeaf(t, caller), roots), fmt.Sprintf("https://127.0.0.1:%d/", port), 3*time.Second)
 	if err != nil {
 		return 0, err.Error()
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return code, body
 }
 
 func (a *allocation) startHook(t *testing.T) *harness.Process {

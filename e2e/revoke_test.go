@@ -30,10 +30,17 @@ func openStream(t *testing.T, in *instance, dest string) *stream {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return echoStream(t, c, in.id+" -> "+dest)
+}
+
+// echoStream holds c open as a stream until the test ends, once it echoes
+// a line; what names it in the failure.
+func echoStream(t *testing.T, c net.Conn, what string) *stream {
+	t.Helper()
 	t.Cleanup(func() { c.Close() })
 	s := &stream{conn: c, r: bufio.NewReader(c)}
 	if err := s.roundTrip("hello"); err != nil {
-		t.Fatalf("%s -> %s: the stream does not echo: %v", in.id, dest, err)
+		t.Fatalf("%s: the stream does not echo: %v", what, err)
 	}
 	return s
 }
@@ -190,12 +197,7 @@ func TestStandaloneTCPRevocation(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", caller, err)
 		}
-		t.Cleanup(func() { c.Close() })
-		st := &stream{conn: c, r: bufio.NewReader(c)}
-		if err := st.roundTrip("hello"); err != nil {
-			t.Fatalf("%s: the stream does not echo: %v", caller, err)
-		}
-		return st
+		return echoStream(t, c, caller)
 	}
 	web, batch := dial("web"), dial("batch")
 	written := time.Now()

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -100,11 +99,7 @@ func readExample(t *testing.T, name string) string {
 // readRepoFile reads a file of the repository, by its path's parts.
 func readRepoFile(t *testing.T, parts ...string) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(append([]string{harness.RepoRoot()}, parts...)...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
+	return readFile(t, filepath.Join(append([]string{harness.RepoRoot()}, parts...)...))
 }
 
 func (s *standalone) startSPOA(t *testing.T) {
@@ -117,10 +112,15 @@ func (s *standalone) startSPOA(t *testing.T) {
 // get makes one request on a new connection as caller (nil: no client
 // certificate) and returns the status and body.
 func (s *standalone) get(caller *harness.Leaf) (int, string, error) {
-	tr := &http.Transport{TLSClientConfig: harness.ClientTLS(caller, s.roots), DisableKeepAlives: true}
+	return getOnce(harness.ClientTLS(caller, s.roots), "https://"+s.inbound+"/", 5*time.Second)
+}
+
+// getOnce makes one GET on a new connection, with tlsCfg for an https URL,
+// and returns the status and body.
+func getOnce(tlsCfg *tls.Config, url string, timeout time.Duration) (int, string, error) {
+	tr := &http.Transport{TLSClientConfig: tlsCfg, DisableKeepAlives: true}
 	defer tr.CloseIdleConnections()
-	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-	resp, err := c.Get("https://" + s.inbound + "/")
+	resp, err := (&http.Client{Transport: tr, Timeout: timeout}).Get(url)
 	if err != nil {
 		return 0, "", err
 	}
