@@ -228,7 +228,8 @@ func benchSidecar(b *testing.B, m *mesh, s benchService) *instance {
 	}
 	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
 		ID: s.id, Name: s.name, Address: "127.0.0.1", Port: s.appPort,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: in.port, Proxy: proxy}},
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: in.port, Proxy: proxy,
+			Checks: listeningCheck(in.port)}},
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -262,11 +263,13 @@ func consulProxies(b *testing.B, m *mesh, appPort int) (capi, cweb consulProxy) 
 	for _, reg := range []*api.AgentServiceRegistration{
 		{ID: "capi-1", Name: "capi", Address: "127.0.0.1", Port: appPort,
 			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: apiPort,
-				Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"}}}}},
+				Proxy:  &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"}},
+				Checks: listeningCheck(apiPort)}}},
 		{ID: "cweb-1", Name: "cweb", Address: "127.0.0.1", Port: 1,
 			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: webPort,
 				Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"},
-					Upstreams: []api.Upstream{{DestinationName: "capi", LocalBindPort: cweb.upstream}}}}}},
+					Upstreams: []api.Upstream{{DestinationName: "capi", LocalBindPort: cweb.upstream}}},
+				Checks: listeningCheck(webPort)}}},
 	} {
 		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
 			b.Fatal(err)

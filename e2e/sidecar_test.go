@@ -99,10 +99,7 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 				Config:    map[string]any{"protocol": protocol, "bind_address": "127.0.0.1"},
 				Upstreams: ups,
 			},
-			Checks: api.AgentServiceChecks{{
-				Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", in.port),
-				Interval: "500ms", Timeout: "200ms",
-			}},
+			Checks: listeningCheck(in.port),
 		}},
 	}
 	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
@@ -623,4 +620,15 @@ func TestSidecarStartAndStop(t *testing.T) {
 		c.Close()
 		t.Fatal("the public listener still accepts connections")
 	}
+}
+
+// listeningCheck is a sidecar's health check: its public port accepts
+// connections. Consul's default for a sidecar checks every 10s, after a
+// random first delay, so a proxy that starts after the first run stays out
+// of its callers' pools for up to 10s more; every 500ms keeps that short.
+func listeningCheck(port int) api.AgentServiceChecks {
+	return api.AgentServiceChecks{{
+		Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", port),
+		Interval: "500ms", Timeout: "200ms",
+	}}
 }
