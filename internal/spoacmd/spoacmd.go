@@ -142,11 +142,14 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	if rev != nil {
 		go rev.Run(ctx, az)
 		// The revoker keeps quiet while HAProxy has not started; say once
-		// that it does not answer, in case the path is wrong.
-		if _, err := revokeAdmin.Command("help"); err != nil {
-			log.Warn("-revoke-socket does not answer (yet): open TCP connections are re-checked once HAProxy listens there",
-				"socket", o.RevokeSocket, "error", err)
-		}
+		// that it does not answer, in case the path is wrong. In the
+		// background: a hung HAProxy must not delay serving SPOP.
+		go func() {
+			if _, err := revokeAdmin.Command("help"); err != nil {
+				log.Warn("-revoke-socket does not answer (yet): open TCP connections are re-checked once HAProxy listens there",
+					"socket", o.RevokeSocket, "error", err)
+			}
+		}()
 	}
 	if ms != nil {
 		ms.Serve(reg)
