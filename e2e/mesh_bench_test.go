@@ -236,10 +236,7 @@ func benchSidecar(b *testing.B, m *mesh, s benchService) *instance {
 	}
 	in.sidecar = harness.Start(b, "sidecar "+s.id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
 		"-sidecar-for", s.id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s"}, s.args...)...)
-	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
-	for _, p := range in.upstream {
-		harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", p), 20*time.Second)
-	}
+	in.waitReady(b)
 	return in
 }
 

@@ -108,11 +108,24 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 	in.sidecar = harness.StartEnv(t, "sidecar "+id, in.env, harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
 		"-sidecar-for", id, "-dir", in.dir, "-ttl", "300ms", "-stop-grace", "2s", "-log-level", "debug"},
 		m.consul.Flags(m.consul.Addr, ""), in.args)...)
+	in.waitReady(t)
+	return in
+}
+
+// waitReady waits until in's HAProxy listens on its public and upstream
+// ports and answers on its admin socket. HAProxy's master binds the TCP
+// ports a moment before the admin socket exists, so the ports alone do not
+// say that the socket is there.
+func (in *instance) waitReady(t testing.TB) {
+	t.Helper()
 	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", in.port), 20*time.Second)
 	for _, p := range in.upstream {
 		harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", p), 20*time.Second)
 	}
-	return in
+	harness.WaitFor(t, 20*time.Second, in.id+"'s admin socket", func() bool {
+		_, err := haproxy.NewAdmin(filepath.Join(in.dir, "admin.sock")).Command("show info")
+		return err == nil
+	})
 }
 
 // call makes one request from in's app to destination through the sidecar.
