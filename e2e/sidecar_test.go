@@ -316,7 +316,7 @@ func TestSidecarMesh(t *testing.T) {
 			code, _, _ := web.call("api")
 			return code == 200
 		})
-		// The health check (every 500ms) may have run while HAProxy was
+		// The health check (every second) may have run while HAProxy was
 		// down and report it critical only now; the next test must not
 		// start with api-1 about to leave web's pool.
 		harness.WaitSteady(t, 15*time.Second, 1500*time.Millisecond, "api-1 steadily in web's pool", func() bool {
@@ -638,10 +638,10 @@ func TestSidecarStartAndStop(t *testing.T) {
 // listeningCheck is a sidecar's health check: its public port accepts
 // connections. Consul's default for a sidecar checks every 10s, after a
 // random first delay, so a proxy that starts after the first run stays out
-// of its callers' pools for up to 10s more; every 500ms keeps that short.
+// of its callers' pools for up to 10s more; every second (Consul's minimum) keeps that short.
 func listeningCheck(port int) api.AgentServiceChecks {
 	return api.AgentServiceChecks{{
 		Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", port),
-		Interval: "500ms", Timeout: "200ms",
+		Interval: "1s", Timeout: "200ms",
 	}}
 }
