@@ -638,7 +638,8 @@ func TestSidecarStartAndStop(t *testing.T) {
 // listeningCheck is a sidecar's health check: its public port accepts
 // connections. Consul's default for a sidecar checks every 10s, after a
 // random first delay, so a proxy that starts after the first run stays out
-// of its callers' pools for up to 10s more; every second (Consul's minimum) keeps that short.
+// of its callers' pools for up to 10s more; checking every second
+// (Consul's minimum) keeps that short.
 func listeningCheck(port int) api.AgentServiceChecks {
 	return api.AgentServiceChecks{{
 		Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", port),
