@@ -116,7 +116,7 @@ func Validate(ctx context.Context, binary, text string, dir string) error {
 	}
 	f.Close()
 	check := exec.CommandContext(ctx, binary, "-c", "-q", "-f", f.Name())
-	check.Env = withoutTokens(os.Environ())
+	check.Env = Env(os.Environ())
 	out, err := check.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("haproxy -c: %v: %s", err, strings.TrimSpace(string(out)))
@@ -126,7 +126,8 @@ func Validate(ctx context.Context, binary, text string, dir string) error {
 
 // WriteFileAtomic writes data to path through a temporary file in the same
 // directory and a rename, so readers see the old or the new file, never a
-// part of one.
+// part of one. In a directory shared with HAProxy's group (ShareDir), the
+// file belongs to that group and the group may read it.
 func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -134,6 +135,13 @@ func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
 	}
 	tmp := f.Name()
 	defer os.Remove(tmp) // no-op after a successful rename
+	if gid, ok := sharedGroup(filepath.Dir(path)); ok {
+		if err := f.Chown(-1, gid); err != nil {
+			f.Close()
+			return err
+		}
+		mode |= 0o040
+	}
 	if err := f.Chmod(mode); err != nil {
 		f.Close()
 		return err
@@ -171,7 +179,7 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 	}
 	out := cfg.Logger.Named("haproxy").StandardWriter(&hclog.StandardLoggerOptions{ForceLevel: hclog.Info})
 	cmd := exec.Command(bin, slices.Concat([]string{"-W", "-db"}, cfg.MasterArgs(), []string{"-f", cfg.ConfigPath()})...)
-	cmd.Env = withoutTokens(os.Environ())
+	cmd.Env = Env(os.Environ())
 	cmd.Stdout, cmd.Stderr = out, out
 	// HAProxy must not outlive haconnect, even if haconnect is killed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -191,13 +199,26 @@ func Start(ctx context.Context, cfg Config, text string) (*Process, error) {
 	return p, nil
 }
 
-// withoutTokens drops the ACL tokens haconnect may be given in its
-// environment: HAProxy talks to neither Consul nor Nomad, and what it
-// inherits would be readable in /proc/<pid>/environ for as long as it runs.
-func withoutTokens(env []string) []string {
-	return slices.DeleteFunc(env, func(kv string) bool {
-		return strings.HasPrefix(kv, "CONSUL_HTTP_TOKEN=") || strings.HasPrefix(kv, "NOMAD_TOKEN=")
-	})
+// passedEnv is all of haconnect's environment HAProxy gets. HAProxy talks
+// to neither Consul, Nomad nor Vault, and what it inherits stays readable
+// in /proc/<pid>/environ for as long as it runs; a deny-list of token names
+// would miss the next one (CONSUL_HTTP_AUTH, CONSUL_TOKEN, VAULT_TOKEN, ...).
+// The rendered configuration sets what its Lua reads (setenv HACONNECT_*)
+// itself.
+var passedEnv = []string{"PATH", "TZ"}
+
+// Env is the environment HAProxy runs with: the variables of env that
+// passedEnv names, nothing else. It is never nil: an exec.Cmd with a nil
+// Env inherits the whole environment.
+func Env(env []string) []string {
+	out := []string{}
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		if slices.Contains(passedEnv, name) {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 // Done is closed when the master has exited.
