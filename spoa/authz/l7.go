@@ -28,6 +28,9 @@ type Headers interface {
 	// Lookup returns every value of the header named (case-insensitively),
 	// joined by "," as Envoy joins them, and whether the header is present.
 	Lookup(name string) (string, bool)
+	// Names calls f with the name of each header, in order, until f
+	// returns false. The slice is only valid during the call.
+	Names(f func(name []byte) bool)
 }
 
 // Permissions are the compiled HTTP permissions of one L7 intention, checked
@@ -39,6 +42,10 @@ type Permissions struct {
 	// NeedsHeaders says whether any rule tests a header: HAProxy sends the
 	// header block only when it does.
 	NeedsHeaders bool
+	// dashed lists the header names the rules test that contain '-' or '_'
+	// (lower case): a request carrying a name that differs from one of
+	// them only by '_' for '-' is denied, see ambiguousHeader.
+	dashed []string
 	// invalid is set when a permission cannot be compiled (a regular
 	// expression Go's RE2 refuses): every request of the intention's callers
 	// is then denied, since the permission's meaning is unknown.
@@ -97,18 +104,58 @@ func (m *stringMatch) matches(s string) bool {
 
 type headerMatch struct {
 	name   string
+	pseudo pseudoHeader
 	match  stringMatch
 	invert bool
+}
+
+// pseudoHeader is an HTTP/2 pseudo-header a permission may test, as Envoy
+// lets it: Envoy's header map holds them next to the real headers.
+type pseudoHeader uint8
+
+const (
+	notPseudo pseudoHeader = iota
+	pseudoAuthority
+	pseudoMethod
+	pseudoPath
+	pseudoScheme
+)
+
+var pseudoHeaders = map[string]pseudoHeader{
+	":authority": pseudoAuthority,
+	":method":    pseudoMethod,
+	":path":      pseudoPath,
+	":scheme":    pseudoScheme,
+}
+
+// value returns what the header test reads from r: for the pseudo-headers,
+// the authority is the Host header (HTTP/1.1 carries it there), the method
+// and the path with its query (Envoy's :path keeps the query) come from the
+// request line as HAProxy normalized it, and the scheme is always https,
+// the inbound listener being TLS only.
+func (h *headerMatch) value(r *Request) (string, bool) {
+	switch h.pseudo {
+	case pseudoMethod:
+		return r.Method, true
+	case pseudoPath:
+		return r.Path, true
+	case pseudoScheme:
+		return "https", true
+	}
+	if r.Headers == nil {
+		return "", false
+	}
+	if h.pseudo == pseudoAuthority {
+		return r.Headers.Lookup("host")
+	}
+	return r.Headers.Lookup(h.name)
 }
 
 // matches follows Envoy's header matcher, which Consul configures: a header
 // that is absent only matches an inverted presence test; otherwise the
 // result of the test is inverted when asked.
-func (h *headerMatch) matches(hs Headers) bool {
-	if hs == nil {
-		return h.invert && h.match.kind == matchPresent
-	}
-	v, ok := hs.Lookup(h.name)
+func (h *headerMatch) matches(r *Request) bool {
+	v, ok := h.value(r)
 	if !ok {
 		return h.invert && h.match.kind == matchPresent
 	}
@@ -145,11 +192,20 @@ func compilePermissions(target string, ixn *api.Intention, m *Metrics) *Permissi
 				if err != nil {
 					p.invalid = ReasonL7Invalid
 				}
-				if hm.match.kind != matchAny {
-					r.headers = append(r.headers, hm)
+				if hm.match.kind == matchAny {
+					continue
+				}
+				r.headers = append(r.headers, hm)
+				switch hm.pseudo {
+				case notPseudo:
+					p.NeedsHeaders = true
+					if strings.ContainsAny(hm.name, "-_") && !slices.Contains(p.dashed, hm.name) {
+						p.dashed = append(p.dashed, hm.name)
+					}
+				case pseudoAuthority:
+					p.NeedsHeaders = true
 				}
 			}
-			p.NeedsHeaders = p.NeedsHeaders || len(r.headers) > 0
 		}
 		r.counter = m.l7Counter(target, source, strconv.Itoa(i+1), r.allow)
 		p.rules = append(p.rules, r)
@@ -161,9 +217,17 @@ func compilePermissions(target string, ixn *api.Intention, m *Metrics) *Permissi
 
 // compileHeader mirrors the order in which Consul picks the one test a
 // header permission makes: exact, regex, prefix, suffix, contains, present.
-// A permission with none of them is skipped, as Consul skips it.
+// A permission with none of them is skipped, as Consul skips it. A name
+// starting with ':' must be one of the pseudo-headers a request has: any
+// other could never match, and a deny on it would be silently skipped.
 func compileHeader(h api.IntentionHTTPHeaderPermission) (headerMatch, error) {
 	hm := headerMatch{name: strings.ToLower(h.Name), invert: h.Invert}
+	if strings.HasPrefix(hm.name, ":") {
+		hm.pseudo = pseudoHeaders[hm.name]
+		if hm.pseudo == notPseudo {
+			return hm, fmt.Errorf("header %q: not a pseudo-header of a request", h.Name)
+		}
+	}
 	lower := func(s string) string {
 		if h.IgnoreCase {
 			return strings.ToLower(s)
@@ -204,10 +268,13 @@ func (p *Permissions) Check(r *Request, defaultAllow bool) (bool, Reason) {
 	if p.invalid != 0 {
 		return false, p.invalid
 	}
+	if p.ambiguousHeader(r.Headers) {
+		return false, ReasonL7AmbiguousHeader
+	}
 	path, _, _ := strings.Cut(r.Path, "?")
 	for i := range p.rules {
 		rule := &p.rules[i]
-		if !rule.matches(r.Method, path, r.Headers) {
+		if !rule.matches(r, path) {
 			continue
 		}
 		rule.counter.Inc()
@@ -229,19 +296,81 @@ func (p *Permissions) Check(r *Request, defaultAllow bool) (bool, Reason) {
 	return false, ReasonL7DefaultDeny
 }
 
-func (r *rule) matches(method, path string, hs Headers) bool {
-	if len(r.methods) > 0 && !slices.Contains(r.methods, method) {
+// matches tests a request; path is its path without the query.
+func (r *rule) matches(req *Request, path string) bool {
+	if len(r.methods) > 0 && !slices.Contains(r.methods, req.Method) {
 		return false
 	}
 	if r.path.kind != matchAny && !r.path.matches(path) {
 		return false
 	}
 	for i := range r.headers {
-		if !r.headers[i].matches(hs) {
+		if !r.headers[i].matches(req) {
 			return false
 		}
 	}
 	return true
+}
+
+// ambiguousHeader reports whether the request carries a header whose name
+// differs from a name the rules test only by '_' where the rule has '-', or
+// the reverse (x_role beside a rule on x-role). Many servers and frameworks
+// (CGI, WSGI, Rack, PHP, some proxies) fold both spellings into one name, so
+// the app could read the header the rule never tested (CVE-2024-10006).
+// Like Envoy's headers_with_underscores_action REJECT_REQUEST, such a
+// request is refused, but only for the names the rules test. A name that
+// is itself tested is not ambiguous: the rules decide on it.
+func (p *Permissions) ambiguousHeader(hs Headers) bool {
+	if len(p.dashed) == 0 || hs == nil {
+		return false
+	}
+	found := false
+	hs.Names(func(name []byte) bool {
+		confused := false
+		for _, tested := range p.dashed {
+			switch foldDashes(name, tested) {
+			case sameName:
+				return true
+			case dashesDiffer:
+				confused = true
+			}
+		}
+		found = confused
+		return !found
+	})
+	return found
+}
+
+type nameFold uint8
+
+const (
+	otherName nameFold = iota
+	sameName
+	dashesDiffer
+)
+
+// foldDashes compares a header name with a tested name (lower case),
+// ignoring ASCII case, and says whether they are the same name, or differ
+// only where one has '_' and the other '-'.
+func foldDashes(name []byte, tested string) nameFold {
+	if len(name) != len(tested) {
+		return otherName
+	}
+	result := sameName
+	for i := 0; i < len(name); i++ {
+		c, t := name[i], tested[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		switch {
+		case c == t:
+		case (c == '_' || c == '-') && (t == '_' || t == '-'):
+			result = dashesDiffer
+		default:
+			return otherName
+		}
+	}
+	return result
 }
 
 // IsHTTP reports whether a Consul protocol carries HTTP requests that L7

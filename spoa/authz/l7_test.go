@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/hashicorp/consul/api"
-	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -15,6 +14,16 @@ type headerMap map[string][]string
 func (h headerMap) Lookup(name string) (string, bool) {
 	v, ok := h[strings.ToLower(name)]
 	return strings.Join(v, ","), ok
+}
+
+func (h headerMap) Names(f func([]byte) bool) {
+	for name, values := range h {
+		for range values {
+			if !f([]byte(name)) {
+				return
+			}
+		}
+	}
 }
 
 // TestHeaderMatchFollowsEnvoy pins the cases where Envoy's header matcher
@@ -45,11 +54,11 @@ func TestHeaderMatchFollowsEnvoy(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var hs Headers
+			r := &Request{Method: "GET", Path: "/"}
 			if tc.headers != nil {
-				hs = tc.headers
+				r.Headers = tc.headers
 			}
-			if got := hm.matches(hs); got != tc.want {
+			if got := hm.matches(r); got != tc.want {
 				t.Fatalf("matches = %v, want %v", got, tc.want)
 			}
 		})
@@ -88,11 +97,9 @@ func TestL7OnNonHTTPDestinationDenied(t *testing.T) {
 	ixn := &api.Intention{SourceName: "web", Permissions: []*api.IntentionPermission{
 		{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"}},
 	}}
-	a := &Authorizer{log: hclog.NewNullLogger()}
-	td := "td.consul"
-	a.trustDomain.Store(&td)
 	rules := &ruleSet{intentions: []*api.Intention{ixn}, perms: []*Permissions{compilePermissions("db", ixn, nil)}, protocol: "tcp"}
-	if d, cacheable := a.evaluate(nil, rules, &ident); d.Allow || d.Reason != ReasonL7NotHTTP || !cacheable {
+	noPolicy := func(*Identity) (bool, Reason, error) { t.Fatal("the default policy was asked"); return false, 0, nil }
+	if d, cacheable, _ := evaluate(rules, "td.consul", &ident, noPolicy); d.Allow || d.Reason != ReasonL7NotHTTP || !cacheable {
 		t.Fatalf("got allow=%v %s cacheable=%v, want a cacheable deny %s", d.Allow, d.Reason, cacheable, ReasonL7NotHTTP)
 	}
 }

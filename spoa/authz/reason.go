@@ -18,8 +18,12 @@ const (
 	ReasonL7Unsupported
 	ReasonL7Invalid
 	ReasonL7BadRequest
+	ReasonL7AmbiguousHeader
 	ReasonNoCertificate
 	ReasonBadCertificate
+	ReasonUntrustedCertificate
+	ReasonCertificateExpired
+	ReasonCertificateNotYetValid
 	ReasonNotSPIFFE
 	ReasonNotService
 	ReasonTrustDomain
@@ -30,35 +34,41 @@ const (
 	ReasonConsulInconsistent
 	ReasonConsulError
 	ReasonInternalError
+	ReasonTargetMismatch
 	numReasons
 )
 
 var reasonText = [numReasons]string{
-	ReasonIntentionAllow:     "intention_allow",
-	ReasonIntentionDeny:      "intention_deny",
-	ReasonDefaultAllow:       "default_allow",
-	ReasonDefaultDeny:        "default_deny",
-	ReasonL7Intention:        "l7_intention",
-	ReasonL7NotHTTP:          "l7_intention_not_http",
-	ReasonL7PermissionAllow:  "l7_permission_allow",
-	ReasonL7PermissionDeny:   "l7_permission_deny",
-	ReasonL7DefaultAllow:     "l7_default_allow",
-	ReasonL7DefaultDeny:      "l7_default_deny",
-	ReasonL7Unsupported:      "l7_jwt_unsupported",
-	ReasonL7Invalid:          "l7_invalid_permission",
-	ReasonL7BadRequest:       "l7_bad_request",
-	ReasonNoCertificate:      "no_certificate",
-	ReasonBadCertificate:     "bad_certificate",
-	ReasonNotSPIFFE:          "not_spiffe",
-	ReasonNotService:         "not_a_service",
-	ReasonTrustDomain:        "foreign_trust_domain",
-	ReasonNoTarget:           "no_target",
-	ReasonTooManyTargets:     "too_many_targets",
-	ReasonConsulUnavailable:  "consul_unavailable",
-	ReasonConsulStale:        "consul_stale",
-	ReasonConsulInconsistent: "consul_inconsistent",
-	ReasonConsulError:        "consul_error",
-	ReasonInternalError:      "internal_error",
+	ReasonIntentionAllow:         "intention_allow",
+	ReasonIntentionDeny:          "intention_deny",
+	ReasonDefaultAllow:           "default_allow",
+	ReasonDefaultDeny:            "default_deny",
+	ReasonL7Intention:            "l7_intention",
+	ReasonL7NotHTTP:              "l7_intention_not_http",
+	ReasonL7PermissionAllow:      "l7_permission_allow",
+	ReasonL7PermissionDeny:       "l7_permission_deny",
+	ReasonL7DefaultAllow:         "l7_default_allow",
+	ReasonL7DefaultDeny:          "l7_default_deny",
+	ReasonL7Unsupported:          "l7_jwt_unsupported",
+	ReasonL7Invalid:              "l7_invalid_permission",
+	ReasonL7BadRequest:           "l7_bad_request",
+	ReasonL7AmbiguousHeader:      "l7_ambiguous_header",
+	ReasonNoCertificate:          "no_certificate",
+	ReasonBadCertificate:         "bad_certificate",
+	ReasonUntrustedCertificate:   "untrusted_certificate",
+	ReasonCertificateExpired:     "certificate_expired",
+	ReasonCertificateNotYetValid: "certificate_not_yet_valid",
+	ReasonNotSPIFFE:              "not_spiffe",
+	ReasonNotService:             "not_a_service",
+	ReasonTrustDomain:            "foreign_trust_domain",
+	ReasonNoTarget:               "no_target",
+	ReasonTooManyTargets:         "too_many_targets",
+	ReasonConsulUnavailable:      "consul_unavailable",
+	ReasonConsulStale:            "consul_stale",
+	ReasonConsulInconsistent:     "consul_inconsistent",
+	ReasonConsulError:            "consul_error",
+	ReasonInternalError:          "internal_error",
+	ReasonTargetMismatch:         "target_mismatch",
 }
 
 func (r Reason) String() string {

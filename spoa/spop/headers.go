@@ -63,3 +63,21 @@ func (b HeaderBlock) Lookup(name string) (string, bool) {
 	}
 	return joined, found
 }
+
+// Names calls f with each header's name, in order, until f returns false.
+// Call Validate first: a malformed block ends the walk.
+func (b HeaderBlock) Names(f func(name []byte) bool) {
+	rest := []byte(b)
+	for {
+		n, size, ok := parseString(rest)
+		if !ok {
+			return
+		}
+		rest = rest[size:]
+		v, size, ok := parseString(rest)
+		if !ok || (len(n) == 0 && len(v) == 0) || !f(n) {
+			return
+		}
+		rest = rest[size:]
+	}
+}
