@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/haconnect/haconnect/internal/cli"
@@ -27,11 +28,15 @@ type Options struct {
 	StaleWindow   time.Duration
 	TTL           time.Duration
 	// RevokeSocket is HAProxy's runtime API (level admin); when set, the
-	// open connections of RevokeFrontend (a TCP listener tracking them in
-	// RevokeTable) are closed when an intention revokes their caller.
-	RevokeSocket   string
-	RevokeFrontend string
-	RevokeTable    string
+	// open streams of RevokeFrontend (comma-separated listeners tracking
+	// them in RevokeTable: a TCP listener's connections, an HTTP
+	// listener's upgraded streams) are closed when an intention revokes
+	// their caller. RevokeUntracked counts the streams those listeners
+	// refused because they could not track them.
+	RevokeSocket    string
+	RevokeFrontend  string
+	RevokeTable     string
+	RevokeUntracked string
 	Consul         consulflags.Flags
 	Log            logging.Flags
 }
@@ -43,9 +48,10 @@ func (o *Options) Register(fs *flag.FlagSet) {
 	fs.StringVar(&o.Target, "target", "", "destination service checked when a message has no target argument")
 	fs.DurationVar(&o.StaleWindow, "stale-window", 5*time.Minute, "how long cached decisions are served while Consul is unreachable")
 	fs.DurationVar(&o.TTL, "ttl", time.Second, "how long HAProxy may reuse a decision on an open connection (sent as ttl_ms)")
-	fs.StringVar(&o.RevokeSocket, "revoke-socket", "", "HAProxy's master CLI socket (haproxy -S; reaches old workers after a reload) or a stats socket (level admin): close the open TCP connections of callers an intention change denies (needs -target)")
-	fs.StringVar(&o.RevokeFrontend, "revoke-frontend", "inbound_tcp", "with -revoke-socket: the TCP frontend whose connections may be closed")
-	fs.StringVar(&o.RevokeTable, "revoke-table", "haconnect_conns", "with -revoke-socket: the stick table tracking that frontend's connections by caller")
+	fs.StringVar(&o.RevokeSocket, "revoke-socket", "", "HAProxy's master CLI socket (haproxy -S; reaches old workers after a reload) or a stats socket (level admin): close the open streams (TCP connections, upgraded HTTP streams) of callers an intention change denies (needs -target)")
+	fs.StringVar(&o.RevokeFrontend, "revoke-frontend", "inbound,inbound_tcp", "with -revoke-socket: the frontends whose tracked streams may be closed, comma-separated")
+	fs.StringVar(&o.RevokeTable, "revoke-table", "haconnect_conns", "with -revoke-socket: the stick table tracking those frontends' streams by caller")
+	fs.StringVar(&o.RevokeUntracked, "revoke-untracked-table", "haconnect_untracked", "with -revoke-socket: the stick table counting the streams refused because they could not be tracked, reported as haconnect_untracked_connections_total (empty: not reported)")
 	o.Consul.Register(fs)
 	o.Log.Register(fs)
 }
@@ -98,7 +104,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 		revokeAdmin = haproxy.NewAdmin(o.RevokeSocket)
 		rev, err = revoke.New(revoke.Config{
 			Runtime: revokeAdmin, Target: o.Target,
-			Table: o.RevokeTable, Frontend: o.RevokeFrontend,
+			Table: o.RevokeTable, Frontends: strings.Split(o.RevokeFrontend, ","), Untracked: o.RevokeUntracked,
 			Logger: log.Named("revoke"), Registerer: reg,
 		})
 		if err != nil {

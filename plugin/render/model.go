@@ -20,12 +20,43 @@ const (
 const (
 	// InboundFrontend is the mTLS listener's frontend.
 	InboundFrontend = "public_listener"
-	// ConnTable tracks a TCP listener's open connections by caller.
+	// ConnTable tracks the inbound listener's open streams by caller: every
+	// connection of a TCP listener, every upgraded stream (101) of an HTTP
+	// one.
 	ConnTable = "haconnect_conns"
+	// UntrackedTable counts, by reason, the streams refused because
+	// ConnTable could not track them (gpc0).
+	UntrackedTable = "haconnect_untracked"
 )
 
-// ConnTable names the stick table of open TCP connections (for templates).
+// ConnKeyLen is the longest key ConnTable holds whole,
+// "<source address>:<port>|<caller SPIFFE ID>"; HAProxy cuts longer keys,
+// and a cut key would be re-decided for another identity, so those
+// streams are refused instead. It is the longest key of callers whose
+// names stay within the limits Consul documents:
+//
+//	45  IPv6 source as text (INET6_ADDRSTRLEN - 1, "ffff:...:255.255.255.255")
+//	 7  ":" port (5 digits) "|"
+//	52  "spiffe://" + trust domain "<cluster UUID>.consul" (36 + 7)
+//	67  "/ap/" + admin partition (a DNS label, 63)
+//	67  "/ns/" + namespace (a DNS label, 63)
+//	67  "/dc/" + datacenter (63: Consul checks only its characters, DNS needs a label)
+//	261 "/svc/" + service (256, the longest ACL service identity; DNS needs 63)
+//	---
+//	566
+//
+// The catalog itself bounds neither service nor datacenter names: a caller
+// past this is refused on upgrades and TCP streams, and counted.
+const ConnKeyLen = 45 + 7 + (9 + 36 + 7) + (4 + 63) + (4 + 63) + (4 + 63) + (5 + 256)
+
+// ConnTable names the stick table of open streams (for templates).
 func (*Model) ConnTable() string { return ConnTable }
+
+// UntrackedTable names the table counting untracked streams (for templates).
+func (*Model) UntrackedTable() string { return UntrackedTable }
+
+// ConnKeyLen is the ConnTable key length (for templates).
+func (*Model) ConnKeyLen() int { return ConnKeyLen }
 
 // InboundFrontend names the inbound frontend (for templates).
 func (*Model) InboundFrontend() string { return InboundFrontend }

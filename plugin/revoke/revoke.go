@@ -2,13 +2,20 @@
 // intentions no longer allow.
 //
 // An HTTP listener re-checks each keep-alive connection once its decision's
-// ttl has passed, but a TCP stream (a database session, a websocket, a
-// tunnel) is authorized once, when it opens. For those, HAProxy records
-// every authorized connection in a stick table keyed by
-// "<client address>:<port>|<caller SPIFFE ID>" (tracked, so the entry lives
-// as long as the connection). When the authorizer reports a change for the
-// destination, the Revoker re-decides each caller that has connections
-// open and shuts the denied callers' sessions down through the runtime API.
+// ttl has passed, but a stream is authorized once, when it opens: a TCP
+// listener's connection (a database session, a tunnel), or an HTTP
+// listener's upgraded stream (a 101: a WebSocket, which no HTTP rule sees
+// after the upgrade). For those, HAProxy records every authorized stream in
+// a stick table keyed by "<client address>:<port>|<caller SPIFFE ID>"
+// (tracked, so the entry lives as long as the stream). When the authorizer
+// reports a change for the destination, the Revoker re-decides each caller
+// that has streams open and shuts the denied callers' sessions down through
+// the runtime API.
+//
+// A stream the table cannot track whole (its key too long, or the table
+// full) could never be revoked, so HAProxy refuses it and counts it by
+// reason in a second table; the Revoker reports that count as
+// haconnect_untracked_connections_total.
 package revoke
 
 import (
@@ -16,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -46,9 +54,13 @@ type Config struct {
 	Runtime Runtime
 	// Target is the destination service the listener serves.
 	Target string
-	// Table and Frontend name the stick table of open connections and the
-	// listener whose sessions may be shut down.
-	Table, Frontend string
+	// Table names the stick table of open streams, Frontends the
+	// listeners that track into it, whose sessions may be shut down.
+	Table     string
+	Frontends []string
+	// Untracked, if set, names the table counting (gpc0, by reason) the
+	// streams refused because Table could not track them.
+	Untracked string
 	// Settle is when a second sweep follows the first (default 500ms): a
 	// connection authorized just before the change may enter the table
 	// just after the first sweep read it.
@@ -71,8 +83,8 @@ type Revoker struct {
 // New creates a Revoker; call Run to start it. It takes no Checker, so
 // that it can exist before the authorizer whose OnChange it receives.
 func New(cfg Config) (*Revoker, error) {
-	if cfg.Runtime == nil || cfg.Target == "" || cfg.Table == "" || cfg.Frontend == "" {
-		return nil, fmt.Errorf("revoke: runtime, target, table and frontend are required")
+	if cfg.Runtime == nil || cfg.Target == "" || cfg.Table == "" || len(cfg.Frontends) == 0 || slices.Contains(cfg.Frontends, "") {
+		return nil, fmt.Errorf("revoke: runtime, target, table and frontends are required")
 	}
 	if cfg.Settle <= 0 {
 		cfg.Settle = 500 * time.Millisecond
@@ -91,6 +103,11 @@ func New(cfg Config) (*Revoker, error) {
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(r.closed); err != nil {
 			return nil, err
+		}
+		if cfg.Untracked != "" {
+			if err := cfg.Registerer.Register(&untrackedCollector{r: r}); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return r, nil
@@ -199,7 +216,7 @@ func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.
 		return 0, err
 	}
 	if strings.Contains(out, "No such table") {
-		return 0, nil // an HTTP listener: nothing is tracked
+		return 0, nil // a configuration from before upgrades were tracked: an HTTP listener without the table
 	}
 	byCaller := openConnections(out)
 	denied := map[string]authz.Reason{} // client address -> why
@@ -215,7 +232,10 @@ func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.
 		reason := d.Reason
 		switch {
 		case !d.Allow:
-		case d.L7 != nil: // HTTP permissions cannot be checked on a TCP stream
+		case d.L7 != nil:
+			// HTTP permissions cannot be checked on a TCP stream, nor on
+			// an upgraded one (no request passes on it any more): closed,
+			// and a caller allowed again is checked on its next upgrade.
 			reason = authz.ReasonL7NotHTTP
 		default:
 			continue
@@ -236,7 +256,7 @@ func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.
 	closed := 0
 	for _, s := range parseSessions(sessions) {
 		reason, ok := denied[s.src]
-		if !ok || s.frontend != r.cfg.Frontend {
+		if !ok || !slices.Contains(r.cfg.Frontends, s.frontend) {
 			continue
 		}
 		out, err := rt.Command("shutdown session " + s.id)

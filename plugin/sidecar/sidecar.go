@@ -277,7 +277,8 @@ func (s *Sidecar) waitService(ctx context.Context) (string, error) {
 // startSPOA runs the embedded authorization agent on a unix socket in the
 // working directory, or returns the external one's address. Either way an
 // authorizer watches the service's intentions, so that a change reaches
-// the open TCP connections it now denies (plugin/revoke).
+// the open streams it now denies (TCP connections, upgraded HTTP streams:
+// plugin/revoke).
 func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func(), error) {
 	external := s.cfg.SPOAAddr != ""
 	var reg prometheus.Registerer
@@ -286,7 +287,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	}
 	rev, err := revoke.New(revoke.Config{
 		Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Target: service,
-		Table: render.ConnTable, Frontend: render.InboundFrontend,
+		Table: render.ConnTable, Frontends: []string{render.InboundFrontend}, Untracked: render.UntrackedTable,
 		Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
 	})
 	if err != nil {
