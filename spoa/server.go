@@ -29,8 +29,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,7 +39,6 @@ import (
 	"github.com/negasus/haproxy-spoe-go/message"
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/net/netutil"
 
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
@@ -81,27 +78,48 @@ type Decider interface {
 // Config configures a Server.
 type Config struct {
 	Decider Decider
-	// Target is the destination used when a message carries no target arg.
+	// Target, when set, is the only destination this agent authorizes for:
+	// a message without a target arg is decided for it, and a message
+	// naming another destination is denied (target_mismatch). An agent
+	// that serves one service's listeners is then never the authorizer of
+	// another destination, whatever its SPOE messages say, and nobody can
+	// make it watch destinations it was not started for. Empty: each
+	// message names its destination (a shared agent).
 	Target string
 	// TTL is sent as ttl_ms: how long HAProxy may reuse a decision on an
 	// open connection before asking again (default 1s).
 	TTL    time.Duration
 	Logger hclog.Logger
 	// Limits bound each SPOP connection; MaxConns bounds their number
-	// (default 1024).
-	Limits   spop.Limits
-	MaxConns int
+	// (default DefaultMaxConns) and MaxInFlight the NOTIFY frames all of
+	// them hold at once (default DefaultMaxInFlight). Together they bound
+	// the agent's memory whatever its peers send; see the README.
+	Limits      spop.Limits
+	MaxConns    int
+	MaxInFlight int
 	// Registerer receives the server's metrics (nil: not registered).
 	Registerer prometheus.Registerer
 }
+
+// Defaults of the bounds in Config.
+const (
+	DefaultMaxConns    = 128
+	DefaultMaxInFlight = 256
+)
 
 // Server answers SPOE authorization messages.
 type Server struct {
 	cfg      Config
 	log      hclog.Logger
 	ttl      any // boxed once: the library takes values as `any`
+	budget   *spop.Budget
+	listener atomic.Pointer[spop.Listener] // the one Serve uses, for the gauges
 	rejected *prometheus.CounterVec
 	panics   prometheus.Counter
+	// mismatch counts messages naming a destination other than Target;
+	// mismatchLogged is the unix second of the last log line about one.
+	mismatch       prometheus.Counter
+	mismatchLogged atomic.Int64
 	// tcpL7 counts callers refused because their intention carries HTTP
 	// permissions but the listener speaks TCP: a misconfiguration.
 	tcpL7      *prometheus.CounterVec
@@ -117,19 +135,27 @@ func NewServer(cfg Config) (*Server, error) {
 		cfg.TTL = time.Second
 	}
 	if cfg.MaxConns <= 0 {
-		cfg.MaxConns = 1024
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = DefaultMaxInFlight
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
 	s := &Server{
-		cfg: cfg,
-		log: cfg.Logger,
-		ttl: int(cfg.TTL / time.Millisecond),
+		cfg:    cfg,
+		log:    cfg.Logger,
+		ttl:    int(cfg.TTL / time.Millisecond),
+		budget: spop.NewBudget(cfg.MaxInFlight),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "frames_rejected_total",
-			Help: "SPOP connections closed because of an invalid frame, by reason.",
+			Help: "SPOP connections closed by the agent, by reason: an invalid frame, a refused TLS handshake, a hello or idle timeout.",
 		}, []string{"reason"}),
+		mismatch: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "target_mismatch_total",
+			Help: "Messages denied because they named a destination other than the agent's -target.",
+		}),
 		panics: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "handler_panics_total",
 			Help: "Messages whose handling panicked (the caller was denied).",
@@ -139,8 +165,21 @@ func NewServer(cfg Config) (*Server, error) {
 			Help: "Connections refused because the caller's intention has HTTP permissions but the listener is TCP (a misconfiguration).",
 		}, []string{"destination"}),
 	}
+	conns := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "haconnect", Subsystem: "spoa", Name: "connections",
+		Help: "Open SPOP connections (at most -max-conns).",
+	}, func() float64 {
+		if l := s.listener.Load(); l != nil {
+			return float64(l.Conns())
+		}
+		return 0
+	})
+	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "haconnect", Subsystem: "spoa", Name: "frames_in_flight",
+		Help: "NOTIFY frames read and not yet answered, all connections together (at most -max-in-flight).",
+	}, func() float64 { return float64(s.budget.InFlight()) })
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{s.rejected, s.panics, s.tcpL7} {
+		for _, c := range []prometheus.Collector{s.rejected, s.panics, s.tcpL7, s.mismatch, conns, inFlight} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, err
 			}
@@ -153,13 +192,10 @@ func NewServer(cfg Config) (*Server, error) {
 // closes l and, when ctx is done, the connections still open (HAProxy
 // reconnects to whichever agent answers next).
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	guarded := &spop.Listener{
-		Listener: netutil.LimitListener(l, s.cfg.MaxConns),
-		Limits:   s.cfg.Limits,
-		OnReject: s.onReject,
-	}
+	guarded := spop.NewListener(l, s.cfg.Limits, s.cfg.MaxConns, s.budget, s.onReject)
+	s.listener.Store(guarded)
 	var once sync.Once
-	stop := func() { once.Do(func() { _ = l.Close() }) }
+	stop := func() { once.Do(func() { _ = guarded.Close() }) }
 	// Stop serving when ctx ends; no goroutine outlives Serve otherwise.
 	defer context.AfterFunc(ctx, stop)()
 	err := spoe.New(s.Handle, libLogger{s.log}).Serve(guarded)
@@ -173,8 +209,15 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 
 func (s *Server) onReject(reason string, err error) {
 	s.rejected.WithLabelValues(reason).Inc()
-	s.log.Warn("closing SPOP connection: invalid frame", "reason", reason, "error", err)
+	s.log.Warn("closing SPOP connection", "reason", reason, "error", err)
 }
+
+// Listener is the guarded listener Serve uses (nil before Serve), for
+// tests and gauges.
+func (s *Server) Listener() *spop.Listener { return s.listener.Load() }
+
+// Budget is the shared bound on in-flight frames.
+func (s *Server) Budget() *spop.Budget { return s.budget }
 
 // Handle answers one NOTIFY frame. A message without a usable certificate is
 // answered with a denial; a panic leaves the variables unset, which the
@@ -246,6 +289,9 @@ func (s *Server) checkRequest(msg *message.Message, withHeaders bool) (bool, aut
 func (s *Server) decide(msg *message.Message) (string, *authz.Decision) {
 	target := s.cfg.Target
 	if t := stringArg(msg, ArgTarget); t != "" {
+		if target != "" && t != target {
+			return t, s.targetMismatch(t)
+		}
 		target = t
 	}
 	var der []byte
@@ -253,6 +299,24 @@ func (s *Server) decide(msg *message.Message) (string, *authz.Decision) {
 		der, _ = v.([]byte)
 	}
 	return target, s.cfg.Decider.Decide(target, der)
+}
+
+// targetMismatch denies a message naming a destination other than the
+// agent's -target: a misconfigured spoe.conf, or a peer probing for
+// another destination. One log line a minute at most, whatever the names:
+// they come from the peer.
+func (s *Server) targetMismatch(named string) *authz.Decision {
+	s.mismatch.Inc()
+	now := time.Now().Unix()
+	if prev := s.mismatchLogged.Load(); now-prev >= 60 && s.mismatchLogged.CompareAndSwap(prev, now) {
+		if len(named) > 64 {
+			named = named[:64] + "..."
+		}
+		s.log.Error("denied: the message names a destination this agent does not authorize for "+
+			"(remove target= from spoe.conf, or run an agent without -target for several destinations)",
+			"target", s.cfg.Target, "named", named)
+	}
+	return authz.Deny(authz.ReasonTargetMismatch)
 }
 
 // l7OnTCP refuses a caller whose intention carries HTTP permissions on a
@@ -276,26 +340,6 @@ func stringArg(msg *message.Message, name string) string {
 	v, _ := msg.KV.Get(name)
 	str, _ := v.(string)
 	return str
-}
-
-// Listen opens a listener for an address written as host:port (TCP),
-// unix:/path or /path (a unix socket; a stale socket file is replaced).
-func Listen(addr string) (net.Listener, error) {
-	path, isUnix := strings.CutPrefix(addr, "unix:")
-	if !isUnix && strings.HasPrefix(addr, "/") {
-		path, isUnix = addr, true
-	}
-	if !isUnix {
-		return net.Listen("tcp", addr)
-	}
-	if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("listen unix %s: another process is serving it", path)
-		}
-		_ = os.Remove(path)
-	}
-	return net.Listen("unix", path)
 }
 
 // libLogger sends the SPOE library's messages (connection-level errors that

@@ -101,6 +101,8 @@ type Client struct {
 	enc     Encoder
 	frameID uint64
 	body    []byte
+	// MaxFrameSize is the max-frame-size the agent answered in its HELLO.
+	MaxFrameSize uint32
 }
 
 // Dial connects to an agent and exchanges HELLO frames.
@@ -109,13 +111,19 @@ func Dial(network, addr string, timeout time.Duration) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	return NewClient(conn, DefaultMaxFrameSize, timeout)
+}
+
+// NewClient exchanges HELLO frames on conn (a TLS connection, for
+// instance), offering maxFrameSize. It closes conn if that fails.
+func NewClient(conn net.Conn, maxFrameSize uint32, timeout time.Duration) (*Client, error) {
 	c := &Client{conn: conn, r: bufio.NewReader(conn)}
 	_ = conn.SetDeadline(time.Now().Add(timeout))
-	if _, err := conn.Write(c.enc.Hello(DefaultMaxFrameSize, false)); err != nil {
+	if _, err := conn.Write(c.enc.Hello(maxFrameSize, false)); err != nil {
 		conn.Close()
 		return nil, err
 	}
-	t, _, err := c.readFrame()
+	t, body, err := c.readFrame()
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -124,9 +132,26 @@ func Dial(network, addr string, timeout time.Duration) (*Client, error) {
 		conn.Close()
 		return nil, fmt.Errorf("spop: expected AGENT-HELLO, got frame type %#x", t)
 	}
+	for kv := body; len(kv) > 0; {
+		name, n, ok := parseString(kv)
+		if !ok {
+			break
+		}
+		v, m, ok := parseValue(kv[n:])
+		if !ok {
+			break
+		}
+		if string(name) == "max-frame-size" {
+			c.MaxFrameSize = uint32(v.Int)
+		}
+		kv = kv[n+m:]
+	}
 	_ = conn.SetDeadline(time.Time{})
 	return c, nil
 }
+
+// Conn is the client's connection.
+func (c *Client) Conn() net.Conn { return c.conn }
 
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }

@@ -68,6 +68,8 @@ const (
 	RejectBadHello     = "bad_hello_value"
 	RejectOrder        = "out_of_order"
 	RejectHelloTimeout = "hello_timeout"
+	RejectIdleTimeout  = "idle_timeout"
+	RejectTLS          = "tls_handshake"
 )
 
 // FrameError says why a frame was refused; Reason is one of the Reject*
