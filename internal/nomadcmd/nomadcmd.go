@@ -8,7 +8,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/docker/docker/api/types/container"
@@ -58,6 +61,7 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 		cpus     float64
 		memoryMB int64
 	)
+	var haproxyUser string
 	o.Register(fs, false)
 	nf.register(fs)
 	fs.StringVar(&service, "service", "", "the Connect service to serve (default: from the task name connect-proxy-<service>, or the group's only one)")
@@ -66,6 +70,7 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.StringVar(&netCtr, "network-container", "", "docker launcher: container whose network namespace HAProxy joins (default: Nomad's nomad_init_<alloc ID>)")
 	fs.Float64Var(&cpus, "cpus", 0, "docker launcher: CPU limit of the HAProxy container, in cores (0: none)")
 	fs.Int64Var(&memoryMB, "memory", 0, "docker launcher: memory limit of the HAProxy container, MiB (0: none)")
+	fs.StringVar(&haproxyUser, "haproxy-user", "", fmt.Sprintf("docker launcher: uid:gid HAProxy runs as, never root (default: the hook's own, or %d:%d when the hook runs as root)", docker.DefaultUID, docker.DefaultGID))
 	if code, done := cli.Parse(fs, args, stderr); done {
 		return code
 	}
@@ -119,17 +124,53 @@ func RunHook(ctx context.Context, args []string, stderr io.Writer) int {
 			NanoCPUs:         int64(cpus * 1e9),
 			MemoryBytes:      memoryMB << 20,
 		}
-		// A hook running in a task container shares its volumes (the
-		// working directory lives in them); on a host, the directory is
-		// bind-mounted.
-		if own, err := ownContainer(ctx, dc, env); err == nil && own != "" {
-			l.VolumesFrom = own
+		if l.UID, l.GID, err = parseUser(haproxyUser); err != nil {
+			return cli.Fail(stderr, name, err)
+		}
+		// A hook running in a task container finds where the working
+		// directory is on the host, to mount it, and only it, into
+		// HAProxy's container (not the Docker socket, not Nomad's task API
+		// socket); on a host, the directory is mounted as it is.
+		own, err := ownContainer(ctx, dc, env)
+		if err != nil {
+			return cli.Fail(stderr, name, err)
+		}
+		if own != "" {
+			dir, err := filepath.Abs(p.Config.Dir)
+			if err == nil {
+				err = os.MkdirAll(dir, 0o700) // as the sidecar makes it
+			}
+			if err == nil {
+				dir, err = filepath.EvalSymlinks(dir)
+			}
+			if err == nil {
+				l.HostDir, err = docker.HostPath(ctx, dc, own, dir)
+			}
+			if err != nil {
+				return cli.Fail(stderr, name, err)
+			}
+			p.Config.Dir = dir
 		}
 		p.Config.Launcher = l
 	} else {
 		p.Config.Launcher = haproxy.Exec{}
 	}
 	return sidecarcmd.Serve(ctx, p, stderr, name)
+}
+
+// parseUser reads -haproxy-user: empty (the launcher's default) or uid:gid,
+// numbers, neither of them root's.
+func parseUser(s string) (int, int, error) {
+	if s == "" {
+		return 0, 0, nil
+	}
+	u, g, ok := strings.Cut(s, ":")
+	uid, err1 := strconv.Atoi(u)
+	gid, err2 := strconv.Atoi(g)
+	if !ok || err1 != nil || err2 != nil || uid <= 0 || gid <= 0 {
+		return 0, 0, fmt.Errorf("-haproxy-user %q: want uid:gid, numbers above 0", s)
+	}
+	return uid, gid, nil
 }
 
 // lookupWithRetry reads the allocation, retrying while Nomad cannot be

@@ -4,6 +4,11 @@
 // in bridge mode), sharing the sidecar's working directory (configuration,
 // certificates, admin and SPOA sockets) at the same path. A restarted hook
 // adopts the container it finds instead of starting a second one.
+//
+// The container gets that directory and nothing else of the host or of the
+// hook's container (not the Docker socket the hook uses), runs HAProxy as
+// an unprivileged user with no capabilities, no way to gain privileges and
+// a read-only root filesystem, and none of the hook's environment.
 package docker
 
 import (
@@ -21,6 +26,7 @@ import (
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/filters"
 	"github.com/docker/docker/api/types/image"
+	"github.com/docker/docker/api/types/mount"
 	"github.com/docker/docker/client"
 	"github.com/docker/docker/errdefs"
 	"github.com/docker/docker/pkg/stdcopy"
@@ -46,13 +52,37 @@ type Launcher struct {
 	// NetworkContainer is the container whose network namespace HAProxy
 	// joins (empty: the default bridge network).
 	NetworkContainer string
-	// VolumesFrom shares another container's volumes (a hook running in a
-	// Nomad task); otherwise the working directory is bind-mounted at the
-	// same path.
-	VolumesFrom string
+	// HostDir is the working directory's path on the Docker host, when
+	// the hook sees it elsewhere (it runs in a container: see HostPath).
+	// Empty: the same path. Only this directory is mounted, at the path
+	// the hook sees.
+	HostDir string
+	// UID and GID are the user HAProxy runs as. Zero: haconnect's own when
+	// it does not run as root, else DefaultUID and DefaultGID. HAProxy
+	// never runs as root.
+	UID, GID    int
 	Labels      map[string]string
 	NanoCPUs    int64
 	MemoryBytes int64
+}
+
+// The user HAProxy's container runs as when haconnect runs as root. Its
+// ports are all above 1024; pick another uid (nomad-hook -haproxy-user)
+// if a workload on the node already uses this one.
+const (
+	DefaultUID = 64000
+	DefaultGID = 64000
+)
+
+// user is the uid and gid HAProxy runs as.
+func (l *Launcher) user() (int, int) {
+	switch {
+	case l.UID != 0:
+		return l.UID, l.GID
+	case os.Getuid() != 0:
+		return os.Getuid(), os.Getgid()
+	}
+	return DefaultUID, DefaultGID
 }
 
 // New connects to the Docker engine named by the environment (DOCKER_HOST,
@@ -76,6 +106,16 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 		log = hclog.NewNullLogger()
 	}
 	c := &Container{l: l, cfg: cfg, log: log, admin: haproxy.NewAdmin(cfg.AdminSocket), done: make(chan struct{})}
+	uid, gid := l.user()
+	if uid == 0 {
+		return nil, errors.New("refusing to run the haproxy container as root")
+	}
+	if uid != os.Getuid() {
+		// HAProxy reads the files haconnect writes, as another user.
+		if err := haproxy.ShareDir(cfg.Dir, gid); err != nil {
+			return nil, err
+		}
+	}
 	existing, err := l.Client.ContainerInspect(ctx, l.Name)
 	switch {
 	case err == nil && existing.State != nil && (existing.State.Running || existing.State.Restarting) && l.owns(existing):
@@ -99,6 +139,13 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 	case !errdefs.IsNotFound(err):
 		return nil, fmt.Errorf("inspect %s: %w", l.Name, err)
 	}
+	// Sockets of an HAProxy that no longer runs: the new one, maybe
+	// another user, must be able to bind them again.
+	for _, sock := range []string{cfg.AdminSocket, cfg.MasterSocket()} {
+		if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+	}
 	// A new container reads its configuration at start. (An adopted one
 	// got it through Reload, which installs a text only once it is valid.)
 	if err := haproxy.WriteFileAtomic(cfg.ConfigPath(), []byte(text), 0o600); err != nil {
@@ -107,7 +154,7 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 	if err := l.ensureImage(ctx, log); err != nil {
 		return nil, err
 	}
-	id, err := l.create(ctx, cfg)
+	id, err := l.create(ctx, cfg, uid, gid)
 	if err != nil {
 		return nil, err
 	}
@@ -168,29 +215,36 @@ func (l *Launcher) ensureImage(ctx context.Context, log hclog.Logger) error {
 	return err
 }
 
-func (l *Launcher) create(ctx context.Context, cfg haproxy.Config) (string, error) {
+func (l *Launcher) create(ctx context.Context, cfg haproxy.Config, uid, gid int) (string, error) {
 	labels := map[string]string{LabelManaged: "true"}
 	for k, v := range l.Labels {
 		labels[k] = v
+	}
+	source := l.HostDir
+	if source == "" {
+		source = cfg.Dir
 	}
 	host := &container.HostConfig{
 		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyUnlessStopped},
 		Resources:     container.Resources{NanoCPUs: l.NanoCPUs, Memory: l.MemoryBytes},
 		Init:          boolPtr(false),
+		// The working directory alone: HAProxy writes only its sockets
+		// there, and reads its configuration, certificates and Lua.
+		Mounts:         []mount.Mount{{Type: mount.TypeBind, Source: source, Target: cfg.Dir}},
+		ReadonlyRootfs: true,
+		CapDrop:        []string{"ALL"},
+		SecurityOpt:    []string{"no-new-privileges"},
 	}
 	if l.NetworkContainer != "" {
 		host.NetworkMode = container.NetworkMode("container:" + l.NetworkContainer)
-	}
-	if l.VolumesFrom != "" {
-		host.VolumesFrom = []string{l.VolumesFrom}
-	} else {
-		host.Binds = []string{cfg.Dir + ":" + cfg.Dir}
 	}
 	res, err := l.Client.ContainerCreate(ctx, &container.Config{
 		Image:  l.Image,
 		Cmd:    append(cfg.MasterArgs(), "-f", cfg.ConfigPath()), // after the image's "haproxy -W -db"
 		Labels: labels,
-		User:   fmt.Sprintf("%d:%d", os.Getuid(), os.Getgid()), // the files are 0600, owned by us
+		User:   fmt.Sprintf("%d:%d", uid, gid),
+		// Env stays empty: the image's PATH and nothing of the hook's
+		// environment, which holds its tokens.
 	}, host, nil, nil, l.Name)
 	if err != nil {
 		return "", fmt.Errorf("create container %s: %w", l.Name, err)
@@ -353,6 +407,35 @@ func (c *Container) Stop(grace time.Duration) {
 func Managed(ctx context.Context, cli *client.Client) ([]container.Summary, error) {
 	return cli.ContainerList(ctx, container.ListOptions{All: true,
 		Filters: filters.NewArgs(filters.Arg("label", LabelManaged+"=true"))})
+}
+
+// HostPath translates dir, a path inside the container id (the hook's own),
+// to its path on the Docker host, through the bind mount or volume it lies
+// on, so that the HAProxy container can mount that directory alone rather
+// than every volume of the hook's container.
+func HostPath(ctx context.Context, cli *client.Client, id, dir string) (string, error) {
+	c, err := cli.ContainerInspect(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	dir = filepath.Clean(dir)
+	best, host := "", ""
+	for _, m := range c.Mounts {
+		if m.Source == "" || (m.Type != mount.TypeBind && m.Type != mount.TypeVolume) {
+			continue
+		}
+		dest := filepath.Clean(m.Destination)
+		rel, err := filepath.Rel(dest, dir)
+		if err != nil || rel == ".." || strings.HasPrefix(rel, "../") || len(dest) <= len(best) {
+			continue
+		}
+		best, host = dest, filepath.Join(m.Source, rel)
+	}
+	if host == "" {
+		return "", fmt.Errorf("the working directory %s is on no bind mount or volume of container %s: "+
+			"an HAProxy container cannot share it", dir, short(id))
+	}
+	return host, nil
 }
 
 // FindNetworkContainer finds the pause container Nomad creates for an
