@@ -7,7 +7,9 @@
 # container per allocation in the allocation's network namespace.
 # Needs: the haconnect images on the clients (`make images`), the docker
 # socket reachable by the hook (host volume or docker plugin volumes), and
-# intentions web -> api (`consul intention create web api`).
+# intentions web -> api (`consul intention create web api`). The socket is
+# the hook's alone: the HAProxy container mounts only the hook's working
+# directory (${NOMAD_SECRETS_DIR}/haconnect) and runs unprivileged.
 job "mesh" {
   datacenters = ["dc1"]
 
