@@ -1,4 +1,5 @@
 -- haconnect telemetry for HAProxy 2.6+ (loaded with lua-load-per-thread).
+-- The upstream identity check is at the end of this file.
 --
 -- Requests are counted natively by the rendered configuration, in stick
 -- tables that every thread shares, so the counts are exact whatever the
@@ -158,4 +159,234 @@ core.register_service("haconnect-metrics", "http", function(applet)
   applet:add_header("content-length", string.len(body))
   applet:start_response()
   applet:send(body)
+end)
+
+-- ---------------------------------------------------------------------------
+-- Upstream identity. Loaded whether or not telemetry is on.
+--
+-- HAProxy 2.6 verifies an upstream's chain against Consul's CA (ca-file) but
+-- has no fetch for a server certificate's URI SAN, and `verifyhost` checks
+-- DNS names, which the requester of a Consul leaf chooses. The upstream
+-- backends therefore key a map by the SHA-256 of the peer's certificate
+-- (ssl_s_der,sha2(256),hex) whose value is the certificate's SPIFFE ID, and
+-- compare that natively on every response. Only on a miss, i.e. once per
+-- distinct certificate, do they call lua.haconnect_peer_uri, which parses
+-- the DER, fills the map, and returns the ID.
+--
+-- haconnect_uri_san(der) is that parse: the single URI SAN of the
+-- subjectAltName extension of tbsCertificate, or nil and a reason. It walks
+-- the structure from the top with strict DER lengths and refuses anything
+-- else: a URI that merely occurs elsewhere in the certificate (the public
+-- key, another extension, the subject) is never found.
+
+-- What the map holds for a certificate that names no usable SPIFFE ID. It
+-- cannot equal any expected ID (those start with spiffe://).
+local PEER_REFUSED = "refused"
+-- Map entries one thread may add before it evicts its oldest: the map is
+-- shared, so it holds at most this many entries per thread. A sidecar sees
+-- a few certificates per upstream instance; an upstream that mints
+-- certificates endlessly only makes the parse run again.
+local PEER_CACHE_MAX = 1024
+
+-- tlv reads the element at index i of s, which may not run past index
+-- limit. It returns the tag and the first and last index of the contents,
+-- or nil when the encoding is not DER (indefinite or non-minimal lengths,
+-- multi-byte tags, lengths past limit).
+local function tlv(s, i, limit)
+  if i + 1 > limit then
+    return nil
+  end
+  local tag, len = string.byte(s, i, i + 1)
+  if tag & 0x1f == 0x1f then
+    return nil
+  end
+  i = i + 2
+  if len >= 0x80 then
+    local n = len & 0x7f
+    if n < 1 or n > 3 or i + n - 1 > limit or string.byte(s, i) == 0 then
+      return nil
+    end
+    len = 0
+    for k = i, i + n - 1 do
+      len = len * 256 + string.byte(s, k)
+    end
+    if len < 0x80 then
+      return nil
+    end
+    i = i + n
+  end
+  local last = i + len - 1
+  if last > limit then
+    return nil
+  end
+  return tag, i, last
+end
+
+-- uri_from_names returns the single uniformResourceIdentifier ([6]) of the
+-- GeneralNames in s[a..z].
+local function uri_from_names(s, a, z)
+  local tag, i, last = tlv(s, a, z)
+  if tag ~= 0x30 or last ~= z or i > last then
+    return nil, "subjectAltName is not a non-empty SEQUENCE"
+  end
+  local uri
+  while i <= last do
+    local t, ca, cz = tlv(s, i, last)
+    if not t or t & 0xc0 ~= 0x80 then
+      return nil, "malformed GeneralName"
+    end
+    if t & 0x1f == 6 then
+      if t ~= 0x86 then
+        return nil, "constructed URI name"
+      end
+      if uri then
+        return nil, "more than one URI SAN"
+      end
+      uri = string.sub(s, ca, cz)
+      -- A URI is printable ASCII without spaces. Anything else (a NUL
+      -- above all, which would cut the map value short) is refused.
+      if uri == "" or string.find(uri, "[^\x21-\x7e]") then
+        return nil, "URI SAN with bytes outside printable ASCII"
+      end
+    end
+    i = cz + 1
+  end
+  if not uri then
+    return nil, "no URI SAN"
+  end
+  return uri
+end
+
+local SAN_OID = "\x55\x1d\x11" -- 2.5.29.17
+
+function haconnect_uri_san(der)
+  if type(der) ~= "string" or der == "" then
+    return nil, "no certificate"
+  end
+  local n = #der
+  -- Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }
+  local tag, a, z = tlv(der, 1, n)
+  if tag ~= 0x30 or z ~= n then
+    return nil, "not one DER SEQUENCE"
+  end
+  local tt, ta, tz = tlv(der, a, z)
+  if tt ~= 0x30 then
+    return nil, "malformed tbsCertificate"
+  end
+  local st, _, sz = tlv(der, tz + 1, z)
+  if st ~= 0x30 then
+    return nil, "malformed signatureAlgorithm"
+  end
+  local bt, _, bz = tlv(der, sz + 1, z)
+  if bt ~= 0x03 or bz ~= z then
+    return nil, "malformed signature"
+  end
+  -- tbsCertificate ::= SEQUENCE { [0] version (v3, for extensions),
+  -- serialNumber, signature, issuer, validity, subject,
+  -- subjectPublicKeyInfo, [1] issuerUniqueID OPTIONAL,
+  -- [2] subjectUniqueID OPTIONAL, [3] extensions }
+  local i = ta
+  local t, va, vz = tlv(der, i, tz)
+  if t ~= 0xa0 or string.sub(der, va, vz) ~= "\x02\x01\x02" then
+    return nil, "not an X.509 v3 certificate"
+  end
+  i = vz + 1
+  for _, want in ipairs({ 0x02, 0x30, 0x30, 0x30, 0x30, 0x30 }) do
+    local ft, _, fz = tlv(der, i, tz)
+    if ft ~= want then
+      return nil, "malformed tbsCertificate field"
+    end
+    i = fz + 1
+  end
+  for _, optional in ipairs({ 0x81, 0x82 }) do
+    local ft, _, fz = tlv(der, i, tz)
+    if ft == optional then
+      i = fz + 1
+    end
+  end
+  local et, ea, ez = tlv(der, i, tz)
+  if et ~= 0xa3 or ez ~= tz then
+    return nil, "no extensions"
+  end
+  local lt, la, lz = tlv(der, ea, ez)
+  if lt ~= 0x30 or lz ~= ez then
+    return nil, "malformed extensions"
+  end
+  -- Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }
+  local uri, why
+  local seen = false
+  i = la
+  while i <= lz do
+    local xt, xa, xz = tlv(der, i, lz)
+    if xt ~= 0x30 then
+      return nil, "malformed extension"
+    end
+    local ot, oa, oz = tlv(der, xa, xz)
+    if ot ~= 0x06 then
+      return nil, "malformed extension id"
+    end
+    local j = oz + 1
+    local ct, _, cz = tlv(der, j, xz)
+    if ct == 0x01 then
+      j = cz + 1
+    end
+    local vt, vva, vvz = tlv(der, j, xz)
+    if vt ~= 0x04 or vvz ~= xz then
+      return nil, "malformed extension value"
+    end
+    if string.sub(der, oa, oz) == SAN_OID then
+      if seen then
+        return nil, "two subjectAltName extensions"
+      end
+      seen = true
+      uri, why = uri_from_names(der, vva, vvz)
+      if not uri then
+        return nil, why
+      end
+    end
+    i = xz + 1
+  end
+  if not seen then
+    return nil, "no subjectAltName extension"
+  end
+  return uri
+end
+
+-- This thread's additions to the map, oldest first (see PEER_CACHE_MAX).
+local peer_added = { first = 1, last = 0 }
+
+local function remember_peer(map, key, value)
+  core.set_map(map, key, value)
+  peer_added.last = peer_added.last + 1
+  peer_added[peer_added.last] = { map, key }
+  if peer_added.last - peer_added.first >= PEER_CACHE_MAX then
+    local old = peer_added[peer_added.first]
+    peer_added[peer_added.first] = nil
+    peer_added.first = peer_added.first + 1
+    core.del_map(old[1], old[2])
+  end
+end
+
+-- lua.haconnect_peer_uri(<map file>,<expected SPIFFE ID>): the SPIFFE ID of
+-- the upstream's certificate, or nothing (the caller then refuses). The
+-- result is put in the map under the certificate's SHA-256, a refusal
+-- included, so each certificate is parsed and logged once.
+core.register_fetches("haconnect_peer_uri", function(txn, map, want)
+  local der = txn.f:ssl_s_der()
+  if type(der) ~= "string" or der == "" then
+    core.Warning("haconnect: upstream refused: no peer certificate (want " .. tostring(want) .. ")")
+    return nil
+  end
+  local key = txn.c:hex(txn.c:sha2(der, 256))
+  local ok, uri, why = pcall(haconnect_uri_san, der)
+  if not ok then
+    uri, why = nil, "parse error: " .. tostring(uri)
+  end
+  remember_peer(map, key, uri or PEER_REFUSED)
+  if not uri then
+    core.Warning("haconnect: upstream certificate " .. key .. " refused: " .. why .. " (want " .. tostring(want) .. ")")
+  elseif uri ~= want then
+    core.Warning("haconnect: upstream certificate " .. key .. " refused: it names " .. uri .. ", not " .. tostring(want))
+  end
+  return uri
 end)

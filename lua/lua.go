@@ -4,7 +4,9 @@ package lua
 
 import _ "embed"
 
-// Telemetry is haconnect.lua: the /metrics service of the admin listener.
+// Telemetry is haconnect.lua: the /metrics service of the admin listener,
+// and the parse of upstream certificates that checks an upstream's SPIFFE
+// ID (lua.haconnect_peer_uri).
 //
 //go:embed haconnect.lua
 var Telemetry []byte

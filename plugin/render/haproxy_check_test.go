@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -31,12 +32,17 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 	harness.WriteFile(t, dir, "leaf.pem", string(cert)+string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
 	harness.WriteFile(t, dir, "roots.pem", string(cert))
 
-	for _, proto := range []string{ProtocolHTTP, ProtocolTCP} {
+	harness.WriteFile(t, dir, "haconnect.lua", string(lua.Telemetry))
+	harness.WriteFile(t, dir, "upstream_peers.map", "")
+	for _, proto := range []string{ProtocolHTTP, ProtocolTCP, ProtocolHTTP + " without telemetry"} {
 		m := model()
 		m.LeafFile, m.RootsFile = filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem")
 		m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")
 		m.AdminBind, m.LuaFile = "127.0.0.1:19000", filepath.Join(dir, "haconnect.lua")
-		harness.WriteFile(t, dir, "haconnect.lua", string(lua.Telemetry))
+		m.PeerMapFile = filepath.Join(dir, "upstream_peers.map")
+		if p, ok := strings.CutSuffix(proto, " without telemetry"); ok {
+			proto, m.AdminBind = p, ""
+		}
 		m.Inbound.Protocol, m.Upstreams[0].Protocol = proto, proto
 		m.AccessLog, m.Threads = proto == ProtocolTCP, 1
 		out, err := Render(m)

@@ -4,7 +4,6 @@
 package render
 
 import (
-	"encoding/hex"
 	"fmt"
 	"net"
 	"strings"
@@ -75,10 +74,16 @@ type Model struct {
 	// SelfURI is this service's SPIFFE ID (By= of x-forwarded-client-cert).
 	SelfURI string
 	// AdminBind, if set, turns on telemetry: haconnect's metrics and
-	// HAProxy's exporter at /metrics (LuaFile holds lua/haconnect.lua),
-	// the exporter alone at /metrics/haproxy, the stats page at /stats.
+	// HAProxy's exporter at /metrics, the exporter alone at
+	// /metrics/haproxy, the stats page at /stats.
 	AdminBind string
-	LuaFile   string
+	// LuaFile holds lua/haconnect.lua, always loaded: the upstream identity
+	// check needs it, telemetry or not.
+	LuaFile string
+	// PeerMapFile is an empty map file. HAProxy fills it in memory with the
+	// SPIFFE ID of each upstream certificate seen, by the certificate's
+	// SHA-256.
+	PeerMapFile string
 	// Threads sets nbthread (0: HAProxy's default, one per CPU).
 	Threads int
 	// AccessLog logs every request/connection to stderr; off, the
@@ -133,9 +138,11 @@ func (m *Model) Validate() error {
 		bad("service name %q", m.Service)
 	}
 	files := []struct{ name, v string }{{"leaf file", m.LeafFile}, {"roots file", m.RootsFile},
-		{"SPOE file", m.SPOEFile}, {"admin socket", m.AdminSocket}, {"SPOA address", m.SPOAAddr}}
-	if m.AdminBind != "" {
-		files = append(files, struct{ name, v string }{"Lua file", m.LuaFile})
+		{"SPOE file", m.SPOEFile}, {"admin socket", m.AdminSocket}, {"SPOA address", m.SPOAAddr},
+		{"Lua file", m.LuaFile}, {"peer map file", m.PeerMapFile}}
+	// The map file is also an argument of a Lua fetch: no separators.
+	if strings.ContainsAny(m.PeerMapFile, ",()") {
+		bad("peer map file %q", m.PeerMapFile)
 	}
 	if !strings.HasPrefix(m.SelfURI, "spiffe://") || strings.ContainsAny(m.SelfURI, " \t\n\"'#;%") {
 		bad("own SPIFFE ID %q", m.SelfURI)
@@ -172,7 +179,7 @@ func (m *Model) Validate() error {
 			bad("%s port %d is also used by %s", what, u.BindPort, other)
 		}
 		ports[u.BindPort] = what
-		if !strings.HasPrefix(u.PeerURI, "spiffe://") {
+		if !strings.HasPrefix(u.PeerURI, "spiffe://") || !spiffeChars(u.PeerURI) {
 			bad("%s peer URI %q", what, u.PeerURI)
 		}
 		for _, s := range u.Servers {
@@ -195,6 +202,18 @@ func validName(s string) bool {
 	}
 	for _, r := range s {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// spiffeChars reports whether s has only the characters a SPIFFE ID
+// needs (letters, digits, "._-:/"): PeerURI is written into ACL patterns
+// and a Lua fetch's arguments.
+func spiffeChars(s string) bool {
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-:/", r)) {
 			return false
 		}
 	}
@@ -232,24 +251,6 @@ func checkHostPort(s string) error {
 		return fmt.Errorf("port %q", port)
 	}
 	return nil
-}
-
-// uriSANPattern is the hex form of the DER GeneralName that carries uri as a
-// URI SAN: tag [6] (0x86), its length, the bytes. HAProxy 2.6 cannot match a
-// URI SAN of a server certificate natively; matching this exact encoding in
-// ssl_s_der (the length pins the end of the URI) checks the peer's SPIFFE ID.
-func uriSANPattern(uri string) string {
-	b := []byte{0x86}
-	switch n := len(uri); {
-	case n < 0x80:
-		b = append(b, byte(n))
-	case n < 0x100:
-		b = append(b, 0x81, byte(n))
-	default:
-		b = append(b, 0x82, byte(n>>8), byte(n))
-	}
-	b = append(b, uri...)
-	return strings.ToUpper(hex.EncodeToString(b))
 }
 
 // hostPort formats an address for a HAProxy line. HAProxy splits on the

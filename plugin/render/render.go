@@ -15,9 +15,8 @@ var cfgTemplate string
 var spoeTemplate string
 
 var funcs = template.FuncMap{
-	"hostport":   hostPort,
-	"uripattern": uriSANPattern,
-	"backend":    BackendName,
+	"hostport": hostPort,
+	"backend":  BackendName,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
 			return def

@@ -1,13 +1,6 @@
 package render
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"encoding/hex"
-	"math/big"
-	"net/url"
 	"strings"
 	"testing"
 )
@@ -15,7 +8,7 @@ import (
 func model() *Model {
 	return &Model{
 		Service: "web", SelfURI: "spiffe://td.consul/ns/default/dc/dc1/svc/web", LeafFile: "/d/leaf.pem", RootsFile: "/d/roots.pem", SPOEFile: "/d/spoe.conf",
-		AdminSocket: "/d/admin.sock", SPOAAddr: "unix@/d/spoa.sock",
+		AdminSocket: "/d/admin.sock", SPOAAddr: "unix@/d/spoa.sock", LuaFile: "/d/haconnect.lua", PeerMapFile: "/d/upstream_peers.map",
 		Inbound: Inbound{BindAddr: "0.0.0.0", BindPort: 21000, Protocol: ProtocolHTTP, LocalAddr: "127.0.0.1", LocalPort: 8080},
 		Upstreams: []Upstream{{Name: "api", BindAddr: "127.0.0.1", BindPort: 9191, Protocol: ProtocolHTTP,
 			PeerURI: "spiffe://td.consul/ns/default/dc/dc1/svc/api",
@@ -66,6 +59,10 @@ func TestValidateRefusesBrokenValues(t *testing.T) {
 		{"injection in a name", func(m *Model) { m.Upstreams[0].Name = "api\n    server evil 1.2.3.4:80" }, "upstream name"},
 		{"path with a space", func(m *Model) { m.LeafFile = "/d/my leaf.pem" }, "leaf file"},
 		{"instance port", func(m *Model) { m.Upstreams[0].Servers[0].Port = -1 }, "instance port -1"},
+		{"no Lua file without telemetry", func(m *Model) { m.AdminBind, m.LuaFile = "", "" }, "Lua file"},
+		{"peer URI breaking a Lua argument", func(m *Model) { m.Upstreams[0].PeerURI += ",x" }, "peer URI"},
+		{"peer URI with a space", func(m *Model) { m.Upstreams[0].PeerURI += " x" }, "peer URI"},
+		{"peer map file breaking a Lua argument", func(m *Model) { m.PeerMapFile = "/d/a)b.map" }, "peer map file"},
 	} {
 		m := model()
 		tc.edit(m)
@@ -75,28 +72,3 @@ func TestValidateRefusesBrokenValues(t *testing.T) {
 	}
 }
 
-// TestURISANPatternMatchesACertificate checks the DER pattern HAProxy
-// matches against ssl_s_der on a real certificate, and that a service whose
-// name only extends the expected one does not match.
-func TestURISANPatternMatchesACertificate(t *testing.T) {
-	der := func(uri string) string {
-		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		u, _ := url.Parse(uri)
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), URIs: []*url.URL{u}}
-		b, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.ToUpper(hex.EncodeToString(b))
-	}
-	short := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
-	long := short + strings.Repeat("x", 100) // long form length (0x81)
-	for _, uri := range []string{short, long} {
-		if !strings.Contains(der(uri), uriSANPattern(uri)) {
-			t.Errorf("pattern for %d-byte URI not found in its certificate", len(uri))
-		}
-	}
-	if strings.Contains(der(short+"2"), uriSANPattern(short)) {
-		t.Error("the pattern for api matched a certificate of api2")
-	}
-}

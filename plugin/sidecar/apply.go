@@ -108,6 +108,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
 		SelfURI:     snap.leaf.ServiceURI,
 		AdminBind:   s.cfg.AdminBind,
 		LuaFile:     s.path("haconnect.lua"),
+		PeerMapFile: s.path("upstream_peers.map"),
 		Threads:     s.cfg.Threads,
 		AccessLog:   s.cfg.AccessLog,
 		Inbound: render.Inbound{
@@ -289,7 +290,9 @@ func (s *Sidecar) writeFiles(prev appliedState, leaf, roots, spoe string) error 
 	start := prev.out == nil
 	files := []file{{"leaf.pem", leaf, prev.leafPEM}, {"roots.pem", roots, prev.rootsPEM}}
 	if start {
-		files = append(files, file{"spoe.conf", spoe, ""}, file{"haconnect.lua", string(lua.Telemetry), ""})
+		// upstream_peers.map starts empty: HAProxy fills it in memory.
+		files = append(files, file{"spoe.conf", spoe, ""}, file{"haconnect.lua", string(lua.Telemetry), ""},
+			file{"upstream_peers.map", "", ""})
 	} else {
 		files = append(files, file{"spoe.conf", spoe, prev.out.SPOE})
 	}
