@@ -362,8 +362,7 @@ func decisionCost(b *testing.B, m *mesh) (hit, miss cost) {
 	if err := az.Ready(ctx, "api"); err != nil {
 		b.Fatal(err)
 	}
-	_, td := m.consul.RootsPEM(b)
-	certs := harness.ServiceCertificates(b, td, "web", 8)
+	certs := m.consul.Callers(b, "web", 8)
 	// testing.Benchmark cannot run inside a benchmark (they share a lock),
 	// so this times a fixed second of calls itself.
 	measure := func(f func(i int)) cost {

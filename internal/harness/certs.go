@@ -117,6 +117,18 @@ func (ca *ForeignCA) Issue(t testing.TB, uris ...string) *Leaf {
 	return ca.sign(t, tmpl, uri)
 }
 
+// IssueValid signs a client certificate carrying uri, valid from notBefore
+// to notAfter.
+func (ca *ForeignCA) IssueValid(t testing.TB, uri string, notBefore, notAfter time.Time) *Leaf {
+	t.Helper()
+	parsed, err := url.Parse(uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca.sign(t, &x509.Certificate{Subject: pkix.Name{CommonName: "foreign"}, URIs: []*url.URL{parsed},
+		NotBefore: notBefore, NotAfter: notAfter}, uri)
+}
+
 // IssueHost signs a certificate for a TLS server or client named by
 // dnsNames (none: a client certificate with only a common name).
 func (ca *ForeignCA) IssueHost(t testing.TB, commonName string, dnsNames ...string) *Leaf {
@@ -130,8 +142,10 @@ func (ca *ForeignCA) sign(t testing.TB, tmpl *x509.Certificate, uri string) *Lea
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl.SerialNumber = big.NewInt(time.Now().UnixNano())
-	tmpl.NotBefore = time.Now().Add(-time.Hour)
-	tmpl.NotAfter = time.Now().Add(24 * time.Hour)
+	if tmpl.NotAfter.IsZero() {
+		tmpl.NotBefore = time.Now().Add(-time.Hour)
+		tmpl.NotAfter = time.Now().Add(24 * time.Hour)
+	}
 	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
 	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
@@ -180,17 +194,14 @@ func ClientTLS(leaf *Leaf, rootsPEM string) *tls.Config {
 	return cfg
 }
 
-// ServiceCertificates returns n distinct DER certificates that carry the
-// Consul SPIFFE ID of service in trustDomain, signed by a test CA. They
-// look like Consul's leaves to anything that does not verify the chain
-// (the authorizer leaves that to HAProxy), so benchmarks can present many
-// distinct callers.
-func ServiceCertificates(t testing.TB, trustDomain, service string, n int) [][]byte {
+// Callers returns the DER leaf certificates of n distinct services named
+// <prefix>-0, <prefix>-1, ..., issued by the agent: genuine callers, so
+// that benchmarks can present many distinct ones.
+func (c *Consul) Callers(t testing.TB, prefix string, n int) [][]byte {
 	t.Helper()
-	ca := NewForeignCA(t)
 	out := make([][]byte, n)
 	for i := range out {
-		out[i] = ca.Issue(t, "spiffe://"+trustDomain+"/ns/default/dc/dc1/svc/"+service).TLS.Certificate[0]
+		out[i] = c.IssueLeaf(t, fmt.Sprintf("%s-%d", prefix, i)).TLS.Certificate[0]
 	}
 	return out
 }

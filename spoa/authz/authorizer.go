@@ -5,10 +5,15 @@
 // match the destination, in Consul's precedence order (as returned by
 // /v1/connect/intentions/match), are walked and the first whose source matches
 // the caller decides; with no match the ACL default policy decides (learned
-// from the agent's authorize endpoint, the only place that reports it). Two
-// checks the agent endpoint does not make are added: the certificate must
-// carry exactly one Consul service SPIFFE ID, and its trust domain must be the
-// cluster's (from the CA roots).
+// from the agent's authorize endpoint, the only place that reports it). Checks
+// the agent endpoint does not make are added: the certificate must chain to
+// Consul's CA roots, be within its validity period, carry exactly one Consul
+// service SPIFFE ID, and its trust domain must be the cluster's.
+//
+// The files of the package by job: authorizer.go is the public API and the
+// decision cache; evaluate.go the pure evaluation of intentions; l7.go the
+// HTTP permissions; watches.go the Consul watches and the freshness of what
+// they hold; trust.go the CA roots; reason.go the decisions and why.
 //
 // Decisions are cached per destination and certificate. Each destination's
 // intentions are kept current by a blocking query; a change re-evaluates the
@@ -17,17 +22,17 @@
 // on a miss also avoids caching an answer from the agent's own intention
 // cache while it still lags behind a change.
 //
-// When Consul cannot be reached, cached decisions keep being served for
-// Config.StaleWindow after the last successful contact; anything not cached,
-// and everything past the window, is denied.
+// A decision is only as fresh as the rules it came from. When Consul cannot
+// answer for a destination (its servers are gone, or the token lost the
+// right to read its intentions), that destination's cached decisions keep
+// being served for Config.StaleWindow after Consul last answered for it;
+// new callers of it, and every caller past the window, are denied. Other
+// destinations are not affected.
 package authz
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,8 +41,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/haconnect/haconnect/internal/backoff"
-	"github.com/haconnect/haconnect/internal/consulflags"
+	"github.com/haconnect/haconnect/internal/consulwatch"
 )
 
 // Config configures an Authorizer.
@@ -48,11 +52,15 @@ type Config struct {
 	Logger hclog.Logger
 	// Metrics may be nil.
 	Metrics *Metrics
-	// StaleWindow is how long cached decisions are served while Consul is
-	// unreachable (default 5m).
+	// StaleWindow is how long a destination's cached decisions are served
+	// while Consul does not answer for it (default 5m).
 	StaleWindow time.Duration
 	// MaxTargets bounds the destinations one authorizer watches (default 64).
 	MaxTargets int
+	// TargetIdle is how long a destination nobody asks about is kept
+	// (default 10m). Destinations given to Start are kept for good. When
+	// MaxTargets are watched, one idle for a tenth of this makes room.
+	TargetIdle time.Duration
 	// MaxEntries bounds the cached decisions per destination (default 10000).
 	MaxEntries int
 	// WaitTime is the blocking queries' wait (default 60s, at most a
@@ -68,8 +76,9 @@ type Config struct {
 	CallTimeout time.Duration
 	// OnChange, if set, is called (from a watch goroutine: it must not
 	// block) after the rules of a destination changed and the cache was
-	// re-evaluated, and when Consul has been unreachable past the stale
-	// window. Holders of open connections use it to Recheck their callers.
+	// re-evaluated, when Consul has not answered for a destination past the
+	// stale window, and again while a Recheck of a destination could not
+	// decide. Holders of open connections use it to Recheck their callers.
 	OnChange func(target string)
 }
 
@@ -86,15 +95,18 @@ func (c *Config) setDefaults() {
 	if c.MaxTargets <= 0 {
 		c.MaxTargets = 64
 	}
+	if c.TargetIdle <= 0 {
+		c.TargetIdle = 10 * time.Minute
+	}
 	if c.MaxEntries <= 0 {
 		c.MaxEntries = 10000
 	}
 	if c.WaitTime <= 0 {
 		c.WaitTime = 60 * time.Second
 	}
-	// Consul answers a blocking query at the latest after WaitTime, and the
-	// stale window counts from its last answer: keep several answers inside
-	// one window.
+	// Consul answers a blocking query at the latest after WaitTime (plus a
+	// sixteenth of jitter), and the stale window counts from its last
+	// answer: keep several answers inside one window.
 	c.WaitTime = min(c.WaitTime, max(c.StaleWindow/4, time.Second))
 	if c.StartTimeout <= 0 {
 		c.StartTimeout = 2 * time.Second
@@ -117,9 +129,10 @@ type Authorizer struct {
 
 	ctx context.Context
 
-	consul      consulState
-	roots       health
-	trustDomain atomic.Pointer[string]
+	roots    *consulwatch.Status
+	trust    atomic.Pointer[trust]
+	failing  atomic.Int32 // watches whose last attempt failed, for consul_up
+	rateLogs sync.Map     // log key -> *atomic.Int64, see logLimited
 
 	mu      sync.RWMutex
 	targets map[string]*target
@@ -127,9 +140,14 @@ type Authorizer struct {
 
 // target is the state kept for one destination service.
 type target struct {
-	name   string
-	health health // the intentions watch
-	chain  health // the protocol watch
+	name       string
+	pinned     bool               // given to Start: never expires; guarded by Authorizer.mu
+	cancel     context.CancelFunc // stops its watches
+	intentions *consulwatch.Status
+	chain      *consulwatch.Status // the protocol watch
+	lastUsed   atomic.Int64        // unix nanoseconds
+	recheck    atomic.Bool         // a Recheck could not decide: notify again
+	stale      bool                // past the stale window; owned by the janitor
 
 	mu      sync.RWMutex
 	gen     uint64            // bumped on every change of rules
@@ -138,15 +156,6 @@ type target struct {
 
 	defaultPolicy atomic.Pointer[defaultPolicy]
 	policyErr     atomic.Pointer[string] // the last error learning it, logged once
-}
-
-// ruleSet is what decides for one destination.
-type ruleSet struct {
-	intentions []*api.Intention // precedence order, as Consul returns them
-	perms      []*Permissions   // compiled with intentions, by intention; nil for L4 intentions
-	// protocol is the destination's protocol from its discovery chain
-	// (service-defaults, then proxy-defaults, then tcp).
-	protocol string
 }
 
 type entry struct {
@@ -158,44 +167,6 @@ type entry struct {
 type defaultPolicy struct {
 	allow   bool
 	learned time.Time
-}
-
-// health tracks one blocking query.
-type health struct {
-	loaded  chan struct{} // closed after the first successful answer
-	once    sync.Once
-	failing atomic.Bool // the last attempt failed
-}
-
-func newHealth() health { return health{loaded: make(chan struct{})} }
-
-func (h *health) isLoaded() bool {
-	select {
-	case <-h.loaded:
-		return true
-	default:
-		return false
-	}
-}
-
-// consulState is what the hot path needs to know about Consul: whether any
-// watch is failing, and when Consul last answered any of them.
-type consulState struct {
-	failing     atomic.Int32
-	lastContact atomic.Int64 // unix nanoseconds
-}
-
-// reachable reports whether every watch's last attempt succeeded.
-func (c *consulState) reachable() bool { return c.failing.Load() == 0 }
-
-// fresh reports whether cached decisions may still be served: Consul is
-// reachable, or answered within window.
-func (c *consulState) fresh(now time.Time, window time.Duration) bool {
-	if c.reachable() {
-		return true
-	}
-	last := c.lastContact.Load()
-	return last != 0 && now.UnixNano()-last <= int64(window)
 }
 
 // New checks the configuration and creates an Authorizer.
@@ -221,32 +192,34 @@ func New(cfg Config) (*Authorizer, error) {
 		log:     cfg.Logger,
 		watch:   watch,
 		call:    call,
-		roots:   newHealth(),
+		roots:   consulwatch.NewStatus(),
 		targets: map[string]*target{},
 	}, nil
 }
 
-// Start begins watching the CA roots and the given destinations; watches
-// stop when ctx is done. Destinations seen later in requests are watched from
-// their first request on.
+// Start begins watching the CA roots and the given destinations, which are
+// kept for good; watches stop when ctx is done. Destinations seen later in
+// requests are watched from their first request on, until nobody asks
+// about them for Config.TargetIdle.
 func (a *Authorizer) Start(ctx context.Context, targets ...string) {
 	a.ctx = ctx
-	go a.loop(ctx, queryRoots, "CA roots", "/v1/agent/connect/ca/roots", &a.roots, a.queryRoots)
-	for _, t := range targets {
-		a.target(t)
+	go a.run(ctx, queryRoots, "CA roots", "/v1/agent/connect/ca/roots", a.roots, a.queryRoots)
+	for _, name := range targets {
+		a.pin(name)
 	}
+	go a.janitor(ctx)
 }
 
 // Ready blocks until the CA roots and the given destinations' intentions are
 // loaded, or ctx is done.
 func (a *Authorizer) Ready(ctx context.Context, targets ...string) error {
-	wait := []<-chan struct{}{a.roots.loaded}
+	wait := []<-chan struct{}{a.roots.Loaded()}
 	for _, name := range targets {
-		t := a.target(name)
+		t := a.target(name, time.Now())
 		if t == nil {
 			return fmt.Errorf("too many destinations")
 		}
-		wait = append(wait, t.health.loaded)
+		wait = append(wait, t.intentions.Loaded(), t.chain.Loaded())
 	}
 	for _, ch := range wait {
 		select {
@@ -274,15 +247,13 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 	if name == "" {
 		return Deny(ReasonNoTarget)
 	}
-	t := a.target(name)
+	t := a.target(name, now)
 	if t == nil {
 		return Deny(ReasonTooManyTargets)
 	}
-	fresh := a.consul.fresh(now, a.cfg.StaleWindow)
-
 	t.mu.RLock()
 	e := t.entries[string(der)]
-	hit := e != nil && e.gen == t.gen && now.Before(e.id.NotAfter)
+	hit := e != nil && e.gen == t.gen && e.id.validAt(now)
 	var d *Decision
 	if hit {
 		d = e.decision
@@ -290,35 +261,55 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 	t.mu.RUnlock()
 	a.cfg.Metrics.lookup(hit)
 	if hit {
-		if !fresh {
+		if !a.fresh(t, now) {
 			return Deny(ReasonConsulStale)
 		}
 		return d
 	}
-	return a.miss(t, der)
+	return a.miss(t, der, now)
 }
 
-// miss decides for a caller that is not cached. It needs a healthy Consul.
-func (a *Authorizer) miss(t *target, der []byte) *Decision {
-	if !a.waitLoaded(&a.roots) || !a.waitLoaded(&t.health) || !a.waitLoaded(&t.chain) {
+// miss decides for a caller that is not cached. It needs Consul to be
+// answering for the destination.
+func (a *Authorizer) miss(t *target, der []byte, now time.Time) *Decision {
+	if !a.waitLoaded(a.roots) || !a.waitLoaded(t.intentions) || !a.waitLoaded(t.chain) {
 		return Deny(ReasonConsulUnavailable)
 	}
-	if !a.consul.reachable() {
+	if a.roots.Failing() || t.intentions.Failing() || t.chain.Failing() {
 		return Deny(ReasonConsulUnavailable)
 	}
-	id, reason, err := ParseIdentity(der)
+	cert, id, reason, err := parseCertificate(der)
 	if err != nil {
 		a.log.Debug("denied: unusable client certificate", "target", t.name, "reason", reason.String(), "error", err)
 		return Deny(reason)
+	}
+	// Nothing below is cached unless the certificate is genuine and valid,
+	// so that forged or expired certificates cannot fill the cache.
+	switch {
+	case now.Before(id.NotBefore):
+		a.logLimited("not-yet-valid|"+t.name, "denied: client certificate not valid yet", "target", t.name,
+			"spiffe", id.ID.String(), "not_before", id.NotBefore)
+		return newDecision(false, ReasonCertificateNotYetValid, &id)
+	case !now.Before(id.NotAfter):
+		a.logLimited("expired|"+t.name, "denied: client certificate expired", "target", t.name,
+			"spiffe", id.ID.String(), "not_after", id.NotAfter)
+		return newDecision(false, ReasonCertificateExpired, &id)
+	}
+	tr := a.trust.Load()
+	if id.ID.TrustDomain().Name() != tr.domain {
+		a.logLimited("trust-domain|"+t.name, "denied: certificate from a foreign trust domain", "target", t.name,
+			"spiffe", id.ID.String(), "trust_domain", tr.domain)
+		return newDecision(false, ReasonTrustDomain, &id)
+	}
+	if err := tr.verify(cert, now); err != nil {
+		a.logLimited("untrusted|"+t.name, "denied: client certificate does not chain to Consul's CA roots", "target", t.name,
+			"spiffe", id.ID.String(), "error", err)
+		return newDecision(false, ReasonUntrustedCertificate, &id)
 	}
 	t.mu.RLock()
 	gen, rules := t.gen, t.rules
 	t.mu.RUnlock()
 	d, cacheable := a.evaluate(t, rules, &id)
-	if d.Reason == ReasonTrustDomain {
-		a.log.Warn("denied: certificate from a foreign trust domain", "target", t.name,
-			"spiffe", id.ID.String(), "trust_domain", *a.trustDomain.Load())
-	}
 	if !cacheable {
 		return d
 	}
@@ -336,74 +327,37 @@ func (a *Authorizer) miss(t *target, der []byte) *Decision {
 	return d
 }
 
-func (a *Authorizer) waitLoaded(h *health) bool {
-	if h.isLoaded() {
+func (a *Authorizer) waitLoaded(s *consulwatch.Status) bool {
+	if s.IsLoaded() {
 		return true
 	}
 	timer := time.NewTimer(a.cfg.StartTimeout)
 	defer timer.Stop()
 	select {
-	case <-h.loaded:
+	case <-s.Loaded():
 		return true
 	case <-timer.C:
 		return false
 	}
 }
 
-// evaluate applies the intentions (in precedence order) to the caller: the
-// first whose source matches decides, as in Consul's RBAC rules for Envoy
-// (an intention with HTTP permissions hands the decision to each request).
-// A caller from another trust domain is denied first: intention sources
-// name services of this cluster only. The boolean says whether the
-// decision is final: it may be cached, or close an open connection.
-func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decision, bool) {
-	if id.ID.TrustDomain().Name() != *a.trustDomain.Load() {
-		return newDecision(false, ReasonTrustDomain, id), true
-	}
-	for i, ixn := range rules.intentions {
-		if !sourceMatches(ixn, id) {
-			continue
-		}
-		if len(ixn.Permissions) > 0 {
-			return a.evaluateL7(t, rules, rules.perms[i], id)
-		}
-		if ixn.Action == api.IntentionActionAllow {
-			return newDecision(true, ReasonIntentionAllow, id), true
-		}
-		return newDecision(false, ReasonIntentionDeny, id), true
-	}
-	allow, reason, err := a.defaultDecision(t, id)
-	if err != nil {
-		a.policyError(t, id, err)
-		return newDecision(false, reason, id), false
-	}
-	if allow {
-		return newDecision(true, ReasonDefaultAllow, id), true
-	}
-	return newDecision(false, ReasonDefaultDeny, id), true
+// fresh reports whether t's cached decisions may be served at now: Consul
+// answered, within the stale window, for everything they came from.
+func (a *Authorizer) fresh(t *target, now time.Time) bool {
+	w := a.cfg.StaleWindow
+	return a.roots.Fresh(now, w) && t.intentions.Fresh(now, w) && t.chain.Fresh(now, w)
 }
 
-// evaluateL7 admits a caller whose intention carries HTTP permissions; its
-// requests are checked one by one. On a destination that does not speak
-// HTTP the permissions cannot be checked: that is a misconfiguration, and
-// the caller is denied, as Consul's own proxies deny it.
-func (a *Authorizer) evaluateL7(t *target, rules *ruleSet, perms *Permissions, id *Identity) (*Decision, bool) {
-	if !IsHTTP(rules.protocol) {
-		return newDecision(false, ReasonL7NotHTTP, id), true
-	}
-	probe, ok := probeIdentity(rules.intentions, id)
-	if !ok {
-		a.policyError(t, id, errors.New("every probe identity matches an intention"))
-		return newDecision(false, ReasonConsulInconsistent, id), false
-	}
-	allow, reason, err := a.defaultDecision(t, probe)
+// evaluate decides for a caller against t's rules (see evaluate in
+// evaluate.go) and logs why the default policy could not be learned.
+func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decision, bool) {
+	d, final, err := evaluate(rules, a.trust.Load().domain, id, func(caller *Identity) (bool, Reason, error) {
+		return a.defaultDecision(t, caller)
+	})
 	if err != nil {
 		a.policyError(t, id, err)
-		return newDecision(false, reason, id), false
 	}
-	d := newDecision(true, ReasonL7Intention, id)
-	d.L7, d.l7DefaultAllow = perms, allow
-	return d, true
+	return d, final
 }
 
 // policyError logs that a caller was denied because the default policy
@@ -421,197 +375,39 @@ func (a *Authorizer) policyError(t *target, id *Identity, err error) {
 		"spiffe", id.ID.String(), "error", err)
 }
 
-// probeIdentity returns an identity no intention matches, in the caller's
-// trust domain and datacenter, to ask the agent for the default policy
-// (which it reports only for callers no intention matches).
-func probeIdentity(list []*api.Intention, id *Identity) (*Identity, bool) {
-	for _, ns := range []string{"default", "haconnect-probe"} {
-		path := fmt.Sprintf("/ns/%s/dc/%s/svc/haconnect-default-policy-probe", ns, id.Datacenter)
-		sid, err := spiffeid.FromPath(id.ID.TrustDomain(), path)
-		if err != nil {
-			return nil, false
-		}
-		probe, err := serviceIdentity(sid)
-		if err != nil {
-			return nil, false
-		}
-		if !slices.ContainsFunc(list, func(ixn *api.Intention) bool { return sourceMatches(ixn, &probe) }) {
-			return &probe, true
-		}
+// logLimited logs a denial at Warn at most once every 10 seconds per key,
+// and at Debug otherwise: a client sending bad certificates in a loop must
+// not flood the log.
+func (a *Authorizer) logLimited(key, msg string, args ...any) {
+	v, _ := a.rateLogs.LoadOrStore(key, new(atomic.Int64))
+	last := v.(*atomic.Int64)
+	now := time.Now().UnixNano()
+	if prev := last.Load(); now-prev >= int64(10*time.Second) && last.CompareAndSwap(prev, now) {
+		a.log.Warn(msg, args...)
+		return
 	}
-	return nil, false
-}
-
-// sourceMatches mirrors Consul's matching of an intention's source against a
-// local caller.
-func sourceMatches(ixn *api.Intention, id *Identity) bool {
-	if ixn.SourcePeer != "" || ixn.SourceSamenessGroup != "" {
-		return false // a peer's callers carry another trust domain
-	}
-	if ixn.SourceType != "" && ixn.SourceType != api.IntentionSourceConsul {
-		return false
-	}
-	if orDefault(ixn.SourcePartition) != id.Partition {
-		return false
-	}
-	if ns := orDefault(ixn.SourceNS); ns != "*" && ns != id.Namespace {
-		return false
-	}
-	return ixn.SourceName == "*" || ixn.SourceName == id.Service
-}
-
-func orDefault(s string) string {
-	if s == "" {
-		return "default"
-	}
-	return s
-}
-
-// defaultReasonPrefix is how the agent's authorize endpoint words a decision
-// taken by the ACL default policy.
-const defaultReasonPrefix = "Default behavior"
-
-// defaultDecision returns the ACL default policy for callers no intention
-// matches. Consul exposes it only through the authorize endpoint, so it asks
-// that endpoint about this caller. The agent answers from its own intention
-// cache, which may lag a change by a few milliseconds; while it still reports
-// a matching intention that our list no longer has (or the reverse), ask
-// again briefly, then give up and deny.
-func (a *Authorizer) defaultDecision(t *target, id *Identity) (bool, Reason, error) {
-	if p := t.defaultPolicy.Load(); p != nil && time.Since(p.learned) < a.cfg.DefaultPolicyTTL {
-		return p.allow, 0, nil
-	}
-	deadline := time.Now().Add(250 * time.Millisecond)
-	for {
-		res, err := a.call.Agent().ConnectAuthorize(&api.AgentAuthorizeParams{
-			Target:        t.name,
-			ClientCertURI: id.ID.String(),
-		})
-		if err != nil {
-			a.cfg.Metrics.consulError(queryAuthorize)
-			return false, ReasonConsulError, explainACL(err, t.name)
-		}
-		if strings.HasPrefix(res.Reason, defaultReasonPrefix) {
-			t.policyErr.Store(nil)
-			t.defaultPolicy.Store(&defaultPolicy{allow: res.Authorized, learned: time.Now()})
-			return res.Authorized, 0, nil
-		}
-		if time.Now().After(deadline) {
-			return false, ReasonConsulInconsistent,
-				fmt.Errorf("the agent still answers %q where no intention matches", res.Reason)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// target returns the state for a destination, creating it and starting its
-// watch the first time. It returns nil past MaxTargets.
-func (a *Authorizer) target(name string) *target {
-	a.mu.RLock()
-	t := a.targets[name]
-	a.mu.RUnlock()
-	if t != nil {
-		return t
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if t = a.targets[name]; t != nil {
-		return t
-	}
-	if len(a.targets) >= a.cfg.MaxTargets {
-		a.log.Warn("denied: too many destinations for one authorizer", "target", name, "max", a.cfg.MaxTargets)
-		return nil
-	}
-	t = &target{name: name, health: newHealth(), chain: newHealth(), rules: &ruleSet{}, entries: map[string]*entry{}}
-	a.targets[name] = t
-	go a.loop(a.ctx, queryIntentions, "intentions for "+name, "/v1/connect/intentions/match?by=destination&name="+name, &t.health, func(ctx context.Context, index uint64) (uint64, error) {
-		return a.queryIntentions(ctx, t, index)
-	})
-	go a.loop(a.ctx, queryChain, "protocol of "+name, "/v1/discovery-chain/"+name, &t.chain, func(ctx context.Context, index uint64) (uint64, error) {
-		return a.queryProtocol(ctx, t, index)
-	})
-	return t
-}
-
-func (a *Authorizer) queryRoots(ctx context.Context, index uint64) (uint64, error) {
-	roots, meta, err := a.watch.Agent().ConnectCARoots(a.blocking(ctx, index))
-	if err != nil {
-		return 0, err
-	}
-	if roots.TrustDomain == "" {
-		return 0, errors.New("consul reports no trust domain (is Connect enabled?)")
-	}
-	if old := a.trustDomain.Load(); old == nil || *old != roots.TrustDomain {
-		td := roots.TrustDomain
-		a.trustDomain.Store(&td)
-		a.log.Info("trust domain loaded", "trust_domain", td)
-	}
-	return meta.LastIndex, nil
-}
-
-func (a *Authorizer) queryIntentions(ctx context.Context, t *target, index uint64) (uint64, error) {
-	res, meta, err := a.watch.Connect().IntentionMatch(&api.IntentionMatch{
-		By:    api.IntentionMatchDestination,
-		Names: []string{t.name},
-	}, a.blocking(ctx, index))
-	if err != nil {
-		return 0, err
-	}
-	if meta.LastIndex != index || !t.health.isLoaded() {
-		list := res[t.name]
-		perms := make([]*Permissions, len(list))
-		for i, ixn := range list {
-			if len(ixn.Permissions) > 0 {
-				perms[i] = compilePermissions(t.name, ixn, a.cfg.Metrics)
-			}
-		}
-		a.update(t, "intentions", func(rs *ruleSet) { rs.intentions, rs.perms = list, perms })
-	}
-	return meta.LastIndex, nil
-}
-
-// queryProtocol watches the destination's protocol, which decides whether
-// its L7 intentions can be enforced. The discovery chain resolves it as
-// Consul's proxies do: service-defaults, then proxy-defaults, then tcp.
-func (a *Authorizer) queryProtocol(ctx context.Context, t *target, index uint64) (uint64, error) {
-	res, meta, err := a.watch.DiscoveryChain().Get(t.name, nil, a.blocking(ctx, index))
-	if err != nil {
-		return 0, err
-	}
-	protocol := "tcp"
-	if res.Chain != nil && res.Chain.Protocol != "" {
-		protocol = res.Chain.Protocol
-	}
-	t.mu.RLock()
-	changed := t.rules.protocol != protocol
-	t.mu.RUnlock()
-	if changed || !t.chain.isLoaded() {
-		a.update(t, "protocol", func(rs *ruleSet) { rs.protocol = protocol })
-	}
-	return meta.LastIndex, nil
-}
-
-func (a *Authorizer) blocking(ctx context.Context, index uint64) *api.QueryOptions {
-	q := &api.QueryOptions{WaitIndex: index, WaitTime: a.cfg.WaitTime}
-	return q.WithContext(ctx)
+	a.log.Debug(msg, args...)
 }
 
 // Recheck decides again, against the current rules, for a caller known
 // only by its SPIFFE ID: the caller of an open connection, whose decision
 // was taken when it connected. It does not use the cache, which is keyed
 // by certificate. It returns nil when it cannot tell now (the rules are not
-// loaded yet, or Consul failed to answer within the stale window): an open
-// connection is not cut for that.
+// loaded yet, or the default policy cannot be learned); OnChange is then
+// called again for the destination until it can. An open connection is not
+// cut for a hiccup of Consul within the stale window, and is denied past it.
 func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
-	t := a.target(targetName)
+	now := time.Now()
+	t := a.target(targetName, now)
 	if t == nil {
 		return nil
 	}
-	if !a.consul.fresh(time.Now(), a.cfg.StaleWindow) {
-		return Deny(ReasonConsulStale)
-	}
-	if !t.health.isLoaded() || !t.chain.isLoaded() || !a.roots.isLoaded() {
+	if !t.intentions.IsLoaded() || !t.chain.IsLoaded() || !a.roots.IsLoaded() {
+		t.recheck.Store(true)
 		return nil
+	}
+	if !a.fresh(t, now) {
+		return Deny(ReasonConsulStale)
 	}
 	sid, err := spiffeid.FromString(spiffeID)
 	if err != nil {
@@ -626,6 +422,7 @@ func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
 	t.mu.RUnlock()
 	d, decided := a.evaluate(t, rules, &id)
 	if !decided {
+		t.recheck.Store(true)
 		return nil
 	}
 	return d
@@ -634,18 +431,6 @@ func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
 func (a *Authorizer) notify(target string) {
 	if a.cfg.OnChange != nil {
 		a.cfg.OnChange(target)
-	}
-}
-
-func (a *Authorizer) notifyAll() {
-	a.mu.RLock()
-	names := make([]string, 0, len(a.targets))
-	for name := range a.targets {
-		names = append(names, name)
-	}
-	a.mu.RUnlock()
-	for _, name := range names {
-		a.notify(name)
 	}
 }
 
@@ -682,76 +467,129 @@ func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 	a.log.Debug("rules changed", "target", t.name, "change", what, "intentions", len(rules.intentions),
 		"protocol", rules.protocol, "cached_callers", len(ids))
 
-	fresh := make(map[string]*Decision, len(ids))
-	for k, id := range ids {
-		if d, ok := a.evaluate(t, &rules, &id); ok {
-			fresh[k] = d
-		}
-	}
-	t.mu.Lock()
-	if t.gen == gen {
-		for k, d := range fresh {
-			if e := t.entries[k]; e != nil {
-				t.entries[k] = &entry{id: e.id, gen: gen, decision: d}
+	if a.trust.Load() != nil {
+		fresh := make(map[string]*Decision, len(ids))
+		for k, id := range ids {
+			if d, ok := a.evaluate(t, &rules, &id); ok {
+				fresh[k] = d
 			}
 		}
+		t.mu.Lock()
+		if t.gen == gen {
+			for k, d := range fresh {
+				if e := t.entries[k]; e != nil {
+					t.entries[k] = &entry{id: e.id, gen: gen, decision: d}
+				}
+			}
+		}
+		t.mu.Unlock()
 	}
-	t.mu.Unlock()
 	a.notify(t.name)
 }
 
-// loop runs one blocking query for as long as ctx lives, tracking Consul's
-// reachability and logging each change of state once. endpoint is what a
-// refused token must be granted access to.
-func (a *Authorizer) loop(ctx context.Context, query, what, endpoint string, h *health,
-	fetch func(ctx context.Context, index uint64) (uint64, error)) {
-	var index uint64
-	retry := backoff.New(50*time.Millisecond, 2*time.Second)
-	staleLogged := false
-	for ctx.Err() == nil {
-		qctx, cancel := context.WithTimeout(ctx, a.cfg.WaitTime+15*time.Second)
-		next, err := fetch(qctx, index)
-		cancel()
-		if ctx.Err() != nil {
-			return
-		}
-		now := time.Now()
-		if err != nil {
-			a.cfg.Metrics.consulError(query)
-			if !h.failing.Swap(true) {
-				a.consul.failing.Add(1)
-				a.cfg.Metrics.setConsulUp(false)
-				if _, refused := consulflags.Refused(err); refused {
-					a.log.Error("consul refused the ACL token: serving cached decisions within the stale window, denying new callers",
-						"watch", what, "stale_window", a.cfg.StaleWindow, "error", consulflags.Explain(err, "calling "+endpoint))
-				} else {
-					a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
-						"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
-				}
-			}
-			if !staleLogged && !a.consul.fresh(now, a.cfg.StaleWindow) {
-				a.log.Error("consul unreachable past the stale window: denying every caller", "watch", what)
-				staleLogged = true
-				a.notifyAll()
-			}
-			index = 0
-			retry.Wait(ctx) // a cancelled ctx ends the loop
-			continue
-		}
-		a.consul.lastContact.Store(now.UnixNano())
-		if h.failing.Swap(false) {
-			a.consul.failing.Add(-1)
-			a.log.Info("consul reachable again", "watch", what)
-		}
-		if a.consul.failing.Load() == 0 {
-			a.cfg.Metrics.setConsulUp(true)
-		}
-		h.once.Do(func() { close(h.loaded) })
-		staleLogged = false
-		retry.Reset()
-		if next < index { // the index went backwards (e.g. a snapshot restore): start over
-			next = 0
-		}
-		index = next
+// forgetCallers empties every destination's cache, when the CA roots
+// change: a cached certificate may no longer chain to them.
+func (a *Authorizer) forgetCallers() {
+	for _, t := range a.snapshot() {
+		t.mu.Lock()
+		t.gen++
+		clear(t.entries)
+		t.mu.Unlock()
 	}
+}
+
+// target returns the state for a destination, creating it and starting its
+// watches the first time, and records that it was asked about at now. It
+// returns nil past MaxTargets when no destination has been idle long enough
+// to make room.
+func (a *Authorizer) target(name string, now time.Time) *target {
+	a.mu.RLock()
+	t := a.targets[name]
+	a.mu.RUnlock()
+	if t == nil {
+		t = a.addTarget(name, now)
+		if t == nil {
+			return nil
+		}
+	}
+	// Recorded at most once a second: the hot path should not write a
+	// shared cache line on every request.
+	if now.UnixNano()-t.lastUsed.Load() > int64(time.Second) {
+		t.lastUsed.Store(now.UnixNano())
+	}
+	return t
+}
+
+func (a *Authorizer) addTarget(name string, now time.Time) *target {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if t := a.targets[name]; t != nil {
+		return t
+	}
+	if len(a.targets) >= a.cfg.MaxTargets && !a.evictIdleLocked(now) {
+		a.logLimited("too-many-targets", "denied: too many destinations for one authorizer", "target", name, "max", a.cfg.MaxTargets)
+		return nil
+	}
+	ctx := a.ctx
+	if ctx == nil { // not started: the watches start with Start
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	t := &target{
+		name: name, cancel: cancel,
+		intentions: consulwatch.NewStatus(), chain: consulwatch.NewStatus(),
+		rules: &ruleSet{}, entries: map[string]*entry{},
+	}
+	t.lastUsed.Store(now.UnixNano())
+	a.targets[name] = t
+	a.cfg.Metrics.setTargets(len(a.targets))
+	a.watchTarget(ctx, t)
+	return t
+}
+
+// pin watches a destination for good.
+func (a *Authorizer) pin(name string) {
+	if a.addTarget(name, time.Now()) == nil {
+		return
+	}
+	a.mu.Lock()
+	if t := a.targets[name]; t != nil {
+		t.pinned = true
+	}
+	a.mu.Unlock()
+}
+
+// evictIdleLocked drops the destination asked about least recently, if it
+// is not pinned and has been idle for a tenth of TargetIdle.
+func (a *Authorizer) evictIdleLocked(now time.Time) bool {
+	var oldest *target
+	for _, t := range a.targets {
+		if !t.pinned && (oldest == nil || t.lastUsed.Load() < oldest.lastUsed.Load()) {
+			oldest = t
+		}
+	}
+	if oldest == nil || now.UnixNano()-oldest.lastUsed.Load() < int64(a.cfg.TargetIdle/10) {
+		return false
+	}
+	a.dropLocked(oldest, "evicted to make room")
+	return true
+}
+
+func (a *Authorizer) dropLocked(t *target, why string) {
+	delete(a.targets, t.name)
+	t.cancel()
+	a.cfg.Metrics.setTargets(len(a.targets))
+	a.cfg.Metrics.setMisconfigured(t.name, 0)
+	a.log.Debug("destination no longer watched", "target", t.name, "why", why)
+}
+
+// snapshot lists the destinations watched now.
+func (a *Authorizer) snapshot() []*target {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	out := make([]*target, 0, len(a.targets))
+	for _, t := range a.targets {
+		out = append(out, t)
+	}
+	return out
 }

@@ -186,13 +186,12 @@ func BenchmarkDecideCacheHit(b *testing.B) {
 // BenchmarkDecideCacheMiss measures a first decision for a caller: parsing
 // its certificate, checking its trust domain and walking the intentions (no
 // Consul call). The cache holds one entry and callers rotate, so every call
-// misses. The certificates are signed by a test CA with Consul's trust
-// domain: the chain is HAProxy's to verify, not the authorizer's.
+// misses. The callers are 16 services with leaves from Consul, which the
+// intention allows: each miss verifies the chain too.
 func BenchmarkDecideCacheMiss(b *testing.B) {
 	c := harness.StartConsul(b)
-	c.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
-	_, td := c.RootsPEM(b)
-	certs := harness.ServiceCertificates(b, td, "web", 16)
+	c.SetIntentions(b, "api", harness.Source("*", api.IntentionActionAllow))
+	certs := c.Callers(b, "web", 16)
 	a, err := authz.New(authz.Config{Consul: c.Config(), MaxEntries: 1})
 	if err != nil {
 		b.Fatal(err)

@@ -19,9 +19,14 @@ type Identity struct {
 	Namespace  string
 	Datacenter string
 	Service    string
-	// NotAfter is when the certificate expires; a cached decision is not
-	// used past it.
-	NotAfter time.Time
+	// NotBefore and NotAfter bound the certificate's validity; a decision
+	// is never given, from the cache or not, outside them.
+	NotBefore, NotAfter time.Time
+}
+
+// validAt reports whether the certificate is valid at now.
+func (id *Identity) validAt(now time.Time) bool {
+	return !now.Before(id.NotBefore) && now.Before(id.NotAfter)
 }
 
 // ParseIdentity reads the Consul service identity from a DER certificate. It
@@ -30,26 +35,31 @@ type Identity struct {
 //	spiffe://<td>/ns/<ns>/dc/<dc>/svc/<name>
 //	spiffe://<td>/ap/<partition>/ns/<ns>/dc/<dc>/svc/<name>
 //
-// The chain itself is not verified here: HAProxy did that during the TLS
-// handshake (`verify required` with the Consul roots as `ca-file`).
+// The chain and the validity period are not checked here; the Authorizer
+// checks both on every decision.
 func ParseIdentity(der []byte) (Identity, Reason, error) {
+	_, id, reason, err := parseCertificate(der)
+	return id, reason, err
+}
+
+func parseCertificate(der []byte) (*x509.Certificate, Identity, Reason, error) {
 	if len(der) == 0 {
-		return Identity{}, ReasonNoCertificate, fmt.Errorf("no client certificate")
+		return nil, Identity{}, ReasonNoCertificate, fmt.Errorf("no client certificate")
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return Identity{}, ReasonBadCertificate, fmt.Errorf("parse certificate: %w", err)
+		return nil, Identity{}, ReasonBadCertificate, fmt.Errorf("parse certificate: %w", err)
 	}
 	id, err := x509svid.IDFromCert(cert)
 	if err != nil {
-		return Identity{}, ReasonNotSPIFFE, err
+		return nil, Identity{}, ReasonNotSPIFFE, err
 	}
 	ident, err := serviceIdentity(id)
 	if err != nil {
-		return Identity{}, ReasonNotService, err
+		return nil, Identity{}, ReasonNotService, err
 	}
-	ident.NotAfter = cert.NotAfter
-	return ident, 0, nil
+	ident.NotBefore, ident.NotAfter = cert.NotBefore, cert.NotAfter
+	return cert, ident, 0, nil
 }
 
 func serviceIdentity(id spiffeid.ID) (Identity, error) {

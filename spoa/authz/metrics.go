@@ -18,6 +18,8 @@ type Metrics struct {
 	intentionLoads prometheus.Counter
 	l7Requests     *prometheus.CounterVec
 	misconfigured  *prometheus.GaugeVec
+	targets        prometheus.Gauge
+	stale          *prometheus.GaugeVec
 }
 
 // Consul queries the authorizer makes, as they label consul_errors_total.
@@ -69,6 +71,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "haconnect", Subsystem: "spoa", Name: "l7_misconfigured_intentions",
 			Help: "Intentions with HTTP permissions on a destination whose protocol is not HTTP (their callers are denied).",
 		}, []string{"destination"}),
+		targets: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "destinations",
+			Help: "Destinations whose intentions the authorizer watches.",
+		}),
+		stale: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "haconnect", Subsystem: "spoa", Name: "destination_stale",
+			Help: "1 while Consul has not answered for the destination past the stale window (every caller is denied).",
+		}, []string{"destination"}),
 	}
 	for _, r := range Reasons() {
 		if r == ReasonIntentionAllow || r == ReasonDefaultAllow || r == ReasonL7Intention {
@@ -81,7 +91,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.consulErrors[q] = errs.WithLabelValues(q)
 	}
 	if reg != nil {
-		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads, m.l7Requests, m.misconfigured)
+		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads, m.l7Requests, m.misconfigured, m.targets, m.stale)
 	}
 	return m
 }
@@ -150,5 +160,22 @@ func (m *Metrics) l7Counter(destination, source, permission string, allow bool) 
 func (m *Metrics) setMisconfigured(destination string, n int) {
 	if m != nil {
 		m.misconfigured.WithLabelValues(destination).Set(float64(n))
+	}
+}
+
+func (m *Metrics) setTargets(n int) {
+	if m != nil {
+		m.targets.Set(float64(n))
+	}
+}
+
+func (m *Metrics) setStale(destination string, stale bool) {
+	if m == nil {
+		return
+	}
+	if stale {
+		m.stale.WithLabelValues(destination).Set(1)
+	} else {
+		m.stale.DeleteLabelValues(destination)
 	}
 }
