@@ -100,8 +100,7 @@ func TestRefusedDestinationIsIsolated(t *testing.T) {
 	c.SetIntentions(t, "api", harness.Source("web", api.IntentionActionAllow), harness.Source("*", api.IntentionActionDeny))
 	filter := harness.NewConsulFilter(t, c)
 	filter.Fail("/v1/connect/intentions/match", "name=secret", 403, "Permission denied: token lacks permission 'intention:read' on \"secret\"")
-	a := startWith(t, c, authz.Config{}, "api")
-	a = startWith(t, c, authz.Config{Consul: filter.Config()}, "api")
+	a := startWith(t, c, authz.Config{Consul: filter.Config()}, "api")
 	web := c.IssueLeaf(t, "web").TLS.Certificate[0]
 	batch := c.IssueLeaf(t, "batch").TLS.Certificate[0]
 

@@ -81,10 +81,29 @@ type stringMatch struct {
 	ignoreCase bool
 }
 
+// asciiLower folds ASCII letters only, as Envoy's ignore_case does:
+// strings.ToLower would also fold, say, the Kelvin sign (U+212A) to 'k',
+// so that a deny on "k" would catch it while the application, which
+// compares bytes, sees another value (and an allow would let it through).
+func asciiLower(s string) string {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; 'A' <= c && c <= 'Z' {
+			b := []byte(s)
+			for j := i; j < len(b); j++ {
+				if 'A' <= b[j] && b[j] <= 'Z' {
+					b[j] += 'a' - 'A'
+				}
+			}
+			return string(b)
+		}
+	}
+	return s
+}
+
 func (m *stringMatch) matches(s string) bool {
 	v := s
 	if m.ignoreCase {
-		v = strings.ToLower(s)
+		v = asciiLower(s)
 	}
 	switch m.kind {
 	case matchExact:
@@ -221,7 +240,7 @@ func compilePermissions(target string, ixn *api.Intention, m *Metrics) *Permissi
 // starting with ':' must be one of the pseudo-headers a request has: any
 // other could never match, and a deny on it would be silently skipped.
 func compileHeader(h api.IntentionHTTPHeaderPermission) (headerMatch, error) {
-	hm := headerMatch{name: strings.ToLower(h.Name), invert: h.Invert}
+	hm := headerMatch{name: asciiLower(h.Name), invert: h.Invert}
 	if strings.HasPrefix(hm.name, ":") {
 		hm.pseudo = pseudoHeaders[hm.name]
 		if hm.pseudo == notPseudo {
@@ -230,7 +249,7 @@ func compileHeader(h api.IntentionHTTPHeaderPermission) (headerMatch, error) {
 	}
 	lower := func(s string) string {
 		if h.IgnoreCase {
-			return strings.ToLower(s)
+			return asciiLower(s)
 		}
 		return s
 	}

@@ -103,3 +103,21 @@ func TestL7OnNonHTTPDestinationDenied(t *testing.T) {
 		t.Fatalf("got allow=%v %s cacheable=%v, want a cacheable deny %s", d.Allow, d.Reason, cacheable, ReasonL7NotHTTP)
 	}
 }
+
+// TestIgnoreCaseFoldsASCIIOnly: IgnoreCase folds ASCII letters as Envoy
+// does; the Kelvin sign (U+212A), which Unicode folds to 'k', is another
+// value.
+func TestIgnoreCaseFoldsASCIIOnly(t *testing.T) {
+	m, err := compileHeader(api.IntentionHTTPHeaderPermission{Name: "X-Unit", Exact: "k", IgnoreCase: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for value, want := range map[string]bool{"k": true, "K": true, "\u212a": false, "kk": false} {
+		if got := m.match.matches(value); got != want {
+			t.Errorf("IgnoreCase exact %q against %q: %v, want %v", "k", value, got, want)
+		}
+	}
+	if got := asciiLower("ÀBC\u212a"); got != "Àbc\u212a" {
+		t.Errorf("asciiLower: %q", got)
+	}
+}
