@@ -298,3 +298,60 @@ func TestHardeningHAProxyContainer(t *testing.T) {
 		}
 	})
 }
+
+// TestHardeningReplacesUnconfinedContainer: a running HAProxy container
+// of the right name and labels that an older haconnect made (root, every
+// capability, the working directory among other mounts) is replaced, not
+// adopted, so that an upgrade does not keep the old privileges.
+func TestHardeningReplacesUnconfinedContainer(t *testing.T) {
+	cli := harness.Docker(t)
+	harness.Images(t)
+	ctx := context.Background()
+	dir := harness.TempDir(t)
+	name := fmt.Sprintf("haconnect-unconfined-%d", time.Now().UnixNano())
+	harness.RemoveContainers(t, cli, name)
+	labels := map[string]string{docker.LabelAllocID: "unconfined"}
+	cfg := haproxy.Config{Dir: dir, AdminSocket: filepath.Join(dir, "admin.sock")}
+	text := "global\n    stats socket " + cfg.AdminSocket + " mode 600 level admin expose-fd listeners\n" +
+		"defaults\n    mode http\n    timeout client 5s\n    timeout connect 5s\n    timeout server 5s\n" +
+		"frontend f\n    bind 127.0.0.1:8080\n    http-request return status 200\n"
+	harness.WriteFile(t, dir, "haproxy.cfg", text)
+	old, err := cli.ContainerCreate(ctx, &container.Config{
+		Image: "haconnect/haproxy:latest", User: "0:0",
+		Cmd:    append(cfg.MasterArgs(), "-f", cfg.ConfigPath()),
+		Labels: map[string]string{docker.LabelManaged: "true", docker.LabelAllocID: "unconfined"},
+	}, &container.HostConfig{Binds: []string{dir + ":" + dir, "/var/run/docker.sock:/var/run/docker.sock"}}, nil, nil, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.ContainerStart(ctx, old.ID, container.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 10*time.Second, "the old container's HAProxy", func() bool {
+		_, err := haproxy.NewAdmin(cfg.AdminSocket).WorkerPid()
+		return err == nil
+	})
+
+	l := &docker.Launcher{Client: cli, Image: "haconnect/haproxy:latest", Name: name, Labels: labels}
+	inst, err := l.Start(ctx, cfg, text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.Stop(time.Second)
+	insp, err := cli.ContainerInspect(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if insp.ID == old.ID {
+		t.Fatal("the unconfined container was adopted")
+	}
+	if want := fmt.Sprintf("%d:%d", docker.DefaultUID, docker.DefaultGID); insp.Config.User != want ||
+		!slices.Contains(insp.HostConfig.CapDrop, "ALL") || !insp.HostConfig.ReadonlyRootfs || len(insp.Mounts) != 1 {
+		t.Fatalf("the new container: user %q, cap drop %v, read-only root %v, mounts %+v", insp.Config.User,
+			insp.HostConfig.CapDrop, insp.HostConfig.ReadonlyRootfs, insp.Mounts)
+	}
+	// The old HAProxy's sockets were root's: the new one bound its own.
+	if _, err := haproxy.NewAdmin(cfg.AdminSocket).WorkerPid(); err != nil {
+		t.Fatalf("admin socket of the new container: %v", err)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -117,8 +118,9 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 		}
 	}
 	existing, err := l.Client.ContainerInspect(ctx, l.Name)
+	running := err == nil && existing.State != nil && (existing.State.Running || existing.State.Restarting)
 	switch {
-	case err == nil && existing.State != nil && (existing.State.Running || existing.State.Restarting) && l.owns(existing):
+	case running && l.owns(existing) && l.confined(existing, cfg, uid, gid):
 		c.id = existing.ID
 		if existing.State.Restarting { // its restart policy is bringing it back
 			if err := l.waitRunning(ctx, c.id); err != nil {
@@ -131,6 +133,13 @@ func (l *Launcher) Start(ctx context.Context, cfg haproxy.Config, text string) (
 		}
 		c.watch()
 		return c, nil
+	case running && l.owns(existing):
+		// Made by an older haconnect (the hook's volumes, root) or with
+		// another user: adopting it would keep that.
+		log.Warn("replacing a haproxy container that is not confined as configured", "container", l.Name, "id", short(existing.ID))
+		if err := l.Client.ContainerRemove(ctx, existing.ID, container.RemoveOptions{Force: true}); err != nil {
+			return nil, err
+		}
 	case err == nil:
 		log.Info("removing a stopped or foreign haproxy container", "container", l.Name, "id", short(existing.ID))
 		if err := l.Client.ContainerRemove(ctx, existing.ID, container.RemoveOptions{Force: true}); err != nil {
@@ -215,14 +224,36 @@ func (l *Launcher) ensureImage(ctx context.Context, log hclog.Logger) error {
 	return err
 }
 
+// source is the working directory's path on the Docker host.
+func (l *Launcher) source(cfg haproxy.Config) string {
+	if l.HostDir != "" {
+		return l.HostDir
+	}
+	return cfg.Dir
+}
+
+// confined reports whether a container runs HAProxy as create makes it:
+// the working directory alone, the user, no capability, no new privileges,
+// a read-only root filesystem.
+func (l *Launcher) confined(c container.InspectResponse, cfg haproxy.Config, uid, gid int) bool {
+	h := c.HostConfig
+	if c.Config == nil || h == nil || c.Config.User != fmt.Sprintf("%d:%d", uid, gid) {
+		return false
+	}
+	noNewPrivs := slices.ContainsFunc(h.SecurityOpt, func(o string) bool {
+		return o == "no-new-privileges" || o == "no-new-privileges:true"
+	})
+	if !noNewPrivs || !slices.Contains(h.CapDrop, "ALL") || len(h.CapAdd) != 0 || h.Privileged || !h.ReadonlyRootfs ||
+		len(h.VolumesFrom) != 0 || len(h.Binds) != 0 {
+		return false
+	}
+	return len(c.Mounts) == 1 && c.Mounts[0].Source == l.source(cfg) && c.Mounts[0].Destination == cfg.Dir
+}
+
 func (l *Launcher) create(ctx context.Context, cfg haproxy.Config, uid, gid int) (string, error) {
 	labels := map[string]string{LabelManaged: "true"}
 	for k, v := range l.Labels {
 		labels[k] = v
-	}
-	source := l.HostDir
-	if source == "" {
-		source = cfg.Dir
 	}
 	host := &container.HostConfig{
 		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyUnlessStopped},
@@ -230,7 +261,7 @@ func (l *Launcher) create(ctx context.Context, cfg haproxy.Config, uid, gid int)
 		Init:          boolPtr(false),
 		// The working directory alone: HAProxy writes only its sockets
 		// there, and reads its configuration, certificates and Lua.
-		Mounts:         []mount.Mount{{Type: mount.TypeBind, Source: source, Target: cfg.Dir}},
+		Mounts:         []mount.Mount{{Type: mount.TypeBind, Source: l.source(cfg), Target: cfg.Dir}},
 		ReadonlyRootfs: true,
 		CapDrop:        []string{"ALL"},
 		SecurityOpt:    []string{"no-new-privileges"},
