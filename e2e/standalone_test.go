@@ -61,9 +61,10 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 	harness.WriteFile(t, s.dir, "leaf.pem", api.CertPEM+api.KeyPEM)
 	harness.WriteFile(t, s.dir, "roots.pem", s.roots+strings.Join(extraCAs, ""))
 
-	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	// The app also answers WebSocket upgrades (wsEcho).
+	app := httptest.NewServer(wsEcho(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "source=%s", r.Header.Get("X-Haconnect-Source"))
-	}))
+	})))
 	t.Cleanup(app.Close)
 
 	s.inbound = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
