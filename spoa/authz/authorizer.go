@@ -22,10 +22,11 @@
 // on a miss also avoids caching an answer from the agent's own intention
 // cache while it still lags behind a change.
 //
-// A decision is only as fresh as the rules it came from. When Consul cannot
-// answer for a destination (its servers are gone, or the token lost the
-// right to read its intentions), that destination's cached decisions keep
-// being served for Config.StaleWindow after Consul last answered for it;
+// A decision is only as fresh as the intentions it came from. When Consul
+// cannot answer for a destination (its servers are gone, or the token lost
+// the right to read its intentions), that destination's cached decisions
+// keep being served for Config.StaleWindow after Consul last answered
+// about its intentions;
 // new callers of it, and every caller past the window, are denied. Other
 // destinations are not affected.
 package authz
@@ -342,10 +343,12 @@ func (a *Authorizer) waitLoaded(s *consulwatch.Status) bool {
 }
 
 // fresh reports whether t's cached decisions may be served at now: Consul
-// answered, within the stale window, for everything they came from.
+// answered about its intentions within the stale window. A decision is
+// only as fresh as the intentions it came from; the agent keeps answering
+// its cached CA roots (and the discovery chain changes rarely) when the
+// servers are gone, so their answers say nothing about the intentions.
 func (a *Authorizer) fresh(t *target, now time.Time) bool {
-	w := a.cfg.StaleWindow
-	return a.roots.Fresh(now, w) && t.intentions.Fresh(now, w) && t.chain.Fresh(now, w)
+	return t.intentions.Fresh(now, a.cfg.StaleWindow)
 }
 
 // evaluate decides for a caller against t's rules (see evaluate in

@@ -170,26 +170,12 @@ func (a *Authorizer) checkFreshness(t *target, now time.Time) {
 	t.stale = stale
 	a.cfg.Metrics.setStale(t.name, stale)
 	if stale {
-		a.log.Error("consul has not answered for this destination past the stale window: denying every caller",
-			"target", t.name, "stale_window", a.cfg.StaleWindow, "watches", a.staleWatches(t, now))
+		a.log.Error("consul has not answered about this destination's intentions past the stale window: denying every caller",
+			"target", t.name, "stale_window", a.cfg.StaleWindow, "last_answer", t.intentions.Age(now).Round(time.Millisecond).String()+" ago")
 		a.notify(t.name)
 		return
 	}
-	a.log.Info("consul answers for this destination again: serving decisions", "target", t.name)
-}
-
-// staleWatches names what is too old, for the log.
-func (a *Authorizer) staleWatches(t *target, now time.Time) string {
-	var out []string
-	for _, w := range []struct {
-		name   string
-		status *consulwatch.Status
-	}{{"ca_roots", a.roots}, {"intentions", t.intentions}, {"protocol", t.chain}} {
-		if !w.status.Fresh(now, a.cfg.StaleWindow) {
-			out = append(out, fmt.Sprintf("%s (last answer %s ago)", w.name, w.status.Age(now).Round(time.Millisecond)))
-		}
-	}
-	return strings.Join(out, ", ")
+	a.log.Info("consul answers about this destination's intentions again: serving decisions", "target", t.name)
 }
 
 func (a *Authorizer) expireIdle(now time.Time) {
