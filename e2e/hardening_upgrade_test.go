@@ -234,18 +234,21 @@ func TestUpgradeRevocation(t *testing.T) {
 
 // TestStandaloneUpgradeRevocation: the example configuration as shipped,
 // with haconnect-spoa -revoke-socket and its default -revoke-frontend,
-// closes a revoked caller's upgraded streams on the HTTP listener and its
-// connections on the TCP listener, and nobody else's.
+// closes a revoked caller's upgraded streams on the HTTP listener (an
+// HTTP/1.1 upgrade, and a WebSocket over HTTP/2) and its connections on
+// the TCP listener, and nobody else's.
 func TestStandaloneUpgradeRevocation(t *testing.T) {
 	s := startStandalone(t, time.Minute)
 	s.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("batch", allow))
 	web := mustUpgrade(t, dialTLS(t, s.inbound, s.leaves["web"], s.roots), "web")
 	webTCP := echoStream(t, dialTLS(t, s.tcp, s.leaves["web"], s.roots), "web over TCP")
+	webH2 := openH2Tunnel(t, dialTLS(t, s.inbound, s.leaves["web"], s.roots))
 	batch := mustUpgrade(t, dialTLS(t, s.inbound, s.leaves["batch"], s.roots), "batch")
+	batchH2 := openH2Tunnel(t, dialTLS(t, s.inbound, s.leaves["batch"], s.roots))
 
 	written := time.Now()
 	s.consul.SetIntentions(t, "api", harness.Source("web", deny), harness.Source("batch", allow))
-	for what, st := range map[string]*stream{"upgraded stream": web, "TCP stream": webTCP} {
+	for what, st := range map[string]tunnel{"upgraded stream": web, "TCP stream": webTCP, "HTTP/2 tunnel": webH2} {
 		at := st.closedAt(3 * time.Second)
 		if at.IsZero() {
 			t.Fatalf("web's %s is still open 3s after the deny", what)
@@ -258,8 +261,11 @@ func TestStandaloneUpgradeRevocation(t *testing.T) {
 	if err := batch.roundTrip("still here"); err != nil {
 		t.Fatalf("batch's upgraded stream was cut too: %v", err)
 	}
-	if got := s.metric(t, "haconnect_revoked_connections_total", map[string]string{"reason": "intention_deny"}); got != 2 {
-		t.Errorf("haconnect_revoked_connections_total{reason=intention_deny} = %v, want 2", got)
+	if err := batchH2.roundTrip("still here"); err != nil {
+		t.Fatalf("batch's HTTP/2 tunnel was cut too: %v", err)
+	}
+	if got := s.metric(t, "haconnect_revoked_connections_total", map[string]string{"reason": "intention_deny"}); got != 3 {
+		t.Errorf("haconnect_revoked_connections_total{reason=intention_deny} = %v, want 3", got)
 	}
 }
 
@@ -386,4 +392,145 @@ func echoOnce(c net.Conn) (string, error) {
 	}
 	line, err := bufio.NewReader(c).ReadString('\n')
 	return strings.TrimSpace(line), err
+}
+
+// h2Tunnel is a WebSocket over HTTP/2 (RFC 8441's extended CONNECT) on
+// stream 1 of a connection, spoken by hand: the test needs only a few
+// frames, and HPACK literals without indexing to send headers.
+type h2Tunnel struct {
+	c   net.Conn
+	r   *bufio.Reader
+	buf string // echoed bytes not read yet
+}
+
+const (
+	h2Data, h2Headers, h2RST, h2Settings, h2Ping, h2GoAway = 0, 1, 3, 4, 6, 7
+	h2EndStream, h2EndHeaders, h2Ack                       = 1, 4, 1
+)
+
+func (h *h2Tunnel) writeFrame(typ, flags byte, stream uint32, payload []byte) error {
+	hdr := []byte{byte(len(payload) >> 16), byte(len(payload) >> 8), byte(len(payload)), typ, flags,
+		byte(stream >> 24), byte(stream >> 16), byte(stream >> 8), byte(stream)}
+	_, err := h.c.Write(append(hdr, payload...))
+	return err
+}
+
+func (h *h2Tunnel) readFrame() (typ, flags byte, stream uint32, payload []byte, err error) {
+	hdr := make([]byte, 9)
+	if _, err = io.ReadFull(h.r, hdr); err != nil {
+		return
+	}
+	payload = make([]byte, int(hdr[0])<<16|int(hdr[1])<<8|int(hdr[2]))
+	if _, err = io.ReadFull(h.r, payload); err != nil {
+		return
+	}
+	return hdr[3], hdr[4], uint32(hdr[5]&0x7f)<<24 | uint32(hdr[6])<<16 | uint32(hdr[7])<<8 | uint32(hdr[8]), payload, nil
+}
+
+// openH2Tunnel speaks HTTP/2 with prior knowledge on c (no ALPN: the
+// inbound listener offers none, and HAProxy still accepts the preface),
+// asks for a WebSocket and waits for the 200 that HTTP/2 gives for a 101.
+func openH2Tunnel(t *testing.T, c net.Conn) *h2Tunnel {
+	t.Helper()
+	t.Cleanup(func() { c.Close() })
+	h := &h2Tunnel{c: c, r: bufio.NewReader(c)}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.writeFrame(h2Settings, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	var block []byte
+	for _, f := range [][2]string{{":method", "CONNECT"}, {":protocol", "websocket"}, {":scheme", "https"},
+		{":path", "/ws"}, {":authority", "api"}, {"sec-websocket-version", "13"}} {
+		block = append(block, 0, byte(len(f[0])))
+		block = append(block, f[0]...)
+		block = append(block, byte(len(f[1])))
+		block = append(block, f[1]...)
+	}
+	connectProtocol := false
+	for {
+		typ, flags, stream, payload, err := h.readFrame()
+		if err != nil {
+			t.Fatalf("HTTP/2 tunnel: %v", err)
+		}
+		switch {
+		case typ == h2Settings && flags&h2Ack == 0:
+			for i := 0; i+6 <= len(payload); i += 6 {
+				// SETTINGS_ENABLE_CONNECT_PROTOCOL (8) = 1
+				connectProtocol = connectProtocol || payload[i] == 0 && payload[i+1] == 8 && payload[i+5] == 1
+			}
+			if !connectProtocol {
+				t.Fatalf("HAProxy does not offer the extended CONNECT (settings %x)", payload)
+			}
+			if err := h.writeFrame(h2Settings, h2Ack, 0, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := h.writeFrame(h2Headers, h2EndHeaders, 1, block); err != nil {
+				t.Fatal(err)
+			}
+		case typ == h2Headers && stream == 1:
+			// HAProxy encodes ":status 200" as the static table's entry 8.
+			if len(payload) == 0 || payload[0] != 0x88 {
+				t.Fatalf("extended CONNECT answered header block %x, want :status 200 (88...)", payload)
+			}
+			if err := h.roundTrip("hello"); err != nil {
+				t.Fatalf("the HTTP/2 tunnel does not echo: %v", err)
+			}
+			return h
+		case typ == h2RST || typ == h2GoAway:
+			t.Fatalf("HTTP/2 tunnel refused: frame type %d %x", typ, payload)
+		}
+	}
+}
+
+// roundTrip sends a line on stream 1 and reads it back.
+func (h *h2Tunnel) roundTrip(line string) error {
+	_ = h.c.SetDeadline(time.Now().Add(3 * time.Second))
+	if err := h.writeFrame(h2Data, 0, 1, []byte(line+"\n")); err != nil {
+		return err
+	}
+	for !strings.Contains(h.buf, "\n") {
+		typ, _, stream, payload, err := h.readFrame()
+		if err != nil {
+			return err
+		}
+		switch {
+		case typ == h2Data && stream == 1:
+			h.buf += string(payload)
+		case typ == h2RST && stream == 1 || typ == h2GoAway:
+			return fmt.Errorf("stream ended (frame type %d)", typ)
+		case typ == h2Ping && len(payload) == 8:
+			_ = h.writeFrame(h2Ping, h2Ack, 0, payload)
+		}
+	}
+	got, rest, _ := strings.Cut(h.buf, "\n")
+	h.buf = rest
+	if got != line {
+		return fmt.Errorf("echoed %q, want %q", got, line)
+	}
+	return nil
+}
+
+// closedAt waits (at most limit) for stream 1 or the connection to end and
+// returns when it did; the zero time if it stayed open.
+func (h *h2Tunnel) closedAt(limit time.Duration) time.Time {
+	_ = h.c.SetReadDeadline(time.Now().Add(limit))
+	for {
+		typ, flags, stream, _, err := h.readFrame()
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			return time.Time{}
+		}
+		if err != nil || typ == h2RST && stream == 1 || typ == h2GoAway ||
+			typ == h2Data && stream == 1 && flags&h2EndStream != 0 {
+			return time.Now()
+		}
+	}
+}
+
+// tunnel is an upgraded stream over HTTP/1.1 or HTTP/2, or a TCP stream.
+type tunnel interface {
+	roundTrip(line string) error
+	closedAt(limit time.Duration) time.Time
 }
