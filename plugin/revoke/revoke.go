@@ -59,8 +59,11 @@ type Config struct {
 	Table     string
 	Frontends []string
 	// Untracked, if set, names the table counting (gpc0, by reason) the
-	// streams refused because Table could not track them.
-	Untracked string
+	// streams refused because Table could not track them. Run reads it
+	// every UntrackedEvery (default 10s) to log new refusals; a scrape
+	// reads it too.
+	Untracked      string
+	UntrackedEvery time.Duration
 	// Settle is when a second sweep follows the first (default 500ms): a
 	// connection authorized just before the change may enter the table
 	// just after the first sweep read it.
@@ -77,7 +80,8 @@ type Revoker struct {
 	// reached: HAProxy has answered once. Until then a socket that is
 	// absent or refuses means HAProxy has not started, so no connection
 	// is open; that is not worth a warning (Run's goroutine only).
-	reached bool
+	reached   bool
+	untracked untrackedLog
 }
 
 // New creates a Revoker; call Run to start it. It takes no Checker, so
@@ -88,6 +92,9 @@ func New(cfg Config) (*Revoker, error) {
 	}
 	if cfg.Settle <= 0 {
 		cfg.Settle = 500 * time.Millisecond
+	}
+	if cfg.UntrackedEvery <= 0 {
+		cfg.UntrackedEvery = 10 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
@@ -105,7 +112,7 @@ func New(cfg Config) (*Revoker, error) {
 			return nil, err
 		}
 		if cfg.Untracked != "" {
-			if err := cfg.Registerer.Register(&untrackedCollector{r: r}); err != nil {
+			if err := cfg.Registerer.Register(untrackedCollector{r: r}); err != nil {
 				return nil, err
 			}
 		}
@@ -131,6 +138,12 @@ func (r *Revoker) Run(ctx context.Context, c Checker) {
 	settle := time.NewTimer(r.cfg.Settle)
 	settle.Stop()
 	defer settle.Stop()
+	var untracked <-chan time.Time // refusals are logged even when nobody scrapes
+	if r.cfg.Untracked != "" {
+		tick := time.NewTicker(r.cfg.UntrackedEvery)
+		defer tick.Stop()
+		untracked = tick.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -140,6 +153,8 @@ func (r *Revoker) Run(ctx context.Context, c Checker) {
 			settle.Reset(r.cfg.Settle)
 		case <-settle.C:
 			r.sweepAndLog(c)
+		case <-untracked:
+			r.readUntracked()
 		}
 	}
 }

@@ -43,32 +43,44 @@ func (r *Revoker) Untracked() (map[string]float64, error) {
 	return counts, nil
 }
 
-// untrackedCollector reads the count when scraped, and logs when it grew.
-type untrackedCollector struct {
-	r    *Revoker
+// untrackedLog remembers the last counts read, to log what grew once.
+type untrackedLog struct {
 	mu   sync.Mutex
 	seen map[string]float64
 }
 
-func (c *untrackedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- untrackedDesc }
-
-func (c *untrackedCollector) Collect(ch chan<- prometheus.Metric) {
-	counts, err := c.r.Untracked()
+// readUntracked reads the counts and logs those that grew since the last
+// read (by Run's periodic check or a scrape); nil when HAProxy does not
+// answer.
+func (r *Revoker) readUntracked() map[string]float64 {
+	counts, err := r.Untracked()
 	if err != nil {
-		c.r.cfg.Logger.Debug("cannot read the count of untracked streams", "table", c.r.cfg.Untracked, "error", err)
-		return
+		r.cfg.Logger.Debug("cannot read the count of untracked streams", "table", r.cfg.Untracked, "error", err)
+		return nil
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.seen == nil {
-		c.seen = map[string]float64{}
+	l := &r.untracked
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.seen == nil {
+		l.seen = map[string]float64{}
 	}
 	for reason, n := range counts {
-		if n > c.seen[reason] {
-			c.r.cfg.Logger.Warn("streams were refused because they could not be tracked for revocation",
-				"target", c.r.cfg.Target, "reason", reason, "refused", n-c.seen[reason], "table", c.r.cfg.Table)
+		if n > l.seen[reason] {
+			r.cfg.Logger.Warn("streams were refused because they could not be tracked for revocation",
+				"target", r.cfg.Target, "reason", reason, "refused", n-l.seen[reason], "table", r.cfg.Table)
 		}
-		c.seen[reason] = n
+		l.seen[reason] = n // lower after a worker left: counted from there
+	}
+	return counts
+}
+
+// untrackedCollector reads the counts when scraped.
+type untrackedCollector struct{ r *Revoker }
+
+func (c untrackedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- untrackedDesc }
+
+func (c untrackedCollector) Collect(ch chan<- prometheus.Metric) {
+	for reason, n := range c.r.readUntracked() {
 		ch <- prometheus.MustNewConstMetric(untrackedDesc, prometheus.CounterValue, n, reason)
 	}
 }

@@ -1,8 +1,11 @@
 package revoke
 
 import (
+	"context"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
@@ -105,4 +108,47 @@ func TestUntrackedCountedOverWorkers(t *testing.T) {
 	if !strings.Contains(logs.String(), "could not be tracked for revocation") {
 		t.Errorf("refused streams are not logged:\n%s", logs.String())
 	}
+}
+
+// lockedLog is a log output read while Run writes it.
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Refusals are logged by Run's own check, without a scrape.
+func TestRunLogsUntrackedWithoutAScrape(t *testing.T) {
+	logs := &lockedLog{}
+	rt := &fakeRuntime{table: "0x1a: key=table_full use=0 exp=0 gpc0=5\n"}
+	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"},
+		Untracked: "haconnect_untracked", UntrackedEvery: 10 * time.Millisecond,
+		Logger: hclog.New(&hclog.LoggerOptions{Output: logs})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.Run(ctx, fakeChecker{}); close(done) }()
+	defer func() { cancel(); <-done }()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if out := logs.String(); strings.Contains(out, "could not be tracked for revocation") {
+			if strings.Count(out, "could not be tracked") != 1 || !strings.Contains(out, "refused=5") {
+				t.Fatalf("want one line for 5 refusals, logged:\n%s", out)
+			}
+			return
+		}
+	}
+	t.Fatalf("no refusal logged in 5s:\n%s", logs.String())
 }
