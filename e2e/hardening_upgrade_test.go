@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/consul/api"
+
 	"github.com/haconnect/haconnect/internal/harness"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 )
@@ -56,11 +58,14 @@ func startWSApp(t *testing.T) int {
 
 // upgrade asks for a WebSocket on c and returns the answer's status and
 // body; on a 101, the upgraded stream (which the test's cleanup closes).
-func upgrade(t *testing.T, c net.Conn) (int, string, *stream) {
+func upgrade(t *testing.T, c net.Conn) (int, string, *stream) { return upgradePath(t, c, "/ws") }
+
+// upgradePath is upgrade with the request's path.
+func upgradePath(t *testing.T, c net.Conn, path string) (int, string, *stream) {
 	t.Helper()
 	t.Cleanup(func() { c.Close() })
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+	if _, err := io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"); err != nil {
 		return 0, err.Error(), nil
 	}
@@ -187,6 +192,41 @@ func TestUpgradeRevocation(t *testing.T) {
 	roots, _ := m.consul.RootsPEM(t)
 	inbound := fmt.Sprintf("127.0.0.1:%d", echo.port)
 
+	t.Run("HTTP permissions: the upgrade request is checked, and its tunnel closed on a change", func(t *testing.T) {
+		// The upgrade request is checked against the caller's HTTP
+		// permissions like any request. The tunnel that follows carries
+		// no request that could be checked again, so when the
+		// destination's intentions change it is closed (l7_intention_not_http),
+		// even by a change that keeps the caller allowed: the caller
+		// reconnects and its new upgrade request is checked.
+		m.consul.SetProtocol(t, "echo", "http")
+		wsOnly := func(extra ...*api.SourceIntention) {
+			m.consul.SetIntentions(t, "echo", append([]*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
+				httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/ws"}),
+				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/"})}},
+				harness.Source("batch", allow), harness.Source("*", deny)}, extra...)...)
+		}
+		wsOnly()
+		harness.WaitFor(t, 5*time.Second, "web's HTTP permissions", func() bool {
+			code, _, err := web.callPath("echo", "/other")
+			return err == nil && code == 403
+		})
+		if code, body, s := upgradePath(t, dialUpstream(web), "/other"); s != nil || code != 403 {
+			t.Fatalf("an upgrade outside web's permissions got %d %q, want 403", code, body)
+		}
+		s := mustUpgrade(t, dialUpstream(web), "web within its permissions")
+		before := find(scrape(t, metrics)["haconnect_revoked_connections_total"], map[string]string{"reason": "l7_intention_not_http"}).GetCounter().GetValue()
+		wsOnly(harness.Source("other", allow))
+		if s.closedAt(3 * time.Second).IsZero() {
+			t.Fatal("web's tunnel survived a change it can no longer be checked against")
+		}
+		if got := find(scrape(t, metrics)["haconnect_revoked_connections_total"], map[string]string{"reason": "l7_intention_not_http"}).GetCounter().GetValue(); got != before+1 {
+			t.Errorf("haconnect_revoked_connections_total{reason=l7_intention_not_http} = %v, want %v", got, before+1)
+		}
+		mustUpgrade(t, dialUpstream(web), "web reconnecting")
+		m.consul.SetIntentions(t, "echo", harness.Source("web", allow), harness.Source("batch", allow), harness.Source("*", deny))
+	})
+
 	t.Run("a long SPIFFE ID is tracked whole and revoked for itself", func(t *testing.T) {
 		// 256 characters, the longest ACL service identity: the key is
 		// longer than the 256 bytes the table once held. Cut, it named
@@ -196,7 +236,8 @@ func TestUpgradeRevocation(t *testing.T) {
 		leaf := m.consul.IssueLeaf(t, name)
 		m.consul.SetIntentions(t, "echo", harness.Source(name, allow), harness.Source("web", allow), harness.Source("*", deny))
 		s := mustUpgrade(t, dialTLS(t, inbound, leaf, roots), "the long identity")
-		if keys := tableKeys(echo.admin(t, "show table haconnect_conns")); len(keys) != 1 || !strings.HasSuffix(keys[0], "|"+leaf.URI) {
+		keys := tableKeys(echo.admin(t, "show table haconnect_conns"))
+		if n := len(slices.DeleteFunc(slices.Clone(keys), func(k string) bool { return !strings.HasSuffix(k, "|"+leaf.URI) })); n != 1 {
 			t.Fatalf("tracked %q, want one key ending in |%s (%d bytes)", keys, leaf.URI, len(leaf.URI))
 		}
 		written := time.Now()
