@@ -342,3 +342,41 @@ func TestInboundRulesSameInExample(t *testing.T) {
 		t.Fatalf("found %d normalization and re-check rules in the example, want 11", n)
 	}
 }
+
+// TestHeaderRuleReachesOpenConnection: a connection admitted while its
+// intention tested no header sends no header block until its next check.
+// A header rule added meanwhile must not be skipped on it. The clock is
+// frozen (as in TestRecheckClockSteppedBack) so that the connection's
+// decision cannot be checked again during the test.
+func TestHeaderRuleReachesOpenConnection(t *testing.T) {
+	s := startStandalone(t, time.Minute)
+	s.consul.SetProtocol(t, "api", "http")
+	addr := relaunchStandalone(t, s, seenURIApp(t).Listener.Addr().String(), "date(0,ms)", "req.hdr_val(x-test-clock)")
+	cfg := harness.ClientTLS(s.leaves["web"], s.roots)
+	const clock = "X-Test-Clock: 1000000000"
+	s.consul.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{
+		httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/"}),
+	}})
+	harness.WaitFor(t, 5*time.Second, "the path-only intention applied", func() bool {
+		return sendRaw(t, addr, cfg, "GET", "/", "", clock).code == 200
+	})
+	conn, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	k := &keepAlive{conn: conn, r: bufio.NewReader(conn)}
+	if code, body := k.do(t, "GET", "/", clock, "X-Evil: 1"); code != 200 {
+		t.Fatalf("before the header rule: %d %q", code, body)
+	}
+	s.consul.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{
+		httpPerm(deny, api.IntentionHTTPPermission{Header: header("x-evil", func(h *api.IntentionHTTPHeaderPermission) { h.Present = true })}),
+		httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/"}),
+	}})
+	harness.WaitFor(t, 5*time.Second, "the header rule applied to new connections", func() bool {
+		return sendRaw(t, addr, cfg, "GET", "/", "", clock, "X-Evil: 1").code == 403
+	})
+	if code, body := k.do(t, "GET", "/", clock, "X-Evil: 1"); code != 403 {
+		t.Fatalf("the open connection, with the header the new rule denies: %d %q, want 403", code, body)
+	}
+}

@@ -287,6 +287,12 @@ func (p *Permissions) Check(r *Request, defaultAllow bool) (bool, Reason) {
 	if p.invalid != 0 {
 		return false, p.invalid
 	}
+	if p.NeedsHeaders && r.Headers == nil {
+		// The connection was admitted when the permissions tested no
+		// header, so HAProxy sends none until its next check: a header
+		// rule cannot be evaluated, and skipping it could skip a deny.
+		return false, ReasonL7BadRequest
+	}
 	if p.ambiguousHeader(r.Headers) {
 		return false, ReasonL7AmbiguousHeader
 	}

@@ -158,3 +158,22 @@ func isASCII(s string) bool {
 	}
 	return true
 }
+
+// TestHeaderRulesWithoutHeadersDeny: a request that arrives without its
+// header block (its connection was admitted while the permissions tested
+// no header) cannot be checked against a header rule; it is denied rather
+// than the rule skipped.
+func TestHeaderRulesWithoutHeadersDeny(t *testing.T) {
+	p := permissions(
+		headerPerm(api.IntentionActionDeny, api.IntentionHTTPHeaderPermission{Name: "x-evil", Present: true}),
+		&api.IntentionPermission{Action: api.IntentionActionAllow})
+	if ok, r := p.Check(&Request{Method: "GET", Path: "/"}, true); ok || r != ReasonL7BadRequest {
+		t.Fatalf("no header block: %v %s, want deny %s", ok, r, ReasonL7BadRequest)
+	}
+	pseudo := permissions(
+		headerPerm(api.IntentionActionDeny, api.IntentionHTTPHeaderPermission{Name: ":method", Exact: "DELETE"}),
+		&api.IntentionPermission{Action: api.IntentionActionAllow})
+	if ok, r := pseudo.Check(&Request{Method: "GET", Path: "/"}, true); !ok {
+		t.Fatalf(":method needs no header block: %v %s, want allow", ok, r)
+	}
+}
