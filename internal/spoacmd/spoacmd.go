@@ -50,8 +50,8 @@ type Options struct {
 	RevokeFrontend  string
 	RevokeTable     string
 	RevokeUntracked string
-	Consul         consulflags.Flags
-	Log            logging.Flags
+	Consul          consulflags.Flags
+	Log             logging.Flags
 }
 
 // Register adds the command's flags to fs.
