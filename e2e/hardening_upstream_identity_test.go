@@ -4,15 +4,18 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -111,7 +114,9 @@ func impostors(t *testing.T, ca *harness.ForeignCA, td, target string) map[strin
 // when they carry the upstream's encoded URI SAN elsewhere: in another
 // extension, in the subject, inside the RSA modulus, or as a second URI
 // SAN. A real Consul leaf of the upstream passes. HTTP upstreams answer
-// 502; TCP upstreams are closed before any byte of the peer arrives.
+// 502; TCP upstreams are closed before any byte of the peer arrives. Each
+// refused certificate is logged once and each refused response counted;
+// past a certificate's first response the check is the native map lookup.
 func TestUpstreamIdentityIsTheURISAN(t *testing.T) {
 	m := newMesh(t)
 	ca := m.consul.MeshCA(t)
@@ -149,7 +154,8 @@ func TestUpstreamIdentityIsTheURISAN(t *testing.T) {
 		return err == nil && got == "ping"
 	})
 
-	for name, leaf := range impostors(t, ca, td, "api") {
+	apiImpostors := impostors(t, ca, td, "api")
+	for name, leaf := range apiImpostors {
 		api.present(leaf)
 		for i := 0; i < 3; i++ { // the first parses, the next ones hit the map
 			if code, body, err := web.call("api"); err != nil || code != 502 {
@@ -196,6 +202,24 @@ func TestUpstreamIdentityIsTheURISAN(t *testing.T) {
 		if n := deniedResponses(t, web, b); n != 12 {
 			t.Errorf("%s: %d denied responses counted, want 12", b, n)
 		}
+	}
+
+	// Past a certificate's first response, the check is the native map
+	// lookup alone: the entry Lua made is keyed by the SHA-256 of the DER,
+	// and an entry changed through the runtime API decides the next
+	// response, which the Lua parse would have refused.
+	evil := apiImpostors["in another extension"]
+	sum := sha256.Sum256(evil.TLS.Certificate[0])
+	key := strings.ToUpper(hex.EncodeToString(sum[:]))
+	mapFile := filepath.Join(web.dir, "upstream_peers.map")
+	evilURI := fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/evil", td)
+	if entries := web.admin(t, "show map "+mapFile); !strings.Contains(entries, " "+key+" "+evilURI+"\n") {
+		t.Fatalf("no entry %s -> %s in the map:\n%s", key, evilURI, entries)
+	}
+	web.admin(t, fmt.Sprintf("set map %s %s spiffe://%s/ns/default/dc/dc1/svc/api", mapFile, key, td))
+	api.present(evil)
+	if code, _, err := web.call("api"); err != nil || code != 200 {
+		t.Errorf("with the map entry changed: %d %v, want the native lookup's 200", code, err)
 	}
 }
 
