@@ -1,4 +1,4 @@
-package sidecar
+package consulwatch
 
 import (
 	"errors"
@@ -22,7 +22,7 @@ func TestExplainRefusal(t *testing.T) {
 			"Unexpected response code: 403 (ACL not found) (Consul does not know the ACL token: check -token, -token-file or CONSUL_HTTP_TOKEN)"},
 		{"/v1/agent/connect/ca/roots", api.StatusError{Code: 500, Body: "rpc error"}, "Unexpected response code: 500 (rpc error)"},
 	} {
-		got := explainRefusal(tc.endpoint, tc.err)
+		got := ExplainRefusal(tc.endpoint, tc.err)
 		if got.Error() != tc.want || !errors.Is(got, tc.err) {
 			t.Errorf("%s: %v\n got %s\nwant %s", tc.endpoint, tc.err, got, tc.want)
 		}

@@ -88,7 +88,8 @@ type Fetch func(ctx context.Context, q *api.QueryOptions) (Result, error)
 type Watch struct {
 	// Fetch runs the query and applies its answer.
 	Fetch Fetch
-	// Status is updated after every attempt. Required.
+	// Status is updated after every attempt (nil: Run makes one nobody
+	// reads).
 	Status *Status
 	// WaitTime is the blocking queries' wait (default 5m). Each query is
 	// given WaitTime plus a margin before it is abandoned.
@@ -105,6 +106,9 @@ type Watch struct {
 
 // Run runs the query until ctx is done.
 func (w *Watch) Run(ctx context.Context) {
+	if w.Status == nil {
+		w.Status = NewStatus()
+	}
 	wait := w.WaitTime
 	if wait <= 0 {
 		wait = 5 * time.Minute

@@ -127,7 +127,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
 		s.slots[k] = slots
 		byKey := map[string]endpoint{}
 		for _, e := range snap.endpoints[k] {
-			byKey[e.key()] = e
+			byKey[e.Key()] = e
 		}
 		up := render.Upstream{
 			Name: u.Name, Datacenter: u.Datacenter, BindAddr: u.BindAddr, BindPort: u.BindPort,
@@ -158,7 +158,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
 func assignSlots(old []string, eps []endpoint) []string {
 	want := map[string]bool{}
 	for _, e := range eps {
-		want[e.key()] = true
+		want[e.Key()] = true
 	}
 	size := 4
 	for size < len(eps) {
@@ -177,8 +177,8 @@ func assignSlots(old []string, eps []endpoint) []string {
 	}
 	var fresh []string
 	for _, e := range eps {
-		if !placed[e.key()] {
-			fresh = append(fresh, e.key())
+		if !placed[e.Key()] {
+			fresh = append(fresh, e.Key())
 		}
 	}
 	sort.Strings(fresh)

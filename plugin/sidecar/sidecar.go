@@ -23,6 +23,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/haconnect/haconnect/internal/consulwatch"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 	"github.com/haconnect/haconnect/plugin/revoke"
@@ -75,6 +76,9 @@ type Sidecar struct {
 	regErr error
 	leaf   *api.LeafCert
 	roots  *api.CARootList
+	// rootsWatch is the one watch of the CA roots, which the embedded
+	// authorizer follows too.
+	rootsWatch *consulwatch.Value[*api.CARootList]
 	// endpoints are the instances of each upstream (by key), from its
 	// watch's first answer on: a key that is absent is not loaded yet.
 	// Each slice is replaced whole, never changed in place.
@@ -88,12 +92,8 @@ type Sidecar struct {
 	applied appliedState
 }
 
-type endpoint struct {
-	Addr string
-	Port int
-}
-
-func (e endpoint) key() string { return fmt.Sprintf("%s:%d", e.Addr, e.Port) }
+// endpoint is one healthy instance of an upstream's sidecar.
+type endpoint = consulwatch.Endpoint
 
 type appliedState struct {
 	model             *render.Model
@@ -136,14 +136,15 @@ func New(cfg Config) (*Sidecar, error) {
 	}
 	cfg.Dir = abs
 	return &Sidecar{
-		cfg:       cfg,
-		log:       cfg.Logger,
-		client:    client,
-		metrics:   newMetrics(cfg.Registerer),
-		changed:   make(chan struct{}, 1),
-		endpoints: map[string][]endpoint{},
-		watching:  map[string]context.CancelFunc{},
-		slots:     map[string][]string{},
+		cfg:        cfg,
+		log:        cfg.Logger,
+		client:     client,
+		metrics:    newMetrics(cfg.Registerer),
+		changed:    make(chan struct{}, 1),
+		endpoints:  map[string][]endpoint{},
+		watching:   map[string]context.CancelFunc{},
+		rootsWatch: consulwatch.NewValue[*api.CARootList](),
+		slots:      map[string][]string{},
 	}, nil
 }
 
@@ -163,32 +164,24 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer cancel()
 	runCtx := ctx // upstream watches live as long as the sidecar
 
-	go s.watch(ctx, "proxy registration "+proxyID, "/v1/agent/service/"+proxyID, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
-		svc, meta, err := s.client.Agent().Service(proxyID, q.WithContext(ctx))
-		if err != nil {
-			return blockingResult{}, err
-		}
-		reg, rerr := readRegistration(svc)
-		s.update(func() {
-			s.reg, s.regErr = reg, rerr
-			if reg != nil {
-				s.syncUpstreamWatchesLocked(runCtx, reg)
+	go consulwatch.Run(ctx, s.client, consulwatch.ProxyRegistration{ProxyID: proxyID}, s.hooks(consulwatch.ProxyRegistration{ProxyID: proxyID}),
+		func(svc *api.AgentService) {
+			reg, rerr := readRegistration(svc)
+			s.update(func() {
+				s.reg, s.regErr = reg, rerr
+				if reg != nil {
+					s.syncUpstreamWatchesLocked(runCtx, reg)
+				}
+			})
+			if rerr != nil {
+				s.log.Error("proxy registration rejected: keeping the running configuration", "proxy_id", proxyID, "error", rerr)
+				s.metrics.configErrors.Inc()
 			}
 		})
-		if rerr != nil {
-			s.log.Error("proxy registration rejected: keeping the running configuration", "proxy_id", proxyID, "error", rerr)
-			s.metrics.configErrors.Inc()
-		}
-		return blockingResult{hash: meta.LastContentHash}, nil
-	})
-	go s.watch(ctx, "CA roots", "/v1/agent/connect/ca/roots", func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
-		roots, meta, err := s.client.Agent().ConnectCARoots(q.WithContext(ctx))
-		if err != nil {
-			return blockingResult{}, err
-		}
-		s.update(func() { s.roots = roots })
-		return blockingResult{index: meta.LastIndex}, nil
-	})
+	// One watch of the CA roots serves HAProxy's ca-file and the
+	// authorizer's trust domain and chain checks.
+	go s.rootsWatch.Watch(ctx, s.client, consulwatch.Roots{}, s.hooks(consulwatch.Roots{}))
+	s.rootsWatch.Subscribe(func(roots *api.CARootList) { s.update(func() { s.roots = roots }) })
 
 	// The leaf and the SPOA need the destination service's name, which the
 	// registration gives.
@@ -196,13 +189,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	if err != nil {
 		return nil // stopped while waiting
 	}
-	go s.watch(ctx, "leaf certificate", "/v1/agent/connect/ca/leaf/"+service, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
-		leaf, meta, err := s.client.Agent().ConnectCALeaf(service, q.WithContext(ctx))
-		if err != nil {
-			return blockingResult{}, err
-		}
+	leafQuery := consulwatch.Leaf{Service: service}
+	go consulwatch.Run(ctx, s.client, leafQuery, s.hooks(leafQuery), func(leaf *api.LeafCert) {
 		s.update(func() { s.leaf = leaf })
-		return blockingResult{index: meta.LastIndex}, nil
 	})
 
 	spoaAddr, stopSPOA, err := s.startSPOA(ctx, service)
@@ -298,6 +287,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 		Logger:      s.log.Named("authz"),
 		Metrics:     authz.NewMetrics(reg),
 		StaleWindow: s.cfg.StaleWindow,
+		Roots:       s.rootsWatch,
 		OnChange:    rev.Changed,
 	})
 	if err != nil {
@@ -414,34 +404,14 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 		}
 		wctx, cancel := context.WithCancel(ctx)
 		s.watching[k] = cancel
-		k, u := k, u
-		go s.watch(wctx, "instances of "+k, healthEndpoint+u.Name, func(ctx context.Context, q *api.QueryOptions) (blockingResult, error) {
-			q.Datacenter = u.Datacenter
-			entries, meta, err := s.client.Health().Connect(u.Name, "", true, q.WithContext(ctx))
-			if err != nil {
-				return blockingResult{}, err
-			}
-			if meta.ResultsFilteredByACLs {
-				// Consul answers, but without the instances the token may
-				// not see: rendering that would route to nobody.
-				return blockingResult{}, fmt.Errorf("consul hides instances of %q from the ACL token: "+
-					"it needs service:read on %q and %q and node:read on their nodes", u.Name, u.Name, u.Name+"-sidecar-proxy")
-			}
-			eps := make([]endpoint, 0, len(entries))
-			for _, e := range entries {
-				addr := e.Service.Address
-				if addr == "" {
-					addr = e.Node.Address
-				}
-				eps = append(eps, endpoint{Addr: addr, Port: e.Service.Port})
-			}
-			sort.Slice(eps, func(i, j int) bool { return eps[i].key() < eps[j].key() })
+		k := k
+		query := consulwatch.UpstreamHealth{Service: u.Name, Datacenter: u.Datacenter}
+		go consulwatch.Run(wctx, s.client, query, s.hooks(query), func(eps []endpoint) {
 			s.update(func() {
-				if ctx.Err() == nil {
+				if wctx.Err() == nil {
 					s.endpoints[k] = eps
 				}
 			})
-			return blockingResult{index: meta.LastIndex}, nil
 		})
 	}
 }

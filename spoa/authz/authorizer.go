@@ -75,6 +75,10 @@ type Config struct {
 	DefaultPolicyTTL time.Duration
 	// CallTimeout bounds non-blocking Consul calls (default 2s).
 	CallTimeout time.Duration
+	// Roots, if set, is a watch of the CA roots that this process already
+	// runs (the sidecar's); the authorizer follows it instead of watching
+	// them a second time. Nil: the authorizer watches them itself.
+	Roots *consulwatch.Value[*api.CARootList]
 	// OnChange, if set, is called (from a watch goroutine: it must not
 	// block) after the rules of a destination changed and the cache was
 	// re-evaluated, when Consul has not answered for a destination past the
@@ -130,10 +134,11 @@ type Authorizer struct {
 
 	ctx context.Context
 
-	roots    *consulwatch.Status
-	trust    atomic.Pointer[trust]
-	failing  atomic.Int32 // watches whose last attempt failed, for consul_up
-	rateLogs sync.Map     // log key -> *atomic.Int64, see logLimited
+	rootsValue *consulwatch.Value[*api.CARootList]
+	roots      *consulwatch.Status // rootsValue's
+	trust      atomic.Pointer[trust]
+	failing    atomic.Int32 // watches whose last attempt failed, for consul_up
+	rateLogs   sync.Map     // log key -> *atomic.Int64, see logLimited
 
 	mu      sync.RWMutex
 	targets map[string]*target
@@ -188,13 +193,18 @@ func New(cfg Config) (*Authorizer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
 	}
+	roots := cfg.Roots
+	if roots == nil {
+		roots = consulwatch.NewValue[*api.CARootList]()
+	}
 	return &Authorizer{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		watch:   watch,
-		call:    call,
-		roots:   consulwatch.NewStatus(),
-		targets: map[string]*target{},
+		cfg:        cfg,
+		log:        cfg.Logger,
+		watch:      watch,
+		call:       call,
+		rootsValue: roots,
+		roots:      roots.Status,
+		targets:    map[string]*target{},
 	}, nil
 }
 
@@ -204,7 +214,7 @@ func New(cfg Config) (*Authorizer, error) {
 // about them for Config.TargetIdle.
 func (a *Authorizer) Start(ctx context.Context, targets ...string) {
 	a.ctx = ctx
-	go a.run(ctx, queryRoots, "CA roots", "/v1/agent/connect/ca/roots", a.roots, a.queryRoots)
+	a.watchRoots(ctx)
 	for _, name := range targets {
 		a.pin(name)
 	}
@@ -297,6 +307,9 @@ func (a *Authorizer) miss(t *target, der []byte, now time.Time) *Decision {
 		return newDecision(false, ReasonCertificateExpired, &id)
 	}
 	tr := a.trust.Load()
+	if tr == nil { // the roots Consul gave were unusable
+		return Deny(ReasonConsulUnavailable)
+	}
 	if id.ID.TrustDomain().Name() != tr.domain {
 		a.logLimited("trust-domain|"+t.name, "denied: certificate from a foreign trust domain", "target", t.name,
 			"spiffe", id.ID.String(), "trust_domain", tr.domain)
@@ -354,7 +367,11 @@ func (a *Authorizer) fresh(t *target, now time.Time) bool {
 // evaluate decides for a caller against t's rules (see evaluate in
 // evaluate.go) and logs why the default policy could not be learned.
 func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decision, bool) {
-	d, final, err := evaluate(rules, a.trust.Load().domain, id, func(caller *Identity) (bool, Reason, error) {
+	tr := a.trust.Load()
+	if tr == nil { // the roots Consul gave were unusable
+		return Deny(ReasonConsulUnavailable), false
+	}
+	d, final, err := evaluate(rules, tr.domain, id, func(caller *Identity) (bool, Reason, error) {
 		return a.defaultDecision(t, caller)
 	})
 	if err != nil {

@@ -13,13 +13,10 @@ import (
 	"github.com/haconnect/haconnect/internal/consulwatch"
 )
 
-// run keeps one blocking query going for as long as ctx lives, tracking
-// whether Consul answers it and logging each change of state once.
-// endpoint is what a refused token must be granted access to.
-func (a *Authorizer) run(ctx context.Context, query, what, endpoint string, status *consulwatch.Status, fetch consulwatch.Fetch) {
-	w := consulwatch.Watch{
-		Fetch:    fetch,
-		Status:   status,
+// hooks are what the authorizer does around each of its watches: count
+// errors, track whether Consul answers, and log each change of state once.
+func (a *Authorizer) hooks(query, what, endpoint string) consulwatch.Watch {
+	return consulwatch.Watch{
 		WaitTime: a.cfg.WaitTime,
 		Backoff:  backoff.New(50*time.Millisecond, 2*time.Second),
 		OnError:  func(error) { a.cfg.Metrics.consulError(query) },
@@ -28,7 +25,7 @@ func (a *Authorizer) run(ctx context.Context, query, what, endpoint string, stat
 			a.cfg.Metrics.setConsulUp(false)
 			if _, refused := consulflags.Refused(err); refused {
 				a.log.Error("consul refused the ACL token: serving cached decisions within the stale window, denying new callers",
-					"watch", what, "stale_window", a.cfg.StaleWindow, "error", consulflags.Explain(err, "calling "+endpoint))
+					"watch", what, "stale_window", a.cfg.StaleWindow, "error", consulwatch.ExplainRefusal(endpoint, err))
 			} else {
 				a.log.Warn("consul unreachable: serving cached decisions within the stale window, denying new callers",
 					"watch", what, "stale_window", a.cfg.StaleWindow, "error", err)
@@ -41,10 +38,13 @@ func (a *Authorizer) run(ctx context.Context, query, what, endpoint string, stat
 			a.log.Info("consul reachable again", "watch", what)
 		},
 	}
-	if a.failing.Load() == 0 {
-		a.cfg.Metrics.setConsulUp(true)
-	}
-	w.Run(ctx)
+}
+
+// watch runs one of the authorizer's watches until ctx is done.
+func watch[T any](ctx context.Context, a *Authorizer, query consulwatch.Query[T], status *consulwatch.Status, metric string, apply func(T)) {
+	w := a.hooks(metric, query.Name(), query.Endpoint())
+	w.Status = status
+	consulwatch.Run(ctx, a.watch, query, w, apply)
 	if status.Failing() { // a dropped destination's failing watch no longer counts
 		if a.failing.Add(-1) == 0 {
 			a.cfg.Metrics.setConsulUp(true)
@@ -52,53 +52,39 @@ func (a *Authorizer) run(ctx context.Context, query, what, endpoint string, stat
 	}
 }
 
-// watchTarget starts the watches of one destination: its intentions and
-// its protocol. They stop when ctx does.
-func (a *Authorizer) watchTarget(ctx context.Context, t *target) {
-	go a.run(ctx, queryIntentions, "intentions for "+t.name,
-		"/v1/connect/intentions/match?by=destination&name="+t.name, t.intentions,
-		func(ctx context.Context, q *api.QueryOptions) (consulwatch.Result, error) {
-			return a.queryIntentions(t, q)
-		})
-	go a.run(ctx, queryChain, "protocol of "+t.name, "/v1/discovery-chain/"+t.name, t.chain,
-		func(ctx context.Context, q *api.QueryOptions) (consulwatch.Result, error) {
-			return a.queryProtocol(t, q)
-		})
+// watchRoots keeps the CA roots current, unless the process already
+// watches them (Config.Roots), and follows them.
+func (a *Authorizer) watchRoots(ctx context.Context) {
+	if a.cfg.Roots == nil {
+		q := consulwatch.Roots{}
+		go a.rootsValue.Watch(ctx, a.watch, q, a.hooks(queryRoots, q.Name(), q.Endpoint()))
+	}
+	a.rootsValue.Subscribe(a.setRoots)
 }
 
-func (a *Authorizer) queryRoots(_ context.Context, q *api.QueryOptions) (consulwatch.Result, error) {
-	list, meta, err := a.watch.Agent().ConnectCARoots(q)
-	if err != nil {
-		return consulwatch.Result{}, err
-	}
+func (a *Authorizer) setRoots(list *api.CARootList) {
 	tr, err := newTrust(list)
 	if err != nil {
-		return consulwatch.Result{}, err
+		a.log.Error("unusable CA roots: keeping the previous ones", "error", err)
+		return
 	}
 	old := a.trust.Swap(tr)
 	if old == nil || old.domain != tr.domain {
 		a.log.Info("trust domain loaded", "trust_domain", tr.domain)
 	}
-	if old != nil && meta.LastIndex != q.WaitIndex {
+	if old != nil {
 		// A rotated root may leave cached callers without a valid chain.
 		a.forgetCallers()
 		for _, t := range a.snapshot() {
 			a.notify(t.name)
 		}
 	}
-	return consulwatch.Result{Index: meta.LastIndex}, nil
 }
 
-func (a *Authorizer) queryIntentions(t *target, q *api.QueryOptions) (consulwatch.Result, error) {
-	res, meta, err := a.watch.Connect().IntentionMatch(&api.IntentionMatch{
-		By:    api.IntentionMatchDestination,
-		Names: []string{t.name},
-	}, q)
-	if err != nil {
-		return consulwatch.Result{}, err
-	}
-	if meta.LastIndex != q.WaitIndex || !t.intentions.IsLoaded() {
-		list := res[t.name]
+// watchTarget starts the watches of one destination: its intentions and
+// its protocol. They stop when ctx does.
+func (a *Authorizer) watchTarget(ctx context.Context, t *target) {
+	go watch(ctx, a, consulwatch.IntentionsMatch{Destination: t.name}, t.intentions, queryIntentions, func(list []*api.Intention) {
 		perms := make([]*Permissions, len(list))
 		for i, ixn := range list {
 			if len(ixn.Permissions) > 0 {
@@ -106,29 +92,22 @@ func (a *Authorizer) queryIntentions(t *target, q *api.QueryOptions) (consulwatc
 			}
 		}
 		a.update(t, "intentions", func(rs *ruleSet) { rs.intentions, rs.perms = list, perms })
-	}
-	return consulwatch.Result{Index: meta.LastIndex}, nil
-}
-
-// queryProtocol watches the destination's protocol, which decides whether
-// its L7 intentions can be enforced. The discovery chain resolves it as
-// Consul's proxies do: service-defaults, then proxy-defaults, then tcp.
-func (a *Authorizer) queryProtocol(t *target, q *api.QueryOptions) (consulwatch.Result, error) {
-	res, meta, err := a.watch.DiscoveryChain().Get(t.name, nil, q)
-	if err != nil {
-		return consulwatch.Result{}, err
-	}
-	protocol := "tcp"
-	if res.Chain != nil && res.Chain.Protocol != "" {
-		protocol = res.Chain.Protocol
-	}
-	t.mu.RLock()
-	changed := t.rules.protocol != protocol
-	t.mu.RUnlock()
-	if changed || !t.chain.IsLoaded() {
-		a.update(t, "protocol", func(rs *ruleSet) { rs.protocol = protocol })
-	}
-	return consulwatch.Result{Index: meta.LastIndex}, nil
+	})
+	// The protocol decides whether the destination's L7 intentions can be
+	// enforced. The discovery chain resolves it as Consul's proxies do:
+	// service-defaults, then proxy-defaults, then tcp.
+	go watch(ctx, a, consulwatch.DiscoveryChain{Service: t.name}, t.chain, queryChain, func(chain *api.CompiledDiscoveryChain) {
+		protocol := "tcp"
+		if chain != nil && chain.Protocol != "" {
+			protocol = chain.Protocol
+		}
+		t.mu.RLock()
+		changed := t.rules.protocol != protocol
+		t.mu.RUnlock()
+		if changed {
+			a.update(t, "protocol", func(rs *ruleSet) { rs.protocol = protocol })
+		}
+	})
 }
 
 // janitor runs for as long as ctx lives. For each destination it notices
