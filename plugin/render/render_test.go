@@ -71,4 +71,3 @@ func TestValidateRefusesBrokenValues(t *testing.T) {
 		}
 	}
 }
-
