@@ -60,7 +60,8 @@ frontend api
 	// them (sub: as it wrote them before).
 	pattern := fmt.Sprintf("%X", append([]byte{0x86, byte(len(apiURI))}, apiURI...))
 	sub := "    http-response deny deny_status 502 unless { ssl_s_der,hex -m sub " + pattern + " }\n"
-	mapCheck := fmt.Sprintf(`    http-response set-var(txn.hc_peer) ssl_s_der,sha2(256),hex,map(%[1]s)
+	mapCheck := fmt.Sprintf(`    http-response unset-var(txn.hc_peer)
+    http-response set-var(txn.hc_peer) ssl_s_der,sha2(256),hex,map(%[1]s)
     http-response set-var(txn.hc_peer) lua.haconnect_peer_uri(%[1]s,%[2]s) unless { var(txn.hc_peer) -m found }
     http-response deny deny_status 502 unless { var(txn.hc_peer) -m str %[2]s }
 `, peerMap, apiURI)
