@@ -222,7 +222,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 		// that it does not answer, in case the path is wrong. In the
 		// background: a hung HAProxy must not delay serving SPOP.
 		go func() {
-			if _, err := revokeAdmin.Command("help"); err != nil {
+			if err := revokeAdmin.Reachable(); err != nil {
 				log.Warn("-revoke-socket does not answer (yet): open TCP connections are re-checked once HAProxy listens there",
 					"socket", o.RevokeSocket, "error", err)
 			}

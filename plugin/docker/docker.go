@@ -344,7 +344,7 @@ func (c *Container) Err() error { return c.err }
 func (c *Container) ConfigPath() string { return c.cfg.ConfigPath() }
 
 // Runtime implements haproxy.Instance.
-func (c *Container) Runtime(cmds ...string) error { return c.admin.Runtime(cmds...) }
+func (c *Container) Runtime(cmds ...haproxy.Command) error { return c.admin.Runtime(cmds...) }
 
 // Reload validates text with the container's own haproxy (`haproxy -c`
 // through docker exec), installs it and signals the master (SIGUSR2).

@@ -7,37 +7,37 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
 
-// Admin speaks HAProxy's runtime API on a stats socket (level admin).
+// Admin speaks HAProxy's runtime API on a stats socket (level admin) or
+// the master CLI; the typed commands are CLI's (runtime.go).
 type Admin struct {
+	CLI
 	socket string
 	mu     sync.Mutex // one command at a time
 }
 
 // NewAdmin returns a client for the socket at path.
-func NewAdmin(path string) *Admin { return &Admin{socket: path} }
+func NewAdmin(path string) *Admin {
+	a := &Admin{socket: path}
+	a.CLI = CLI{a} // the typed commands go through a.Command
+	return a
+}
 
 // Runtime sends commands, one connection each, and fails on the first
-// answer that reports an error.
-func (a *Admin) Runtime(cmds ...string) error {
+// answer that reports an error. No other command comes in between.
+func (a *Admin) Runtime(cmds ...Command) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for _, c := range cmds {
-		out, err := a.command(c)
-		if err != nil {
-			return fmt.Errorf("runtime %q: %w", firstLine(c), err)
-		}
-		if bad := runtimeError(out); bad != "" {
-			return fmt.Errorf("runtime %q: %s", firstLine(c), bad)
-		}
-	}
-	return nil
+	return CLI{locked{a}}.Runtime(cmds...)
 }
+
+// locked sends commands on an Admin whose lock the caller holds.
+type locked struct{ a *Admin }
+
+func (l locked) Command(c string) (string, error) { return l.a.command(c) }
 
 // Command sends one command and returns the answer.
 func (a *Admin) Command(c string) (string, error) {
@@ -63,15 +63,6 @@ func (a *Admin) command(c string) (string, error) {
 	}
 	b, err := io.ReadAll(bufio.NewReader(conn))
 	return string(b), err
-}
-
-// WorkerPid is the pid of the worker answering on the socket.
-func (a *Admin) WorkerPid() (int, error) {
-	out, err := a.Command("show info")
-	if err != nil {
-		return 0, err
-	}
-	return infoField(out, "Pid"), nil
 }
 
 // WaitWorker waits until a worker other than oldPid answers, or gone is
@@ -114,31 +105,4 @@ func HitlessReload(ctx context.Context, a *Admin, configPath, text string, gone 
 		return 0, fmt.Errorf("signal reload: %w", err)
 	}
 	return a.WaitWorker(ctx, oldPid, gone)
-}
-
-func infoField(out, name string) int {
-	for _, line := range strings.Split(out, "\n") {
-		if v, ok := strings.CutPrefix(line, name+": "); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n
-		}
-	}
-	return 0
-}
-
-func firstLine(s string) string {
-	line, _, _ := strings.Cut(s, "\n")
-	return line
-}
-
-// runtimeError recognises HAProxy's runtime API failure answers.
-func runtimeError(out string) string {
-	t := strings.TrimSpace(out)
-	low := strings.ToLower(t)
-	for _, bad := range []string{"unknown", "error", "can't", "cannot", "not found", "no such", "failed", "invalid", "require"} {
-		if strings.Contains(low, bad) {
-			return t
-		}
-	}
-	return ""
 }

@@ -43,7 +43,7 @@ type Instance interface {
 	// connections; a rejected text leaves the running one in place.
 	Reload(ctx context.Context, text string) error
 	// Runtime sends runtime API commands.
-	Runtime(cmds ...string) error
+	Runtime(cmds ...Command) error
 	// Stop finishes connections for up to grace, then ends HAProxy.
 	Stop(grace time.Duration)
 	// Done is closed when HAProxy ended by itself; Err says why.
@@ -245,7 +245,7 @@ func (p *Process) Reload(ctx context.Context, text string) error {
 }
 
 // Runtime sends commands to the admin socket (see Admin.Runtime).
-func (p *Process) Runtime(cmds ...string) error { return p.admin.Runtime(cmds...) }
+func (p *Process) Runtime(cmds ...Command) error { return p.admin.Runtime(cmds...) }
 
 // Stop asks HAProxy to finish its connections (soft stop) and waits up to
 // grace, then kills it. It never leaves a process behind.

@@ -31,13 +31,13 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/spoa/authz"
 )
 
-// Runtime sends one command to HAProxy's runtime API and returns its answer.
-type Runtime interface {
-	Command(c string) (string, error)
-}
+// Runtime sends one command to HAProxy's runtime API and returns its
+// answer; the Revoker speaks it through haproxy.CLI.
+type Runtime = haproxy.Commander
 
 // Checker re-decides a caller by its SPIFFE ID (nil: cannot tell now);
 // *authz.Authorizer is one.
@@ -50,7 +50,7 @@ type Config struct {
 	// Runtime is HAProxy's master CLI (preferred: every worker is swept
 	// through it, including old workers that still hold connections opened
 	// before a reload) or a worker's stats socket (that worker only). Which
-	// one it is, is asked with "show proc", a master-only command.
+	// one it is, is asked with ShowProc, which only the master answers.
 	Runtime Runtime
 	// Target is the destination service the listener serves.
 	Target string
@@ -198,42 +198,37 @@ func (r *Revoker) Sweep(c Checker) (int, error) {
 
 // workers are the runtime APIs to sweep: through a master CLI, every
 // worker it lists (current and old); a worker's stats socket, which does
-// not know "show proc", is swept alone.
-func (r *Revoker) workers() ([]Runtime, error) {
-	out, err := r.cfg.Runtime.Command("show proc")
+// not list processes, is swept alone.
+func (r *Revoker) workers() ([]haproxy.CLI, error) {
+	rt := haproxy.CLI{Commander: r.cfg.Runtime}
+	procs, err := rt.ShowProc()
+	if errors.Is(err, haproxy.ErrNotMaster) {
+		return []haproxy.CLI{rt}, nil
+	}
 	if err != nil {
 		return nil, err
 	}
-	var ws []Runtime
-	for _, line := range strings.Split(out, "\n") {
-		// 9554            worker          0               0d00h00m01s     2.6.12
-		if f := strings.Fields(line); len(f) >= 2 && f[1] == "worker" {
-			ws = append(ws, viaMaster{master: r.cfg.Runtime, pid: f[0]})
+	var ws []haproxy.CLI
+	for _, p := range procs {
+		if p.Type == "worker" {
+			ws = append(ws, rt.Worker(p.PID))
 		}
 	}
 	if len(ws) == 0 {
-		return []Runtime{r.cfg.Runtime}, nil
+		return []haproxy.CLI{rt}, nil
 	}
 	return ws, nil
 }
 
-// viaMaster sends commands to one worker through the master CLI.
-type viaMaster struct {
-	master Runtime
-	pid    string
-}
-
-func (v viaMaster) Command(c string) (string, error) { return v.master.Command("@!" + v.pid + " " + c) }
-
-func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.Decision) (int, error) {
-	out, err := rt.Command("show table " + r.cfg.Table)
+func (r *Revoker) sweepWorker(rt haproxy.CLI, c Checker, verdicts map[string]*authz.Decision) (int, error) {
+	entries, err := rt.ShowTable(r.cfg.Table)
+	if errors.Is(err, haproxy.ErrNoSuchTable) {
+		return 0, nil // a configuration from before upgrades were tracked: an HTTP listener without the table
+	}
 	if err != nil {
 		return 0, err
 	}
-	if strings.Contains(out, "No such table") {
-		return 0, nil // a configuration from before upgrades were tracked: an HTTP listener without the table
-	}
-	byCaller := openConnections(out)
+	byCaller := openConnections(entries)
 	denied := map[string]authz.Reason{} // client address -> why
 	for spiffe, addrs := range byCaller {
 		d, seen := verdicts[spiffe]
@@ -264,21 +259,21 @@ func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.
 	if len(denied) == 0 {
 		return 0, nil
 	}
-	sessions, err := rt.Command("show sess")
+	sessions, err := rt.ShowSessions()
 	if err != nil {
 		return 0, err
 	}
 	closed := 0
-	for _, s := range parseSessions(sessions) {
-		reason, ok := denied[s.src]
-		if !ok || !slices.Contains(r.cfg.Frontends, s.frontend) {
+	for _, s := range sessions {
+		reason, ok := denied[s.Src]
+		if !ok || !slices.Contains(r.cfg.Frontends, s.Frontend) {
 			continue
 		}
-		out, err := rt.Command("shutdown session " + s.id)
+		shut, err := rt.ShutdownSession(s.ID)
 		if err != nil {
 			return closed, err
 		}
-		if strings.TrimSpace(out) != "" { // the session ended meanwhile
+		if !shut { // the session ended meanwhile
 			continue
 		}
 		r.closed.WithLabelValues(reason.String()).Inc()
@@ -287,52 +282,20 @@ func (r *Revoker) sweepWorker(rt Runtime, c Checker, verdicts map[string]*authz.
 	return closed, nil
 }
 
-// openConnections reads `show table` output: the client addresses of the
-// live connections (use > 0) of each caller.
-//
-//	0x55e0f1a2b3c0: key=127.0.0.1:40312|spiffe://td/ns/default/dc/dc1/svc/web use=1 exp=0 shard=0
-func openConnections(out string) map[string][]string {
+// openConnections are the client addresses of the live streams (use > 0)
+// of each caller, from the entries of the table of open streams, keyed
+// "<client address>:<port>|<caller SPIFFE ID>".
+func openConnections(entries []haproxy.TableEntry) map[string][]string {
 	byCaller := map[string][]string{}
-	for _, line := range strings.Split(out, "\n") {
-		f := fields(line)
-		key, use := f["key"], f["use"]
-		if key == "" || use == "" || use == "0" {
+	for _, e := range entries {
+		if e.Key == "" || e.Use <= 0 {
 			continue
 		}
-		addr, spiffe, ok := strings.Cut(key, "|")
+		addr, spiffe, ok := strings.Cut(e.Key, "|")
 		if !ok || spiffe == "" {
 			continue
 		}
 		byCaller[spiffe] = append(byCaller[spiffe], addr)
 	}
 	return byCaller
-}
-
-type session struct{ id, src, frontend string }
-
-// parseSessions reads `show sess` output.
-//
-//	0x55e0f1b4c000: proto=tcpv4 src=127.0.0.1:40312 fe=public_listener be=local_app srv=app ts=00 ...
-func parseSessions(out string) []session {
-	var list []session
-	for _, line := range strings.Split(out, "\n") {
-		id, _, ok := strings.Cut(line, ":")
-		if !ok || !strings.HasPrefix(id, "0x") {
-			continue
-		}
-		f := fields(line)
-		list = append(list, session{id: id, src: f["src"], frontend: f["fe"]})
-	}
-	return list
-}
-
-// fields splits "a=b c=d" into a map; words without "=" are skipped.
-func fields(line string) map[string]string {
-	m := map[string]string{}
-	for _, w := range strings.Fields(line) {
-		if k, v, ok := strings.Cut(w, "="); ok {
-			m[k] = v
-		}
-	}
-	return m
 }

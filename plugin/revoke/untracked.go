@@ -1,11 +1,13 @@
 package revoke
 
 import (
+	"errors"
 	"strconv"
-	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/haconnect/haconnect/plugin/haproxy"
 )
 
 // Reasons HAProxy gives for a stream it could not track (the keys of the
@@ -28,15 +30,16 @@ func (r *Revoker) Untracked() (map[string]float64, error) {
 	}
 	counts := map[string]float64{UntrackedKeyTooLong: 0, UntrackedTableFull: 0}
 	for _, w := range workers {
-		out, err := w.Command("show table " + r.cfg.Untracked)
+		entries, err := w.ShowTable(r.cfg.Untracked)
+		if errors.Is(err, haproxy.ErrNoSuchTable) {
+			continue // a configuration from before untracked streams were counted
+		}
 		if err != nil {
 			return nil, err
 		}
-		// 0x55d0c2a1e3c8: key=table_full use=0 exp=0 gpc0=3
-		for _, line := range strings.Split(out, "\n") {
-			f := fields(line)
-			if n, err := strconv.ParseFloat(f["gpc0"], 64); err == nil && f["key"] != "" {
-				counts[f["key"]] += n
+		for _, e := range entries {
+			if n, err := strconv.ParseFloat(e.Data["gpc0"], 64); err == nil && e.Key != "" {
+				counts[e.Key] += n
 			}
 		}
 	}

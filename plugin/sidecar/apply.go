@@ -3,18 +3,20 @@ package sidecar
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
 
-	"github.com/haconnect/haconnect/lua"
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 )
 
 // applyLoop applies every change until ctx is done. HAProxy is started on
 // the first complete state; a HAProxy that dies is started again.
-func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error {
+func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 	waitingLogged := ""
 	startBackoff := time.Second
 	for {
@@ -28,8 +30,7 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error
 		case <-died:
 			s.log.Error("haproxy exited unexpectedly: starting it again", "error", s.proc.Err())
 			s.metrics.restarts.Inc()
-			s.proc = nil
-			s.applied = appliedState{}
+			s.proc, s.applied = nil, appliedState{}
 			time.Sleep(200 * time.Millisecond)
 		case <-s.changed:
 			// Let a burst of changes (e.g. a rotation touching roots and
@@ -69,34 +70,10 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr, service string) error
 	}
 }
 
-// wakeAfter wakes the apply loop after d.
-func (s *Sidecar) wakeAfter(ctx context.Context, d time.Duration) {
-	select {
-	case <-ctx.Done():
-	case <-time.After(d):
-		select {
-		case s.changed <- struct{}{}:
-		default:
-		}
-	}
-}
-
-// requeue keeps the first pending time of changes that could not be applied
-// yet, so the apply latency covers the wait.
-func (s *Sidecar) requeue(at time.Time) {
-	if at.IsZero() {
-		return
-	}
-	s.mu.Lock()
-	if s.pendingAt.IsZero() || at.Before(s.pendingAt) {
-		s.pendingAt = at
-	}
-	s.mu.Unlock()
-}
-
 // buildModel turns a complete snapshot into a render model, keeping every
-// upstream instance in the slot it already had.
-func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
+// upstream instance in the slot it had in slots, and returns the model's
+// own slots. It changes nothing.
+func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]string) (*render.Model, map[string][]string) {
 	reg := snap.reg
 	m := &render.Model{
 		Service:     reg.Service,
@@ -111,30 +88,21 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
 		PeerMapFile: s.path("upstream_peers.map"),
 		Threads:     s.cfg.Threads,
 		AccessLog:   s.cfg.AccessLog,
-		Inbound: render.Inbound{
-			BindAddr: reg.BindAddr, BindPort: reg.BindPort, Protocol: reg.Protocol,
-			LocalAddr: reg.LocalAddr, LocalPort: reg.LocalPort,
-			LocalConnectTimeoutMS: reg.LocalConnectTimeoutMS,
-			LocalRequestTimeoutMS: reg.LocalRequestTimeoutMS,
-		},
+		Inbound:     reg.Inbound,
 	}
 	localDC := datacenterOf(snap.leaf.ServiceURI)
-	live := map[string]bool{}
+	next := map[string][]string{}
 	for _, u := range reg.Upstreams {
 		k := upstreamKey(u)
-		live[k] = true
-		slots := assignSlots(s.slots[k], snap.endpoints[k])
-		s.slots[k] = slots
+		next[k] = assignSlots(slots[k], snap.endpoints[k])
 		byKey := map[string]endpoint{}
 		for _, e := range snap.endpoints[k] {
 			byKey[e.Key()] = e
 		}
-		up := render.Upstream{
-			Name: u.Name, Datacenter: u.Datacenter, BindAddr: u.BindAddr, BindPort: u.BindPort,
-			Protocol: u.Protocol, ConnectTimeoutMS: u.ConnectTimeoutMS,
-			PeerURI: peerURI(snap.roots.TrustDomain, localDC, u),
-		}
-		for i, inst := range slots {
+		up := u // as registered, with its peer's identity and its slots
+		up.PeerURI = peerURI(snap.roots.TrustDomain, localDC, u)
+		up.Servers = nil
+		for i, inst := range next[k] {
 			srv := render.Server{Name: render.ServerName(i)}
 			if inst != "" {
 				e := byKey[inst]
@@ -144,12 +112,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string) *render.Model {
 		}
 		m.Upstreams = append(m.Upstreams, up)
 	}
-	for k := range s.slots {
-		if !live[k] {
-			delete(s.slots, k)
-		}
-	}
-	return m
+	return m, next
 }
 
 // assignSlots keeps instances that are still there in their slot, frees the
@@ -205,133 +168,99 @@ func rootsPEM(snap snapshot) string {
 	return b.String()
 }
 
-// apply brings HAProxy to the snapshot: start, runtime API, or reload.
+// apply brings HAProxy to the snapshot: it plans the change from what
+// HAProxy runs, then carries the plan out.
 func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) error {
-	model := s.buildModel(snap, spoaAddr)
-	out, err := render.Render(model)
+	next, err := s.target(snap, spoaAddr)
 	if err != nil {
 		return err
 	}
-	leaf, roots := leafPEM(snap), rootsPEM(snap)
-	start := snap.pendingAt
-	if start.IsZero() {
-		start = time.Now()
+	return s.execute(ctx, planApply(s.proc != nil, s.applied, next), snap.pendingAt)
+}
+
+// target is the state a complete snapshot asks HAProxy to run.
+func (s *Sidecar) target(snap snapshot, spoaAddr string) (appliedState, error) {
+	model, slots := s.buildModel(snap, spoaAddr, s.applied.slots)
+	out, err := render.Render(model)
+	if err != nil {
+		return appliedState{}, err
 	}
-	prev := s.applied
-	method := ""
-	switch {
-	case s.proc == nil:
-		method = "start"
-		if err := s.writeFiles(appliedState{}, leaf, roots, out.SPOE); err != nil {
-			return err
-		}
-		proc, err := s.cfg.Launcher.Start(ctx, haproxy.Config{Binary: s.cfg.HAProxyBinary, Dir: s.cfg.Dir,
-			AdminSocket: model.AdminSocket, Logger: s.log}, out.Config)
+	return appliedState{model: model, out: out, leafPEM: leafPEM(snap), rootsPEM: rootsPEM(snap), slots: slots}, nil
+}
+
+// applier carries plans out against HAProxy and knows what it runs. The
+// apply loop owns it: nothing else reads or changes it.
+type applier struct {
+	launcher haproxy.Launcher
+	haproxy  haproxy.Config // Binary, Dir and Logger; a start adds the admin socket
+	log      hclog.Logger
+	metrics  *metrics
+
+	proc    haproxy.Instance // nil: nothing runs
+	applied appliedState
+}
+
+// execute carries p out. since is when the change was first seen (zero:
+// now), for the apply latency. On success HAProxy runs p.next; on failure
+// it keeps what it ran, and so does the applier's record of it.
+func (a *applier) execute(ctx context.Context, p plan, since time.Time) error {
+	if since.IsZero() {
+		since = time.Now()
+	}
+	if p.method == "" {
+		a.applied = p.next // nothing HAProxy sees changed
+		return nil
+	}
+	if err := a.writeFiles(p.files); err != nil {
+		return err
+	}
+	method := p.method
+	switch method {
+	case methodStart:
+		cfg := a.haproxy
+		cfg.AdminSocket = p.next.model.AdminSocket
+		proc, err := a.launcher.Start(ctx, cfg, p.next.out.Config)
 		if err != nil {
-			s.metrics.applies.WithLabelValues(method, "error").Inc()
+			a.metrics.applies.WithLabelValues(method, "error").Inc()
 			return err
 		}
-		s.proc = proc
-	default:
-		var cmds []string
-		reload := out.SPOE != prev.out.SPOE || out.Shape != prev.out.Shape
-		if leaf != prev.leafPEM {
-			cmds = append(cmds, "set ssl cert "+model.LeafFile+" <<\n"+leaf, "commit ssl cert "+model.LeafFile)
-		}
-		if roots != prev.rootsPEM {
-			cmds = append(cmds, "set ssl ca-file "+model.RootsFile+" <<\n"+roots, "commit ssl ca-file "+model.RootsFile)
-		}
-		if out.Config != prev.out.Config && !reload {
-			cmds = append(cmds, serverCommands(prev.model, model)...)
-		}
-		if !reload && len(cmds) == 0 {
-			return nil // nothing HAProxy sees changed
-		}
-		// Files first: a later reload or restart reads them. A runtime
-		// change keeps the shape HAProxy already validated and loaded (the
-		// new addresses passed Model.Validate), so it skips `haproxy -c`,
-		// which costs tens of milliseconds; every reload and start still
-		// validates the whole file.
-		if err := s.writeFiles(prev, leaf, roots, out.SPOE); err != nil {
+		a.proc = proc
+	case methodRuntime:
+		// A runtime change keeps the shape HAProxy already validated and
+		// loaded (the new addresses passed Model.Validate), so it skips
+		// `haproxy -c`, which costs tens of milliseconds; every reload and
+		// start still validates the whole file.
+		if err := a.proc.Runtime(p.runtime...); err != nil {
+			a.metrics.applies.WithLabelValues(method, "error").Inc()
+			a.log.Warn("runtime API update failed: reloading instead", "error", err)
+			method = methodReload
+		} else if err := haproxy.WriteFileAtomic(a.proc.ConfigPath(), []byte(p.next.out.Config), 0o600); err != nil {
 			return err
-		}
-		if !reload {
-			method = "runtime"
-			if err := s.proc.Runtime(cmds...); err != nil {
-				s.metrics.applies.WithLabelValues(method, "error").Inc()
-				s.log.Warn("runtime API update failed: reloading instead", "error", err)
-				reload = true
-			} else if err := haproxy.WriteFileAtomic(s.proc.ConfigPath(), []byte(out.Config), 0o600); err != nil {
-				return err
-			}
-		}
-		if reload {
-			method = "reload"
-			if err := s.proc.Reload(ctx, out.Config); err != nil {
-				s.metrics.applies.WithLabelValues(method, "error").Inc()
-				return err
-			}
 		}
 	}
-	took := time.Since(start)
-	s.metrics.applies.WithLabelValues(method, "ok").Inc()
-	s.metrics.applyLatency.WithLabelValues(method).Observe(took.Seconds())
-	s.log.Info("haproxy configuration applied", "method", method, "since_change", took,
-		"upstream_instances", countServers(model))
-	s.applied = appliedState{model: model, out: out, leafPEM: leaf, rootsPEM: roots}
+	if method == methodReload {
+		if err := a.proc.Reload(ctx, p.next.out.Config); err != nil {
+			a.metrics.applies.WithLabelValues(method, "error").Inc()
+			return err
+		}
+	}
+	took := time.Since(since)
+	a.metrics.applies.WithLabelValues(method, "ok").Inc()
+	a.metrics.applyLatency.WithLabelValues(method).Observe(took.Seconds())
+	a.log.Info("haproxy configuration applied", "method", method, "since_change", took,
+		"upstream_instances", countServers(p.next.model))
+	a.applied = p.next
 	return nil
 }
 
-// writeFiles writes the files whose content differs from what was applied
-// last; with nothing applied yet (a start) it writes them all, the Lua
-// script included.
-func (s *Sidecar) writeFiles(prev appliedState, leaf, roots, spoe string) error {
-	type file struct{ name, data, old string }
-	start := prev.out == nil
-	files := []file{{"leaf.pem", leaf, prev.leafPEM}, {"roots.pem", roots, prev.rootsPEM}}
-	if start {
-		// upstream_peers.map starts empty: HAProxy fills it in memory.
-		files = append(files, file{"spoe.conf", spoe, ""}, file{"haconnect.lua", string(lua.Telemetry), ""},
-			file{"upstream_peers.map", "", ""})
-	} else {
-		files = append(files, file{"spoe.conf", spoe, prev.out.SPOE})
-	}
+// writeFiles writes files into HAProxy's working directory.
+func (a *applier) writeFiles(files []file) error {
 	for _, f := range files {
-		if !start && f.data == f.old {
-			continue
-		}
-		if err := haproxy.WriteFileAtomic(s.path(f.name), []byte(f.data), 0o600); err != nil {
+		if err := haproxy.WriteFileAtomic(filepath.Join(a.haproxy.Dir, f.name), []byte(f.data), 0o600); err != nil {
 			return fmt.Errorf("write %s: %w", f.name, err)
 		}
 	}
 	return nil
-}
-
-// serverCommands moves slots from one model to the next (same shape).
-func serverCommands(prev, next *render.Model) []string {
-	var cmds []string
-	for ui, u := range next.Upstreams {
-		backend := render.BackendName(u.Name)
-		for si, srv := range u.Servers {
-			old := prev.Upstreams[ui].Servers[si]
-			if old == srv {
-				continue
-			}
-			id := backend + "/" + srv.Name
-			if srv.Addr == "" {
-				cmds = append(cmds, "set server "+id+" state maint")
-				continue
-			}
-			// Consul reports the instance passing: take it at its word
-			// ("health up") rather than wait for HAProxy's first check;
-			// HAProxy's own checks still take it out if it fails.
-			cmds = append(cmds,
-				fmt.Sprintf("set server %s addr %s port %d", id, srv.Addr, srv.Port),
-				"set server "+id+" state ready",
-				"set server "+id+" health up")
-		}
-	}
-	return cmds
 }
 
 func countServers(m *render.Model) int {

@@ -10,27 +10,13 @@ import (
 	"github.com/haconnect/haconnect/plugin/render"
 )
 
-// proxyConfig is what the sidecar reads from a Connect proxy registration.
+// proxyConfig is what the sidecar reads from a Connect proxy registration,
+// in the render model's own terms: the inbound listener, and the upstreams
+// as registered (buildModel adds each one's peer identity and slots).
 type proxyConfig struct {
-	Service   string // destination service name
-	BindAddr  string
-	BindPort  int
-	LocalAddr string
-	LocalPort int
-	Protocol  string
-
-	LocalConnectTimeoutMS int
-	LocalRequestTimeoutMS int
-	Upstreams             []upstreamConfig
-}
-
-type upstreamConfig struct {
-	Name             string
-	Datacenter       string
-	BindAddr         string
-	BindPort         int
-	Protocol         string
-	ConnectTimeoutMS int
+	Service string // destination service name
+	render.Inbound
+	Upstreams []render.Upstream
 }
 
 // readRegistration interprets a proxy registration the way Consul's
@@ -46,11 +32,13 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		return nil, fmt.Errorf("proxy %q names no destination service", svc.ID)
 	}
 	c := &proxyConfig{
-		Service:   p.DestinationServiceName,
-		BindAddr:  "0.0.0.0",
-		BindPort:  svc.Port,
-		LocalAddr: orString(p.LocalServiceAddress, "127.0.0.1"),
-		LocalPort: p.LocalServicePort,
+		Service: p.DestinationServiceName,
+		Inbound: render.Inbound{
+			BindAddr:  "0.0.0.0",
+			BindPort:  svc.Port,
+			LocalAddr: orString(p.LocalServiceAddress, "127.0.0.1"),
+			LocalPort: p.LocalServicePort,
+		},
 	}
 	var err error
 	cfg := p.Config
@@ -79,7 +67,7 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		if u.LocalBindSocketPath != "" {
 			return nil, fmt.Errorf("upstream %q: unix socket listeners are not supported", u.DestinationName)
 		}
-		uc := upstreamConfig{
+		uc := render.Upstream{
 			Name:       u.DestinationName,
 			Datacenter: u.Datacenter,
 			BindAddr:   orString(u.LocalBindAddress, "127.0.0.1"),

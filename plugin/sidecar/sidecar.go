@@ -69,37 +69,18 @@ type Sidecar struct {
 	client  *api.Client
 	metrics *metrics
 
-	changed chan struct{}
-
-	mu     sync.Mutex
-	reg    *proxyConfig
-	regErr error
-	leaf   *api.LeafCert
-	roots  *api.CARootList
 	// rootsWatch is the one watch of the CA roots, which the embedded
 	// authorizer follows too.
 	rootsWatch *consulwatch.Value[*api.CARootList]
-	// endpoints are the instances of each upstream (by key), from its
-	// watch's first answer on: a key that is absent is not loaded yet.
-	// Each slice is replaced whole, never changed in place.
-	endpoints map[string][]endpoint
-	watching  map[string]context.CancelFunc
-	pendingAt time.Time // first change not yet applied
-
-	// Owned by the apply loop.
-	proc    haproxy.Instance
-	slots   map[string][]string // upstream key -> instance per slot ("" free)
-	applied appliedState
+	// watched is what the watches fill (watched.go); applier, what
+	// HAProxy runs and how it is changed, the apply loop's alone
+	// (apply.go).
+	watched
+	applier
 }
 
 // endpoint is one healthy instance of an upstream's sidecar.
 type endpoint = consulwatch.Endpoint
-
-type appliedState struct {
-	model             *render.Model
-	out               *render.Output
-	leafPEM, rootsPEM string
-}
 
 // New checks cfg and creates a sidecar.
 func New(cfg Config) (*Sidecar, error) {
@@ -135,16 +116,16 @@ func New(cfg Config) (*Sidecar, error) {
 		return nil, err
 	}
 	cfg.Dir = abs
+	m := newMetrics(cfg.Registerer)
 	return &Sidecar{
 		cfg:        cfg,
 		log:        cfg.Logger,
 		client:     client,
-		metrics:    newMetrics(cfg.Registerer),
-		changed:    make(chan struct{}, 1),
-		endpoints:  map[string][]endpoint{},
-		watching:   map[string]context.CancelFunc{},
+		metrics:    m,
 		rootsWatch: consulwatch.NewValue[*api.CARootList](),
-		slots:      map[string][]string{},
+		watched:    newWatched(),
+		applier: applier{launcher: cfg.Launcher, log: cfg.Logger, metrics: m,
+			haproxy: haproxy.Config{Binary: cfg.HAProxyBinary, Dir: cfg.Dir, Logger: cfg.Logger}},
 	}, nil
 }
 
@@ -200,7 +181,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	defer stopSPOA()
 
-	err = s.applyLoop(ctx, spoaAddr, service)
+	err = s.applyLoop(ctx, spoaAddr)
 	if s.proc != nil {
 		s.log.Info("stopping haproxy", "grace", s.cfg.StopGrace)
 		s.proc.Stop(s.cfg.StopGrace)
@@ -325,59 +306,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	return "unix@" + sock, stop, nil
 }
 
-// update changes the watched state and wakes the apply loop.
-func (s *Sidecar) update(f func()) {
-	s.mu.Lock()
-	f()
-	if s.pendingAt.IsZero() {
-		s.pendingAt = time.Now()
-	}
-	s.mu.Unlock()
-	select {
-	case s.changed <- struct{}{}:
-	default:
-	}
-}
-
-// snapshot is a consistent copy of the watched state.
-type snapshot struct {
-	reg       *proxyConfig
-	regErr    error
-	leaf      *api.LeafCert
-	roots     *api.CARootList
-	endpoints map[string][]endpoint
-	pendingAt time.Time
-	missing   []string
-}
-
-func (s *Sidecar) snapshot() snapshot {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	snap := snapshot{reg: s.reg, regErr: s.regErr, leaf: s.leaf, roots: s.roots,
-		endpoints: map[string][]endpoint{}, pendingAt: s.pendingAt}
-	s.pendingAt = time.Time{}
-	if snap.reg != nil {
-		for _, u := range snap.reg.Upstreams {
-			k := upstreamKey(u)
-			eps, loaded := s.endpoints[k]
-			if !loaded {
-				snap.missing = append(snap.missing, "instances of "+k)
-			}
-			snap.endpoints[k] = eps
-		}
-	} else {
-		snap.missing = append(snap.missing, "proxy registration")
-	}
-	if snap.leaf == nil {
-		snap.missing = append(snap.missing, "leaf certificate")
-	}
-	if snap.roots == nil {
-		snap.missing = append(snap.missing, "CA roots")
-	}
-	return snap
-}
-
-func upstreamKey(u upstreamConfig) string {
+func upstreamKey(u render.Upstream) string {
 	if u.Datacenter == "" {
 		return u.Name
 	}
@@ -387,7 +316,7 @@ func upstreamKey(u upstreamConfig) string {
 // syncUpstreamWatchesLocked starts a health watch for each new upstream and
 // stops those no longer registered.
 func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfig) {
-	want := map[string]upstreamConfig{}
+	want := map[string]render.Upstream{}
 	for _, u := range reg.Upstreams {
 		want[upstreamKey(u)] = u
 	}
@@ -417,7 +346,7 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 }
 
 // peerURI is the SPIFFE ID an upstream's sidecar certificate carries.
-func peerURI(trustDomain, localDC string, u upstreamConfig) string {
+func peerURI(trustDomain, localDC string, u render.Upstream) string {
 	dc := u.Datacenter
 	if dc == "" {
 		dc = localDC

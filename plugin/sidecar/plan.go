@@ -1,0 +1,113 @@
+package sidecar
+
+import (
+	"github.com/haconnect/haconnect/lua"
+	"github.com/haconnect/haconnect/plugin/haproxy"
+	"github.com/haconnect/haconnect/plugin/render"
+)
+
+// Methods of changing HAProxy, as the apply metrics label them.
+const (
+	methodStart   = "start"
+	methodRuntime = "runtime"
+	methodReload  = "reload"
+)
+
+// appliedState is a state of HAProxy: the one it runs (the applier's), or
+// the one a plan brings it to.
+type appliedState struct {
+	model             *render.Model
+	out               *render.Output
+	leafPEM, rootsPEM string
+	// slots are model's upstream slots by upstream key, the instance in
+	// each ("" free); the next model keeps each instance in its slot.
+	slots map[string][]string
+}
+
+// plan is how to bring HAProxy from the state it runs to the next one.
+// planApply decides it without touching anything; applier.execute
+// carries it out.
+type plan struct {
+	// method is start, runtime or reload; "" when nothing HAProxy sees
+	// changed. A runtime plan falls back to a reload of next's
+	// configuration if HAProxy refuses a command.
+	method string
+	// files are written first, whatever the method: a later reload or
+	// restart reads them.
+	files []file
+	// runtime are a runtime plan's commands, in order.
+	runtime []haproxy.Command
+	next    appliedState
+}
+
+// file is one file of the working directory, written whole.
+type file struct{ name, data string }
+
+// planApply decides how HAProxy goes from prev (running or not) to next:
+//   - nothing runs: start it, with every file written;
+//   - the SPOE engine or the configuration's shape changed: reload;
+//   - the certificates or the upstream slots' addresses changed: the
+//     runtime API, which keeps connections and costs no `haproxy -c`;
+//   - nothing HAProxy sees changed: nothing.
+func planApply(running bool, prev, next appliedState) plan {
+	p := plan{next: next}
+	if !running {
+		p.method = methodStart
+		// upstream_peers.map starts empty: HAProxy fills it in memory.
+		p.files = []file{{"leaf.pem", next.leafPEM}, {"roots.pem", next.rootsPEM},
+			{"spoe.conf", next.out.SPOE}, {"haconnect.lua", string(lua.Telemetry)}, {"upstream_peers.map", ""}}
+		return p
+	}
+	for _, f := range []struct{ name, data, old string }{
+		{"leaf.pem", next.leafPEM, prev.leafPEM},
+		{"roots.pem", next.rootsPEM, prev.rootsPEM},
+		{"spoe.conf", next.out.SPOE, prev.out.SPOE},
+	} {
+		if f.data != f.old {
+			p.files = append(p.files, file{f.name, f.data})
+		}
+	}
+	reload := next.out.SPOE != prev.out.SPOE || next.out.Shape != prev.out.Shape
+	if next.leafPEM != prev.leafPEM {
+		p.runtime = append(p.runtime, haproxy.SetSSLCert(next.model.LeafFile, next.leafPEM), haproxy.CommitSSLCert(next.model.LeafFile))
+	}
+	if next.rootsPEM != prev.rootsPEM {
+		p.runtime = append(p.runtime, haproxy.SetSSLCAFile(next.model.RootsFile, next.rootsPEM), haproxy.CommitSSLCAFile(next.model.RootsFile))
+	}
+	switch {
+	case reload:
+		p.method, p.runtime = methodReload, nil
+	case next.out.Config != prev.out.Config:
+		p.runtime = append(p.runtime, serverCommands(prev.model, next.model)...)
+	}
+	if p.method == "" && len(p.runtime) > 0 {
+		p.method = methodRuntime
+	}
+	return p
+}
+
+// serverCommands moves slots from one model to the next (same shape).
+func serverCommands(prev, next *render.Model) []haproxy.Command {
+	var cmds []haproxy.Command
+	for ui, u := range next.Upstreams {
+		backend := render.BackendName(u.Name)
+		for si, srv := range u.Servers {
+			old := prev.Upstreams[ui].Servers[si]
+			if old == srv {
+				continue
+			}
+			if srv.Addr == "" {
+				cmds = append(cmds, haproxy.SetServerState(backend, srv.Name, haproxy.ServerMaint))
+				continue
+			}
+			// Consul reports the instance passing: take it at its word
+			// ("health up") rather than wait for HAProxy's first check;
+			// HAProxy's own checks still take it out if it fails.
+			cmds = append(cmds,
+				haproxy.SetServerAddr(backend, srv.Name, srv.Addr, srv.Port),
+				haproxy.SetServerState(backend, srv.Name, haproxy.ServerReady),
+				haproxy.SetServerHealth(backend, srv.Name, haproxy.HealthUp))
+		}
+	}
+	return cmds
+}
