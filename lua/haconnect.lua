@@ -352,17 +352,28 @@ function haconnect_uri_san(der)
   return uri
 end
 
--- This thread's additions to the map, oldest first (see PEER_CACHE_MAX).
+-- The keys this thread put in the map, oldest first, each once (see
+-- PEER_CACHE_MAX). Every entry of the map is in the list of the thread
+-- that set it last, until that thread deletes it: the map never holds more
+-- than the lists. Another thread deleting a key this one still lists only
+-- costs a parse when the certificate comes back.
 local peer_added = { first = 1, last = 0 }
+local peer_listed = {}
 
 local function remember_peer(map, key, value)
   core.set_map(map, key, value)
+  local id = map .. " " .. key
+  if peer_listed[id] then
+    return
+  end
+  peer_listed[id] = true
   peer_added.last = peer_added.last + 1
-  peer_added[peer_added.last] = { map, key }
+  peer_added[peer_added.last] = { map, key, id }
   if peer_added.last - peer_added.first >= PEER_CACHE_MAX then
     local old = peer_added[peer_added.first]
     peer_added[peer_added.first] = nil
     peer_added.first = peer_added.first + 1
+    peer_listed[old[3]] = nil
     core.del_map(old[1], old[2])
   end
 end

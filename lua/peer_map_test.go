@@ -1,8 +1,10 @@
 package lua
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -18,31 +20,31 @@ import (
 	"github.com/haconnect/haconnect/plugin/render"
 )
 
-// TestPeerMapIsBounded runs a rendered sidecar configuration (one thread)
-// against an upstream that presents a new certificate on every connection:
-// each one is checked and passes, and the map of known certificates stops
-// growing at the per-thread bound (1024), the oldest going first.
-func TestPeerMapIsBounded(t *testing.T) {
-	const bound, conns = 1024, 1100
-	dir := harness.TempDir(t)
-	ca := harness.NewForeignCA(t)
-	apiURI := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
-	web := ca.Issue(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
+const peerAPI = "spiffe://td.consul/ns/default/dc/dc1/svc/api"
 
-	var issued atomic.Int64
+// peerSidecar is a rendered sidecar configuration (one thread) whose
+// upstream api presents the certificate cert returns on each connection.
+type peerSidecar struct {
+	t        *testing.T
+	h        *harness.HAProxy
+	listener string
+	admin    *haproxy.Admin
+	mapFile  string
+}
+
+func startPeerSidecar(t *testing.T, ca *harness.ForeignCA, cert func() *tls.Certificate) *peerSidecar {
+	dir := harness.TempDir(t)
+	web := ca.Issue(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM([]byte(ca.CertPEM))
 	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
 		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool, SessionTicketsDisabled: true,
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			issued.Add(1)
-			return &ca.Issue(t, apiURI).TLS, nil
-		},
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert(), nil },
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	t.Cleanup(func() { l.Close() })
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "api") })}
 	srv.SetKeepAlivesEnabled(false)
 	go srv.Serve(l)
@@ -58,7 +60,7 @@ func TestPeerMapIsBounded(t *testing.T) {
 		Inbound: render.Inbound{BindAddr: "127.0.0.1", BindPort: harness.FreePort(t), Protocol: render.ProtocolHTTP,
 			LocalAddr: "127.0.0.1", LocalPort: 1},
 		Upstreams: []render.Upstream{{Name: "api", BindAddr: "127.0.0.1", BindPort: harness.FreePort(t),
-			Protocol: render.ProtocolHTTP, PeerURI: apiURI,
+			Protocol: render.ProtocolHTTP, PeerURI: peerAPI,
 			Servers: []render.Server{{Name: "s1", Addr: "127.0.0.1", Port: l.Addr().(*net.TCPAddr).Port}}}},
 	}
 	out, err := render.Render(m)
@@ -68,28 +70,74 @@ func TestPeerMapIsBounded(t *testing.T) {
 	harness.WriteFile(t, dir, "spoe.conf", out.SPOE)
 	listener := fmt.Sprintf("127.0.0.1:%d", m.Upstreams[0].BindPort)
 	h := harness.StartHAProxy(t, dir, out.Config, listener)
+	return &peerSidecar{t: t, h: h, listener: listener, admin: haproxy.NewAdmin(m.AdminSocket), mapFile: m.PeerMapFile}
+}
 
+// get makes one request through the upstream listener, which must pass.
+func (p *peerSidecar) get() {
+	p.t.Helper()
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	for i := 0; i < conns; i++ {
-		resp, err := c.Get("http://" + listener + "/")
-		if err != nil {
-			t.Fatalf("request %d: %v", i+1, err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || string(b) != "api" {
-			t.Fatalf("request %d: %d %q", i+1, resp.StatusCode, b)
-		}
-	}
-	entries, err := haproxy.NewAdmin(m.AdminSocket).Command("show map " + m.PeerMapFile)
+	resp, err := c.Get("http://" + p.listener + "/")
 	if err != nil {
-		t.Fatal(err)
+		p.t.Fatal(err)
 	}
-	n := strings.Count(entries, " "+apiURI+"\n")
-	if issued.Load() < conns || n != bound {
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(b) != "api" {
+		p.t.Fatalf("%d %q", resp.StatusCode, b)
+	}
+}
+
+// entries counts the map's entries naming api.
+func (p *peerSidecar) entries() int {
+	p.t.Helper()
+	out, err := p.admin.Command("show map " + p.mapFile)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if p.h.Proc.Exited() {
+		p.t.Fatal("HAProxy exited")
+	}
+	return strings.Count(out, " "+peerAPI+"\n")
+}
+
+// TestPeerMapIsBounded: against an upstream that presents a new
+// certificate on every connection, each one is checked and passes, and the
+// map of known certificates stops growing at the per-thread bound (1024),
+// the oldest going first.
+func TestPeerMapIsBounded(t *testing.T) {
+	const bound, conns = 1024, 1100
+	ca := harness.NewForeignCA(t)
+	var issued atomic.Int64
+	p := startPeerSidecar(t, ca, func() *tls.Certificate {
+		issued.Add(1)
+		return &ca.Issue(t, peerAPI).TLS
+	})
+	for i := 0; i < conns; i++ {
+		p.get()
+	}
+	if n := p.entries(); issued.Load() < conns || n != bound {
 		t.Fatalf("%d certificates presented, %d in the map, want %d", issued.Load(), n, bound)
 	}
-	if h.Proc.Exited() {
-		t.Fatal("HAProxy exited")
+}
+
+// TestPeerMapKeepsAReparsedCertificate: a certificate whose entry went
+// away (deleted by another thread's bound, here through the runtime API)
+// is parsed again on its next response, and stays in the map however often
+// that happens: the bound counts certificates, not parses.
+func TestPeerMapKeepsAReparsedCertificate(t *testing.T) {
+	ca := harness.NewForeignCA(t)
+	leaf := ca.Issue(t, peerAPI)
+	p := startPeerSidecar(t, ca, func() *tls.Certificate { return &leaf.TLS })
+	sum := sha256.Sum256(leaf.TLS.Certificate[0])
+	key := strings.ToUpper(hex.EncodeToString(sum[:]))
+	for i := 0; i < 1100; i++ {
+		if _, err := p.admin.Command(fmt.Sprintf("del map %s %s", p.mapFile, key)); err != nil {
+			t.Fatal(err)
+		}
+		p.get()
+		if n := p.entries(); n != 1 {
+			t.Fatalf("after parse %d of the same certificate: %d entries, want 1", i+1, n)
+		}
 	}
 }
