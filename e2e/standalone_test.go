@@ -63,13 +63,17 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 
 	// The app also answers WebSocket upgrades (wsEcho).
 	app := httptest.NewServer(wsEcho(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/headers" { // every header the app received
+			_ = r.Header.Write(w)
+			return
+		}
 		fmt.Fprintf(w, "source=%s", r.Header.Get("X-Haconnect-Source"))
 	})))
 	t.Cleanup(app.Close)
 
 	s.inbound = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	s.tcp = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-	s.spoaAddr = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
+	s.spoaAddr = filepath.Join(s.dir, "spoa.sock") // the example's unix socket
 	s.metrics = fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	replacer := strings.NewReplacer(
 		"/etc/haproxy/haconnect", s.dir,
@@ -77,14 +81,14 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 		"127.0.0.1:21001", s.tcp,
 		"127.0.0.1:9000", fmt.Sprintf("127.0.0.1:%d", startEcho(t)),
 		"127.0.0.1:8080", strings.TrimPrefix(app.URL, "http://"),
-		"127.0.0.1:12345", s.spoaAddr,
+		"/run/haconnect/spoa.sock", s.spoaAddr,
 	)
 	cfg := replacer.Replace(readExample(t, "haproxy.cfg"))
 	harness.WriteFile(t, s.dir, "spoe.conf", replacer.Replace(readExample(t, "spoe.conf")))
 	harness.WriteFile(t, s.dir, "spoe-tcp.conf", replacer.Replace(readExample(t, "spoe-tcp.conf")))
 
 	s.consulArgs = s.consul.Flags(s.cutter.Addr, token)
-	s.spoaArgs = []string{"-listen", s.spoaAddr, "-target", "api",
+	s.spoaArgs = []string{"-listen", "unix:" + s.spoaAddr, "-target", "api",
 		"-metrics-listen", s.metrics, "-stale-window", staleWindow.String(), "-ttl", "300ms", "-log-level", "debug",
 		"-revoke-socket", filepath.Join(s.dir, "admin.sock")}
 	s.startSPOA(t)
@@ -107,7 +111,7 @@ func (s *standalone) startSPOA(t *testing.T) {
 	t.Helper()
 	s.spoa = harness.StartEnv(t, "haconnect-spoa", s.spoaEnv, harness.Binary(t, "haconnect-spoa"),
 		slices.Concat(s.spoaArgs, s.consulArgs)...)
-	harness.WaitListening(t, s.spoaAddr, 10*time.Second)
+	harness.WaitSocket(t, s.spoaAddr, 10*time.Second)
 }
 
 // get makes one request on a new connection as caller (nil: no client

@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/negasus/haproxy-spoe-go/worker"
-
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
 )
@@ -48,18 +46,32 @@ func fuzzSeeds() [][]byte {
 		{0, 0, 0, 0, 1}, {0, 0, 0, 1, 1}, {0, 0, 0, 5, 1, 0, 0, 0, 1}, {0x7f, 0xff, 0xff, 0xff, 1},
 		msg, slices.Concat(hello, []byte{0, 0, 0, 9, 3, 0, 0, 0, 1, 1, 1, 1, 'm'}),
 		slices.Concat(hello, l7, l7Bad), slices.Concat(hello, msg, l7),
+		// More frames than the in-flight bounds, kept open or not.
+		slices.Concat(hello, msg, msg, msg, msg, msg, msg, msg, msg, msg),
+		slices.Concat(hello, msg, msg, msg, msg, msg, msg, msg, msg, msg, []byte{0}),
+		// HAProxy with a larger tune.bufsize.
+		slices.Concat(append([]byte(nil), e.Hello(65532, false)...), msg),
 	}
 }
 
 // FuzzAgent feeds arbitrary bytes to the agent exactly as it is served
-// (spop.Guard in front of the SPOE library, Server.Handle behind it). A
-// panic anywhere kills the fuzzing process and fails the target; a
-// connection that is never finished fails it too.
+// (Server.Serve: the guarded listener with its connection and in-flight
+// bounds, spop.Guard with its deadlines, the SPOE library, Server.Handle),
+// over a new connection each time. An input of odd length keeps its
+// connection open after the bytes, so the hello and idle deadlines must end
+// it. A panic anywhere kills the fuzzing process and fails the target; so
+// does a connection the agent never finishes, or one that leaves a
+// connection or an in-flight frame counted after it ends.
 func FuzzAgent(f *testing.F) {
 	for _, s := range fuzzSeeds() {
 		f.Add(s)
 	}
-	srv, err := NewServer(Config{Decider: fixedDecider{authz.Deny(authz.ReasonNoTarget)}, Target: "api"})
+	srv, err := NewServer(Config{
+		Decider: fixedDecider{authz.Deny(authz.ReasonNoTarget)}, Target: "api",
+		MaxConns: 2, MaxInFlight: 4,
+		Limits: spop.Limits{HelloTimeout: 50 * time.Millisecond, IdleTimeout: 100 * time.Millisecond,
+			WriteTimeout: time.Second, MaxInFlight: 2},
+	})
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -67,30 +79,33 @@ func FuzzAgent(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	defer l.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = srv.Serve(ctx, l) }()
 	f.Fuzz(func(t *testing.T, data []byte) {
 		client, err := net.Dial("tcp", l.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer client.Close()
-		server, err := l.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		g := spop.NewGuard(server, spop.Limits{HelloTimeout: time.Second}, nil)
-		done := make(chan struct{})
-		go func() {
-			worker.Handle(g, srv.Handle, libLogger{srv.log})
-			close(done)
-		}()
-		go func() { _, _ = io.Copy(io.Discard, client) }()
+		finished := make(chan struct{})
+		go func() { _, _ = io.Copy(io.Discard, client); close(finished) }()
 		_, _ = client.Write(data)
-		_ = client.(*net.TCPConn).CloseWrite()
+		if len(data)%2 == 0 {
+			_ = client.(*net.TCPConn).CloseWrite()
+		}
 		select {
-		case <-done:
+		case <-finished:
 		case <-time.After(10 * time.Second):
 			t.Fatal("agent did not finish the connection")
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for srv.Listener().Conns() != 0 || srv.Budget().InFlight() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("after the connection ended: %d connections, %d frames still counted",
+					srv.Listener().Conns(), srv.Budget().InFlight())
+			}
+			time.Sleep(time.Millisecond)
 		}
 	})
 }

@@ -7,6 +7,8 @@
 //	<prefix>.auth    bool    the caller may proceed
 //	<prefix>.source  string  the caller's service name
 //	<prefix>.spiffe  string  the caller's SPIFFE ID
+//	<prefix>.destination string  the destination the decision is for (-target,
+//	                         or the message's target when the agent has none)
 //	<prefix>.reason  string  why (see authz.Reason)
 //	<prefix>.ttl_ms  int     how long HAProxy may reuse the answer on this connection
 //	<prefix>.l7      int     0: the answer is final; 1: send each request's method
@@ -59,6 +61,7 @@ const (
 	VarAuth     = "auth"
 	VarSource   = "source"
 	VarSPIFFE   = "spiffe"
+	VarDest     = "destination"
 	VarReason   = "reason"
 	VarTTL      = "ttl_ms"
 	VarL7       = "l7"
@@ -112,6 +115,7 @@ type Server struct {
 	cfg      Config
 	log      hclog.Logger
 	ttl      any // boxed once: the library takes values as `any`
+	target   any // cfg.Target, boxed once
 	budget   *spop.Budget
 	listener atomic.Pointer[spop.Listener] // the one Serve uses, for the gauges
 	rejected *prometheus.CounterVec
@@ -147,6 +151,7 @@ func NewServer(cfg Config) (*Server, error) {
 		cfg:    cfg,
 		log:    cfg.Logger,
 		ttl:    int(cfg.TTL / time.Millisecond),
+		target: cfg.Target,
 		budget: spop.NewBudget(cfg.MaxInFlight),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "frames_rejected_total",
@@ -255,6 +260,13 @@ func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
 	if d.Source != "" {
 		req.Actions.SetVar(action.ScopeSession, VarSource, d.Boxed.Source)
 		req.Actions.SetVar(action.ScopeSession, VarSPIFFE, d.Boxed.SPIFFE)
+	}
+	if d.Allow {
+		dest := s.target
+		if target != s.cfg.Target {
+			dest = target
+		}
+		req.Actions.SetVar(action.ScopeSession, VarDest, dest)
 	}
 }
 
