@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CONSUL="${HACONNECT_CONSUL:-$ROOT/.tools/consul-1.16.3/consul}"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 DIR="$(mktemp -d /tmp/haconnect-demo.XXXXXX)"
-HTTP_PORT=18500 INBOUND=21000 APP=18080 SPOA=12345 METRICS=19100
+HTTP_PORT=18500 INBOUND=21000 APP=18080 METRICS=19100
 export CONSUL_HTTP_ADDR="127.0.0.1:$HTTP_PORT"
 PIDS=()
 
@@ -20,6 +20,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+wait_sock() { for _ in $(seq 100); do [[ -S "$1" ]] && return 0; sleep 0.1; done; echo "socket $1 never appeared" >&2; exit 1; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 consul_api() { curl -sf "http://$CONSUL_HTTP_ADDR$1" "${@:2}"; }
 
@@ -50,15 +51,15 @@ consul_api /v1/config -X PUT -d '{"Kind":"service-intentions","Name":"api","Sour
 step "The app, haconnect-spoa and HAProxy"
 "$ROOT/bin/haconnect-demo-app" -listen "127.0.0.1:$APP" >"$DIR/app.log" 2>&1 &
 PIDS+=($!)
-"$ROOT/bin/haconnect-spoa" -listen "127.0.0.1:$SPOA" -target api -metrics-listen "127.0.0.1:$METRICS" >"$DIR/spoa.log" 2>&1 &
+"$ROOT/bin/haconnect-spoa" -listen "unix:$DIR/spoa.sock" -target api -metrics-listen "127.0.0.1:$METRICS" >"$DIR/spoa.log" 2>&1 &
 PIDS+=($!)
-sed -e "s#/etc/haproxy/haconnect#$DIR#g" -e "s#127.0.0.1:8080#127.0.0.1:$APP#" "$ROOT/examples/standalone/haproxy.cfg" >"$DIR/haproxy.cfg"
+sed -e "s#/etc/haproxy/haconnect#$DIR#g" -e "s#/run/haconnect/spoa.sock#$DIR/spoa.sock#" -e "s#127.0.0.1:8080#127.0.0.1:$APP#" "$ROOT/examples/standalone/haproxy.cfg" >"$DIR/haproxy.cfg"
 sed -e "s#/etc/haproxy/haconnect#$DIR#g" "$ROOT/examples/standalone/spoe.conf" >"$DIR/spoe.conf"
 sed -e "s#/etc/haproxy/haconnect#$DIR#g" "$ROOT/examples/standalone/spoe-tcp.conf" >"$DIR/spoe-tcp.conf"
 "$HAPROXY" -c -q -f "$DIR/haproxy.cfg"
 "$HAPROXY" -db -f "$DIR/haproxy.cfg" >"$DIR/haproxy.log" 2>&1 &
 PIDS+=($!)
-wait_port "$APP"; wait_port "$SPOA"; wait_port "$INBOUND"
+wait_port "$APP"; wait_sock "$DIR/spoa.sock"; wait_port "$INBOUND"
 
 call() { # caller: one mTLS request to the app's sidecar
 	# -k: mesh certificates name SPIFFE IDs, not hosts; the client certificate is what matters here.
