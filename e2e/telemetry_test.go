@@ -134,6 +134,21 @@ func TestTaggingAndTelemetry(t *testing.T) {
 		}
 	})
 
+	t.Run("spoofed identity headers spelled with underscores are removed", func(t *testing.T) {
+		h := get(map[string]string{})
+		spoofed := get(map[string]string{
+			"x_haconnect_source": "admin", "X-Haconnect_Spiffe": "spiffe://evil", "x_forwarded_client_cert": "URI=spiffe://evil",
+		})
+		fold := func(k string) string { return strings.ReplaceAll(strings.ToLower(k), "_", "-") }
+		for k, v := range spoofed {
+			if f := fold(k); strings.HasPrefix(f, "x-haconnect-") || f == "x-forwarded-client-cert" {
+				if k != http.CanonicalHeaderKey(f) || len(v) != 1 || v[0] != h.Get(k) {
+					t.Errorf("the app received %s: %q", k, v)
+				}
+			}
+		}
+	})
+
 	t.Run("request id kept or created", func(t *testing.T) {
 		if got := get(map[string]string{"X-Request-Id": "abc-123"}).Get("X-Request-Id"); got != "abc-123" {
 			t.Errorf("caller's request id became %q", got)
