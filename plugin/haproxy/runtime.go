@@ -77,7 +77,9 @@ func SetSSLCert(file, pem string) Command {
 }
 
 // CommitSSLCert commits SetSSLCert's transaction on file.
-func CommitSSLCert(file string) Command { return Command{text: "commit ssl cert " + file, commits: file} }
+func CommitSSLCert(file string) Command {
+	return Command{text: "commit ssl cert " + file, commits: file}
+}
 
 // SetSSLCAFile opens a transaction that replaces the CA file loaded from
 // file with pem; CommitSSLCAFile makes it live.
@@ -86,7 +88,9 @@ func SetSSLCAFile(file, pem string) Command {
 }
 
 // CommitSSLCAFile commits SetSSLCAFile's transaction on file.
-func CommitSSLCAFile(file string) Command { return Command{text: "commit ssl ca-file " + file, commits: file} }
+func CommitSSLCAFile(file string) Command {
+	return Command{text: "commit ssl ca-file " + file, commits: file}
+}
 
 // payload ends a multi-line argument: it runs up to an empty line, which
 // the newline ending the command adds.
