@@ -68,7 +68,7 @@ func (o *Options) Register(fs *flag.FlagSet) {
 	fs.IntVar(&o.MaxConns, "max-conns", spoa.DefaultMaxConns, "SPOP connections served at once (more wait to be accepted)")
 	fs.IntVar(&o.MaxInFlight, "max-in-flight", spoa.DefaultMaxInFlight, "NOTIFY frames being answered at once, all connections together (more wait to be read)")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve Prometheus /metrics on this host:port (off when empty)")
-	fs.StringVar(&o.Target, "target", "", "destination service checked when a message has no target argument")
+	fs.StringVar(&o.Target, "target", "", "the one destination service this agent authorizes: a message naming another is denied (target_mismatch); without it, each message names its destination")
 	fs.DurationVar(&o.StaleWindow, "stale-window", 5*time.Minute, "how long cached decisions are served while Consul is unreachable")
 	fs.DurationVar(&o.TTL, "ttl", time.Second, "how long HAProxy may reuse a decision on an open connection (sent as ttl_ms)")
 	fs.StringVar(&o.RevokeSocket, "revoke-socket", "", "HAProxy's master CLI socket (haproxy -S; reaches old workers after a reload) or a stats socket (level admin): close the open streams (TCP connections, upgraded HTTP streams) of callers an intention change denies (needs -target)")
