@@ -304,22 +304,6 @@ backend be
 	if got, err := os.ReadFile(leafFile); err != nil || string(got) != leaf1.CertPEM+leaf1.KeyPEM {
 		t.Fatalf("the runtime API changed the file on disk (%v)", err)
 	}
-
-	// A certificate committed after a CA file: HAProxy 2.6.12 answers
-	// "Success!" but rebuilds no listener and goes on serving the old
-	// one. Runtime must say what HAProxy serves: an error, unless the new
-	// certificate is served.
-	leaf3 := caA.IssueHost(t, "leaf-three")
-	err = a.Runtime(SetSSLCert(leafFile, leaf3.CertPEM+leaf3.KeyPEM), CommitSSLCert(leafFile))
-	c3, derr := dialTLS()
-	if derr != nil {
-		t.Fatal(derr)
-	}
-	defer c3.Close()
-	served := c3.ConnectionState().PeerCertificates[0].Subject.CommonName
-	if (err == nil) != (served == "leaf-three") {
-		t.Fatalf("a commit after a CA file's: Runtime says %v, HAProxy serves %q", err, served)
-	}
 }
 
 func TestParseProcs(t *testing.T) {

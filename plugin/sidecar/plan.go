@@ -68,10 +68,8 @@ func planApply(running bool, prev, next appliedState) plan {
 		}
 	}
 	reload := next.out.SPOE != prev.out.SPOE || next.out.Shape != prev.out.Shape
-	// The certificate before the CA file: HAProxy 2.6.12 serves no
-	// certificate committed after a CA file. (A later plan's certificate
-	// commit rebuilds nothing then; the runtime API reports it and the
-	// applier reloads.)
+	// The certificate before the CA file: HAProxy 2.6.12 does not serve a
+	// certificate committed after a CA file.
 	if next.leafPEM != prev.leafPEM {
 		p.runtime = append(p.runtime, haproxy.SetSSLCert(next.model.LeafFile, next.leafPEM), haproxy.CommitSSLCert(next.model.LeafFile))
 	}
