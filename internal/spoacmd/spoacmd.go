@@ -160,40 +160,36 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	}
 	reg := promserve.NewRegistry()
 
-	azCfg := authz.Config{
-		Consul:      consulCfg,
-		Logger:      log.Named("authz"),
-		Metrics:     authz.NewMetrics(reg),
-		StaleWindow: o.StaleWindow,
+	agentCfg := spoa.AgentConfig{
+		Authz: authz.Config{
+			Consul:      consulCfg,
+			Logger:      log.Named("authz"),
+			Metrics:     authz.NewMetrics(reg),
+			StaleWindow: o.StaleWindow,
+		},
+		Server: &spoa.Config{
+			Target:      o.Target,
+			TTL:         o.TTL,
+			Logger:      log,
+			Registerer:  reg,
+			Limits:      spop.Limits{MaxFrameSize: o.MaxFrameSize, IdleTimeout: o.IdleTimeout},
+			MaxConns:    o.MaxConns,
+			MaxInFlight: o.MaxInFlight,
+		},
 	}
-	var rev *revoke.Revoker
+	if o.Target != "" {
+		agentCfg.Destinations = []string{o.Target}
+	}
 	var revokeAdmin *haproxy.Admin
 	if o.RevokeSocket != "" {
 		revokeAdmin = haproxy.NewAdmin(o.RevokeSocket)
-		rev, err = revoke.New(revoke.Config{
+		agentCfg.Revoke = &revoke.Config{
 			Runtime: revokeAdmin, Target: o.Target,
 			Table: o.RevokeTable, Frontends: strings.Split(o.RevokeFrontend, ","), Untracked: o.RevokeUntracked,
 			Logger: log.Named("revoke"), Registerer: reg,
-		})
-		if err != nil {
-			return err
 		}
-		azCfg.OnChange = rev.Changed
 	}
-	az, err := authz.New(azCfg)
-	if err != nil {
-		return err
-	}
-	srv, err := spoa.NewServer(spoa.Config{
-		Decider:     az,
-		Target:      o.Target,
-		TTL:         o.TTL,
-		Logger:      log,
-		Registerer:  reg,
-		Limits:      spop.Limits{MaxFrameSize: o.MaxFrameSize, IdleTimeout: o.IdleTimeout},
-		MaxConns:    o.MaxConns,
-		MaxInFlight: o.MaxInFlight,
-	})
+	agent, err := spoa.NewAgent(agentCfg)
 	if err != nil {
 		return err
 	}
@@ -211,13 +207,8 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var targets []string
-	if o.Target != "" {
-		targets = append(targets, o.Target)
-	}
-	az.Start(ctx, targets...)
-	if rev != nil {
-		go rev.Run(ctx, az)
+	agent.Start(ctx)
+	if revokeAdmin != nil {
 		// The revoker keeps quiet while HAProxy has not started; say once
 		// that it does not answer, in case the path is wrong. In the
 		// background: a hung HAProxy must not delay serving SPOP.
@@ -235,7 +226,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	}
 	log.Info("serving SPOP", "addr", l.Addr().String(), "tls", lc.TLS != nil, "target", o.Target,
 		"consul", consulCfg.Address, "stale_window", o.StaleWindow, "ttl", o.TTL)
-	err = srv.Serve(ctx, l)
+	err = agent.Serve(ctx, l)
 	log.Info("stopped")
 	return err
 }

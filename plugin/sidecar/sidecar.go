@@ -255,42 +255,39 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 	if !external {
 		reg = s.cfg.Registerer // an external SPOA reports its own decisions
 	}
-	rev, err := revoke.New(revoke.Config{
-		Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Target: service,
-		Table: render.ConnTable, Frontends: []string{render.InboundFrontend}, Untracked: render.UntrackedTable,
-		Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
-	})
-	if err != nil {
-		return "", nil, err
+	cfg := spoa.AgentConfig{
+		Authz: authz.Config{
+			Consul:      s.cfg.Consul,
+			Logger:      s.log.Named("authz"),
+			Metrics:     authz.NewMetrics(reg),
+			StaleWindow: s.cfg.StaleWindow,
+			Roots:       s.rootsWatch,
+		},
+		Destinations: []string{service},
+		Revoke: &revoke.Config{
+			Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Target: service,
+			Table: render.ConnTable, Frontends: []string{render.InboundFrontend}, Untracked: render.UntrackedTable,
+			Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
+		},
 	}
-	az, err := authz.New(authz.Config{
-		Consul:      s.cfg.Consul,
-		Logger:      s.log.Named("authz"),
-		Metrics:     authz.NewMetrics(reg),
-		StaleWindow: s.cfg.StaleWindow,
-		Roots:       s.rootsWatch,
-		OnChange:    rev.Changed,
-	})
+	if !external {
+		cfg.Server = &spoa.Config{Target: service, TTL: s.cfg.TTL,
+			Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer}
+	}
+	agent, err := spoa.NewAgent(cfg)
 	if err != nil {
 		return "", nil, err
 	}
 	sctx, cancel := context.WithCancel(ctx)
-	az.Start(sctx, service)
+	agent.Start(sctx)
 	var running sync.WaitGroup
-	running.Go(func() { rev.Run(sctx, az) })
-	stop := func() { cancel(); running.Wait() }
+	stop := func() { cancel(); agent.Wait(); running.Wait() }
 	if external {
 		addr := s.cfg.SPOAAddr
 		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
 			addr = "unix@" + p
 		}
 		return addr, stop, nil
-	}
-	srv, err := spoa.NewServer(spoa.Config{Decider: az, Target: service, TTL: s.cfg.TTL,
-		Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer})
-	if err != nil {
-		stop()
-		return "", nil, err
 	}
 	sock := s.path("spoa.sock")
 	l, err := spoa.Listen("unix:" + sock)
@@ -299,7 +296,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 		return "", nil, fmt.Errorf("embedded SPOA: %w", err)
 	}
 	running.Go(func() {
-		if err := srv.Serve(sctx, l); err != nil {
+		if err := agent.Serve(sctx, l); err != nil {
 			s.log.Error("embedded SPOA stopped", "error", err)
 		}
 	})
