@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -26,6 +27,9 @@ type Options struct {
 	Consul        consulflags.Flags
 	Log           logging.Flags
 	MetricsListen string
+	// SPOATLS collects the -spoa-tls-* flags; Prepare hands them to the
+	// sidecar when any is set.
+	SPOATLS sidecar.SPOAClientTLS
 }
 
 // Register adds the sidecar flags to fs; withProxy adds -sidecar-for and
@@ -39,6 +43,10 @@ func (o *Options) Register(fs *flag.FlagSet, withProxy bool) {
 	fs.StringVar(&c.Dir, "dir", "", "working directory for the HAProxy configuration, certificates and sockets (default: a new directory under $TMPDIR)")
 	fs.StringVar(&c.HAProxyBinary, "haproxy", "", "haproxy executable for the exec launcher (default: haproxy on PATH or /usr/sbin/haproxy)")
 	fs.StringVar(&c.SPOAAddr, "spoa-addr", "", "external authorization agent (host:port or unix:/path); default: run one in this process")
+	fs.StringVar(&o.SPOATLS.CertFile, "spoa-tls-cert", "", "with a host:port -spoa-addr: HAProxy's client certificate for the agent's mutual TLS (PEM; with -spoa-tls-key and -spoa-tls-ca)")
+	fs.StringVar(&o.SPOATLS.KeyFile, "spoa-tls-key", "", "the key of -spoa-tls-cert (PEM)")
+	fs.StringVar(&o.SPOATLS.CAFile, "spoa-tls-ca", "", "the CA the agent's certificate must chain to (PEM)")
+	fs.StringVar(&o.SPOATLS.ServerName, "spoa-tls-server-name", "", "the name the agent's certificate must carry (default: not checked)")
 	fs.StringVar(&c.AdminBind, "admin-bind", "", "serve telemetry and HAProxy's Prometheus exporter (/metrics) and stats (/stats) on this host:port")
 	fs.IntVar(&c.Threads, "threads", 0, "HAProxy threads (nbthread); 0: one per CPU")
 	fs.BoolVar(&c.AccessLog, "access-log", false, "log every request or connection (HAProxy's httplog/tcplog) to stderr")
@@ -70,6 +78,15 @@ func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
 	c := o.Sidecar
 	if c.TTL <= 0 || c.StaleWindow < 0 {
 		return nil, errors.New("-ttl must be positive and -stale-window not negative")
+	}
+	if t := o.SPOATLS; t != (sidecar.SPOAClientTLS{}) {
+		switch {
+		case t.CertFile == "" || t.KeyFile == "" || t.CAFile == "":
+			return nil, errors.New("-spoa-tls-cert, -spoa-tls-key and -spoa-tls-ca go together")
+		case c.SPOAAddr == "" || strings.HasPrefix(c.SPOAAddr, "unix:"):
+			return nil, errors.New("-spoa-tls-* need a host:port -spoa-addr")
+		}
+		c.SPOATLS = &t
 	}
 	log, err := o.Log.New(name, stderr)
 	if err != nil {

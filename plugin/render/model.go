@@ -71,6 +71,8 @@ type Model struct {
 	AdminSocket string // runtime API
 	// SPOAAddr is the authorization agent: "unix@/path" or "host:port".
 	SPOAAddr string
+	// SPOATLS, if set, reaches a TCP SPOAAddr with mutual TLS.
+	SPOATLS *SPOATLS
 	// SelfURI is this service's SPIFFE ID (By= of x-forwarded-client-cert).
 	SelfURI string
 	// AdminBind, if set, turns on telemetry: haconnect's metrics and
@@ -130,6 +132,15 @@ type Server struct {
 	Port int
 }
 
+// SPOATLS is HAProxy's side of mutual TLS with an external authorization
+// agent: its client certificate, the CA the agent's certificate must chain
+// to, and the name it must carry (empty: not checked).
+type SPOATLS struct {
+	CertFile   string // certificate followed by its key
+	CAFile     string
+	ServerName string
+}
+
 // Validate refuses what would render a broken or dangerous configuration.
 func (m *Model) Validate() error {
 	var errs []string
@@ -146,6 +157,16 @@ func (m *Model) Validate() error {
 	}
 	if !strings.HasPrefix(m.SelfURI, "spiffe://") || strings.ContainsAny(m.SelfURI, " \t\n\"'#;%") {
 		bad("own SPIFFE ID %q", m.SelfURI)
+	}
+	if t := m.SPOATLS; t != nil {
+		files = append(files, struct{ name, v string }{"SPOA client certificate", t.CertFile},
+			struct{ name, v string }{"SPOA CA file", t.CAFile})
+		if t.ServerName != "" && !validName(t.ServerName) {
+			bad("SPOA server name %q", t.ServerName)
+		}
+		if strings.HasPrefix(m.SPOAAddr, "unix@") {
+			bad("SPOA TLS over a unix socket %q", m.SPOAAddr)
+		}
 	}
 	for _, f := range files {
 		if f.v == "" || strings.ContainsAny(f.v, " \t\n\"'#") {

@@ -82,6 +82,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		SPOEFile:    s.path("spoe.conf"),
 		AdminSocket: s.path("admin.sock"),
 		SPOAAddr:    spoaAddr,
+		SPOATLS:     s.spoaTLS,
 		SelfURI:     snap.leaf.ServiceURI,
 		AdminBind:   s.cfg.AdminBind,
 		LuaFile:     s.path("haconnect.lua"),

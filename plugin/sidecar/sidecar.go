@@ -44,6 +44,8 @@ type Config struct {
 	// SPOAAddr is an external authorization agent (host:port or
 	// unix:/path); empty runs one inside this process.
 	SPOAAddr string
+	// SPOATLS reaches a TCP SPOAAddr with mutual TLS (nil: plain).
+	SPOATLS *SPOAClientTLS
 	// AdminBind serves HAProxy's Prometheus exporter (/metrics) and stats
 	// page (/stats); empty: off.
 	AdminBind string
@@ -62,6 +64,14 @@ type Config struct {
 	Registerer prometheus.Registerer
 }
 
+// SPOAClientTLS is what HAProxy presents to an external authorization
+// agent over TCP, and how it checks the agent's certificate.
+type SPOAClientTLS struct {
+	CertFile, KeyFile string // HAProxy's client certificate and key (PEM)
+	CAFile            string // the CA the agent's certificate must chain to
+	ServerName        string // the name the agent's certificate must carry ("": any)
+}
+
 // Sidecar is one running sidecar; create it with New and call Run.
 type Sidecar struct {
 	cfg     Config
@@ -72,6 +82,9 @@ type Sidecar struct {
 	// rootsWatch is the one watch of the CA roots, which the embedded
 	// authorizer follows too.
 	rootsWatch *consulwatch.Value[*api.CARootList]
+	// spoaTLS is how HAProxy reaches an external SPOA over TCP, with files
+	// in the working directory (set once, before the apply loop starts).
+	spoaTLS *render.SPOATLS
 	// watched is what the watches fill (watched.go); applier, what
 	// HAProxy runs and how it is changed, the apply loop's alone
 	// (apply.go).
@@ -287,6 +300,12 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 		if p, ok := strings.CutPrefix(addr, "unix:"); ok {
 			addr = "unix@" + p
 		}
+		if s.cfg.SPOATLS != nil {
+			if s.spoaTLS, err = s.writeSPOATLS(*s.cfg.SPOATLS); err != nil {
+				stop()
+				return "", nil, err
+			}
+		}
 		return addr, stop, nil
 	}
 	sock := s.path("spoa.sock")
@@ -360,4 +379,27 @@ func datacenterOf(uri string) string {
 		}
 	}
 	return ""
+}
+
+// writeSPOATLS copies HAProxy's client certificate and key, and the CA of
+// the external SPOA, into the working directory: the only directory an
+// HAProxy in a container sees. They are read once, at start.
+func (s *Sidecar) writeSPOATLS(c SPOAClientTLS) (*render.SPOATLS, error) {
+	var pems [3][]byte
+	for i, path := range []string{c.CertFile, c.KeyFile, c.CAFile} {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("SPOA TLS: %w", err)
+		}
+		pems[i] = b
+	}
+	t := &render.SPOATLS{CertFile: s.path("spoa-client.pem"), CAFile: s.path("spoa-ca.pem"), ServerName: c.ServerName}
+	certKey := append(append(append([]byte{}, pems[0]...), '\n'), pems[1]...)
+	if err := haproxy.WriteFileAtomic(t.CertFile, certKey, 0o600); err != nil {
+		return nil, err
+	}
+	if err := haproxy.WriteFileAtomic(t.CAFile, pems[2], 0o600); err != nil {
+		return nil, err
+	}
+	return t, nil
 }
