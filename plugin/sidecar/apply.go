@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/haconnect/haconnect/internal/meshid"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 )
@@ -91,7 +93,15 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		AccessLog:   s.cfg.AccessLog,
 		Inbound:     reg.Inbound,
 	}
-	localDC := datacenterOf(snap.leaf.ServiceURI)
+	// The upstreams' identities: this sidecar's own, from its leaf, with
+	// the cluster's trust domain (from the roots) and the upstream's name.
+	// One that cannot be built stays empty, which Validate refuses.
+	self, selfErr := meshid.ParseString(snap.leaf.ServiceURI)
+	if td, err := spiffeid.TrustDomainFromString(snap.roots.TrustDomain); err == nil {
+		self.TrustDomain = td
+	} else {
+		selfErr = err
+	}
 	next := map[string][]string{}
 	for _, u := range reg.Upstreams {
 		k := upstreamKey(u)
@@ -101,7 +111,10 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 			byKey[e.Key()] = e
 		}
 		up := u // as registered, with its peer's identity and its slots
-		up.PeerURI = peerURI(snap.roots.TrustDomain, localDC, u)
+		up.PeerURI = ""
+		if selfErr == nil {
+			up.PeerURI, _ = peerURI(self, u)
+		}
 		up.Servers = nil
 		for i, inst := range next[k] {
 			srv := render.Server{Name: render.ServerName(i)}

@@ -11,7 +11,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -24,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/haconnect/haconnect/internal/consulwatch"
+	"github.com/haconnect/haconnect/internal/meshid"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 	"github.com/haconnect/haconnect/plugin/revoke"
@@ -361,24 +361,20 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 	}
 }
 
-// peerURI is the SPIFFE ID an upstream's sidecar certificate carries.
-func peerURI(trustDomain, localDC string, u render.Upstream) string {
-	dc := u.Datacenter
-	if dc == "" {
-		dc = localDC
+// peerURI is the SPIFFE ID an upstream's sidecar certificate carries: the
+// upstream's name in this sidecar's trust domain, partition and namespace,
+// in the upstream's datacenter (by default this sidecar's).
+func peerURI(self meshid.Service, u render.Upstream) (string, error) {
+	peer := self
+	peer.Name = u.Name
+	if u.Datacenter != "" {
+		peer.Datacenter = u.Datacenter
 	}
-	return (&url.URL{Scheme: "spiffe", Host: trustDomain, Path: "/ns/default/dc/" + dc + "/svc/" + u.Name}).String()
-}
-
-// datacenterOf reads the datacenter from a Consul service SPIFFE ID.
-func datacenterOf(uri string) string {
-	parts := strings.Split(uri, "/")
-	for i := 0; i+1 < len(parts); i++ {
-		if parts[i] == "dc" {
-			return parts[i+1]
-		}
+	id, err := peer.ID()
+	if err != nil {
+		return "", fmt.Errorf("upstream %q: %w", u.Name, err)
 	}
-	return ""
+	return id.String(), nil
 }
 
 // writeSPOATLS copies HAProxy's client certificate and key, and the CA of

@@ -3,11 +3,12 @@ package authz
 import (
 	"crypto/x509"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/haconnect/haconnect/internal/meshid"
 )
 
 // Identity is the Consul service a client certificate was issued to.
@@ -63,16 +64,9 @@ func parseCertificate(der []byte) (*x509.Certificate, Identity, Reason, error) {
 }
 
 func serviceIdentity(id spiffeid.ID) (Identity, error) {
-	seg := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
-	ident := Identity{ID: id, Partition: "default"}
-	if len(seg) == 8 && seg[0] == "ap" {
-		ident.Partition = seg[1]
-		seg = seg[2:]
+	svc, err := meshid.Parse(id)
+	if err != nil {
+		return Identity{}, err
 	}
-	if len(seg) != 6 || seg[0] != "ns" || seg[2] != "dc" || seg[4] != "svc" ||
-		seg[1] == "" || seg[3] == "" || seg[5] == "" {
-		return Identity{}, fmt.Errorf("SPIFFE ID %q is not a Consul service identity", id)
-	}
-	ident.Namespace, ident.Datacenter, ident.Service = seg[1], seg[3], seg[5]
-	return ident, nil
+	return Identity{ID: id, Partition: svc.Partition, Namespace: svc.Namespace, Datacenter: svc.Datacenter, Service: svc.Name}, nil
 }
