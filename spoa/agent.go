@@ -3,8 +3,10 @@ package spoa
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/haconnect/haconnect/plugin/revoke"
 	"github.com/haconnect/haconnect/spoa/authz"
@@ -81,3 +83,15 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 
 // Wait returns once the revoker has stopped (after ctx of Start is done).
 func (a *Agent) Wait() { a.running.Wait() }
+
+// MaxTTL is the longest ttl_ms an agent sends: a decision reused longer
+// would keep a revoked caller in for that long.
+const MaxTTL = time.Hour
+
+// CheckTTL says what is wrong with a ttl flag, for both commands.
+func CheckTTL(ttl time.Duration) error {
+	if ttl <= 0 || ttl > MaxTTL {
+		return fmt.Errorf("-ttl must be in (0, %s], got %s", MaxTTL, ttl)
+	}
+	return nil
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/haconnect/haconnect/internal/logging"
 	"github.com/haconnect/haconnect/internal/promserve"
 	"github.com/haconnect/haconnect/plugin/sidecar"
+	"github.com/haconnect/haconnect/spoa"
 )
 
 // Options are the flags of a sidecar-running command.
@@ -76,8 +77,11 @@ func (p *Prepared) Close() {
 // configuration, working directory and metrics listener.
 func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
 	c := o.Sidecar
-	if c.TTL <= 0 || c.StaleWindow < 0 {
-		return nil, errors.New("-ttl must be positive and -stale-window not negative")
+	if err := spoa.CheckTTL(c.TTL); err != nil {
+		return nil, err
+	}
+	if c.StaleWindow < 0 {
+		return nil, errors.New("-stale-window must not be negative")
 	}
 	if t := o.SPOATLS; t != (sidecar.SPOAClientTLS{}) {
 		switch {

@@ -131,8 +131,8 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	if o.StaleWindow < 0 {
 		return fmt.Errorf("-stale-window must not be negative")
 	}
-	if o.TTL <= 0 || o.TTL > time.Hour {
-		return fmt.Errorf("-ttl must be in (0, 1h], got %s", o.TTL)
+	if err := spoa.CheckTTL(o.TTL); err != nil {
+		return err
 	}
 	if o.RevokeSocket != "" && o.Target == "" {
 		return fmt.Errorf("-revoke-socket needs -target: connections are re-decided for that destination")
