@@ -46,7 +46,7 @@ func runningAgent(b *testing.B) (*spoa.Server, string, map[string][]byte) {
 	if err := az.Ready(ctx, "api"); err != nil {
 		b.Fatal(err)
 	}
-	srv, err := spoa.NewServer(spoa.Config{Decider: az, Target: "api"})
+	srv, err := spoa.NewServer(spoa.Config{Decider: az, Destination: "api"})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -67,7 +67,7 @@ func FuzzAgent(f *testing.F) {
 		f.Add(s)
 	}
 	srv, err := NewServer(Config{
-		Decider: fixedDecider{authz.Deny(authz.ReasonNoTarget)}, Target: "api",
+		Decider: fixedDecider{authz.Deny(authz.ReasonNoDestination)}, Destination: "api",
 		MaxConns: 2, MaxInFlight: 4,
 		Limits: spop.Limits{HelloTimeout: 50 * time.Millisecond, IdleTimeout: 100 * time.Millisecond,
 			WriteTimeout: time.Second, MaxInFlight: 2},
@@ -113,7 +113,7 @@ func FuzzAgent(f *testing.F) {
 // TestServeClosesConnectionsOnStop checks that a stopped agent leaves no
 // HAProxy connection half-served.
 func TestServeClosesConnectionsOnStop(t *testing.T) {
-	srv, err := NewServer(Config{Decider: fixedDecider{authz.Deny(authz.ReasonNoTarget)}})
+	srv, err := NewServer(Config{Decider: fixedDecider{authz.Deny(authz.ReasonNoDestination)}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -57,7 +57,7 @@ func varsByName(vars []spop.Var) map[string]spop.Value {
 func TestTargetMismatch(t *testing.T) {
 	dec := &recordingDecider{}
 	reg := prometheus.NewRegistry()
-	srv, err := NewServer(Config{Decider: dec, Target: "api", Registerer: reg})
+	srv, err := NewServer(Config{Decider: dec, Destination: "api", Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +192,7 @@ func TestSPOPOverMutualTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	srv, err := NewServer(Config{Decider: &recordingDecider{}, Target: "api", Registerer: reg,
+	srv, err := NewServer(Config{Decider: &recordingDecider{}, Destination: "api", Registerer: reg,
 		Limits: spop.Limits{HelloTimeout: time.Second}})
 	if err != nil {
 		t.Fatal(err)

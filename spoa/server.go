@@ -75,20 +75,20 @@ var boxedModes = [3]any{0, 1, 2}
 
 // Decider makes authorization decisions; *authz.Authorizer is the real one.
 type Decider interface {
-	Decide(target string, der []byte) *authz.Decision
+	Decide(destination string, der []byte) *authz.Decision
 }
 
 // Config configures a Server.
 type Config struct {
 	Decider Decider
-	// Target, when set, is the only destination this agent authorizes for:
+	// Destination, when set, is the only destination this agent authorizes for:
 	// a message without a target arg is decided for it, and a message
 	// naming another destination is denied (target_mismatch). An agent
 	// that serves one service's listeners is then never the authorizer of
 	// another destination, whatever its SPOE messages say, and nobody can
 	// make it watch destinations it was not started for. Empty: each
 	// message names its destination (a shared agent).
-	Target string
+	Destination string
 	// TTL is sent as ttl_ms: how long HAProxy may reuse a decision on an
 	// open connection before asking again (default 1s).
 	TTL    time.Duration
@@ -115,7 +115,7 @@ type Server struct {
 	cfg      Config
 	log      hclog.Logger
 	ttl      any // boxed once: the library takes values as `any`
-	target   any // cfg.Target, boxed once
+	dest     any // cfg.Destination, boxed once
 	budget   *spop.Budget
 	listener atomic.Pointer[spop.Listener] // the one Serve uses, for the gauges
 	rejected *prometheus.CounterVec
@@ -127,7 +127,7 @@ type Server struct {
 	// tcpL7 counts callers refused because their intention carries HTTP
 	// permissions but the listener speaks TCP: a misconfiguration.
 	tcpL7      *prometheus.CounterVec
-	tcpL7Noted sync.Map // target -> *atomic.Int64, unix seconds of the last log line
+	tcpL7Noted sync.Map // destination -> *atomic.Int64, unix seconds of the last log line
 }
 
 // NewServer validates cfg and creates a Server.
@@ -151,7 +151,7 @@ func NewServer(cfg Config) (*Server, error) {
 		cfg:    cfg,
 		log:    cfg.Logger,
 		ttl:    int(cfg.TTL / time.Millisecond),
-		target: cfg.Target,
+		dest:   cfg.Destination,
 		budget: spop.NewBudget(cfg.MaxInFlight),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "frames_rejected_total",
@@ -249,9 +249,9 @@ func (s *Server) Handle(req *request.Request) {
 
 // handleConnection answers the connection-level check.
 func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
-	target, d := s.decide(msg)
+	destination, d := s.decide(msg)
 	if d.L7 != nil && stringArg(msg, ArgProtocol) == "tcp" {
-		d = s.l7OnTCP(target, d)
+		d = s.l7OnTCP(destination, d)
 	}
 	req.Actions.SetVar(action.ScopeSession, VarAuth, d.Allow)
 	req.Actions.SetVar(action.ScopeSession, VarReason, d.Boxed.Reason)
@@ -262,9 +262,9 @@ func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
 		req.Actions.SetVar(action.ScopeSession, VarSPIFFE, d.Boxed.SPIFFE)
 	}
 	if d.Allow {
-		dest := s.target
-		if target != s.cfg.Target {
-			dest = target
+		dest := s.dest
+		if destination != s.cfg.Destination {
+			dest = destination
 		}
 		req.Actions.SetVar(action.ScopeSession, VarDest, dest)
 	}
@@ -299,25 +299,25 @@ func (s *Server) checkRequest(msg *message.Message, withHeaders bool) (bool, aut
 }
 
 func (s *Server) decide(msg *message.Message) (string, *authz.Decision) {
-	target := s.cfg.Target
+	destination := s.cfg.Destination
 	if t := stringArg(msg, ArgTarget); t != "" {
-		if target != "" && t != target {
-			return t, s.targetMismatch(t)
+		if destination != "" && t != destination {
+			return t, s.destinationMismatch(t)
 		}
-		target = t
+		destination = t
 	}
 	var der []byte
 	if v, ok := msg.KV.Get(ArgCert); ok {
 		der, _ = v.([]byte)
 	}
-	return target, s.cfg.Decider.Decide(target, der)
+	return destination, s.cfg.Decider.Decide(destination, der)
 }
 
-// targetMismatch denies a message naming a destination other than the
+// destinationMismatch denies a message naming a destination other than the
 // agent's -target: a misconfigured spoe.conf, or a peer probing for
 // another destination. One log line a minute at most, whatever the names:
 // they come from the peer.
-func (s *Server) targetMismatch(named string) *authz.Decision {
+func (s *Server) destinationMismatch(named string) *authz.Decision {
 	s.mismatch.Inc()
 	now := time.Now().Unix()
 	if prev := s.mismatchLogged.Load(); now-prev >= 60 && s.mismatchLogged.CompareAndSwap(prev, now) {
@@ -326,9 +326,9 @@ func (s *Server) targetMismatch(named string) *authz.Decision {
 		}
 		s.log.Error("denied: the message names a destination this agent does not authorize for "+
 			"(remove target= from spoe.conf, or run an agent without -target for several destinations)",
-			"target", s.cfg.Target, "named", named)
+			"destination", s.cfg.Destination, "named", named)
 	}
-	return authz.Deny(authz.ReasonTargetMismatch)
+	return authz.Deny(authz.ReasonDestinationMismatch)
 }
 
 // l7OnTCP refuses a caller whose intention carries HTTP permissions on a
@@ -336,14 +336,14 @@ func (s *Server) targetMismatch(named string) *authz.Decision {
 // destination speaks HTTP (it refuses permissions otherwise), so the
 // listener's own configuration disagrees with Consul: say so, at most once
 // a minute per destination.
-func (s *Server) l7OnTCP(target string, d *authz.Decision) *authz.Decision {
-	s.tcpL7.WithLabelValues(target).Inc()
-	v, _ := s.tcpL7Noted.LoadOrStore(target, new(atomic.Int64))
+func (s *Server) l7OnTCP(destination string, d *authz.Decision) *authz.Decision {
+	s.tcpL7.WithLabelValues(destination).Inc()
+	v, _ := s.tcpL7Noted.LoadOrStore(destination, new(atomic.Int64))
 	last, now := v.(*atomic.Int64), time.Now().Unix()
 	if prev := last.Load(); now-prev >= 60 && last.CompareAndSwap(prev, now) {
 		s.log.Error("misconfiguration: the caller's intention has HTTP permissions but this listener speaks TCP; "+
 			"denied (set the proxy's protocol to http, or remove the permissions)",
-			"target", target, "spiffe", d.SPIFFE)
+			"destination", destination, "spiffe", d.SPIFFE)
 	}
 	return authz.Deny(authz.ReasonL7NotHTTP)
 }

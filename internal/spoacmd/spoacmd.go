@@ -168,7 +168,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 			StaleWindow: o.StaleWindow,
 		},
 		Server: &spoa.Config{
-			Target:      o.Target,
+			Destination:      o.Target,
 			TTL:         o.TTL,
 			Logger:      log,
 			Registerer:  reg,
@@ -184,7 +184,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 	if o.RevokeSocket != "" {
 		revokeAdmin = haproxy.NewAdmin(o.RevokeSocket)
 		agentCfg.Revoke = &revoke.Config{
-			Runtime: revokeAdmin, Target: o.Target,
+			Runtime: revokeAdmin, Destination: o.Target,
 			Table: o.RevokeTable, Frontends: strings.Split(o.RevokeFrontend, ","), Untracked: o.RevokeUntracked,
 			Logger: log.Named("revoke"), Registerer: reg,
 		}

@@ -42,7 +42,7 @@ type Runtime = haproxy.Commander
 // Checker re-decides a caller by its SPIFFE ID (nil: cannot tell now);
 // *authz.Authorizer is one.
 type Checker interface {
-	Recheck(target, spiffeID string) *authz.Decision
+	Recheck(destination, spiffeID string) *authz.Decision
 }
 
 // Config configures a Revoker.
@@ -52,8 +52,8 @@ type Config struct {
 	// before a reload) or a worker's stats socket (that worker only). Which
 	// one it is, is asked with ShowProc, which only the master answers.
 	Runtime Runtime
-	// Target is the destination service the listener serves.
-	Target string
+	// Destination is the destination service the listener serves.
+	Destination string
 	// Table names the stick table of open streams, Frontends the
 	// listeners that track into it, whose sessions may be shut down.
 	Table     string
@@ -87,8 +87,8 @@ type Revoker struct {
 // New creates a Revoker; call Run to start it. It takes no Checker, so
 // that it can exist before the authorizer whose OnChange it receives.
 func New(cfg Config) (*Revoker, error) {
-	if cfg.Runtime == nil || cfg.Target == "" || cfg.Table == "" || len(cfg.Frontends) == 0 || slices.Contains(cfg.Frontends, "") {
-		return nil, fmt.Errorf("revoke: runtime, target, table and frontends are required")
+	if cfg.Runtime == nil || cfg.Destination == "" || cfg.Table == "" || len(cfg.Frontends) == 0 || slices.Contains(cfg.Frontends, "") {
+		return nil, fmt.Errorf("revoke: runtime, destination, table and frontends are required")
 	}
 	if cfg.Settle <= 0 {
 		cfg.Settle = 500 * time.Millisecond
@@ -122,8 +122,8 @@ func New(cfg Config) (*Revoker, error) {
 
 // Changed asks for a sweep; it never blocks (authz.Config.OnChange). A
 // change reported before Run starts is swept when it does.
-func (r *Revoker) Changed(target string) {
-	if target != r.cfg.Target {
+func (r *Revoker) Changed(destination string) {
+	if destination != r.cfg.Destination {
 		return
 	}
 	select {
@@ -233,7 +233,7 @@ func (r *Revoker) sweepWorker(rt haproxy.CLI, c Checker, verdicts map[string]*au
 	for spiffe, addrs := range byCaller {
 		d, seen := verdicts[spiffe]
 		if !seen {
-			d = c.Recheck(r.cfg.Target, spiffe)
+			d = c.Recheck(r.cfg.Destination, spiffe)
 			verdicts[spiffe] = d
 		}
 		if d == nil {
@@ -254,7 +254,7 @@ func (r *Revoker) sweepWorker(rt haproxy.CLI, c Checker, verdicts map[string]*au
 			denied[a] = reason
 		}
 		r.cfg.Logger.Info("closing the open connections of a caller the intentions no longer allow",
-			"target", r.cfg.Target, "spiffe", spiffe, "reason", reason.String(), "connections", len(addrs))
+			"destination", r.cfg.Destination, "spiffe", spiffe, "reason", reason.String(), "connections", len(addrs))
 	}
 	if len(denied) == 0 {
 		return 0, nil

@@ -53,7 +53,7 @@ func TestSweepClosesOnlyDeniedCallersOnTheListener(t *testing.T) {
 			"0x103: proto=tcpv4 src=127.0.0.1:4001 fe=upstream_listener_db be=upstream_db srv=s1 ts=00 age=2s\n" +
 			"0x104: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none> ts=00 age=0s\n",
 	}
-	r, err := New(Config{Runtime: rt, Target: "echo", Table: "haconnect_conns", Frontends: []string{"public_listener"}})
+	r, err := New(Config{Runtime: rt, Destination: "echo", Table: "haconnect_conns", Frontends: []string{"public_listener"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestSweepClosesOnlyDeniedCallersOnTheListener(t *testing.T) {
 
 func TestSweepWithoutTable(t *testing.T) {
 	rt := &fakeRuntime{table: "No such table\n"}
-	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"}})
+	r, err := New(Config{Runtime: rt, Destination: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func TestSweepReachesOldWorkersThroughTheMaster(t *testing.T) {
 	}
 	current, old := conn("4001"), conn("4002")
 	r, err := New(Config{Runtime: masterRuntime{map[string]*fakeRuntime{"9554": current, "9509": old}},
-		Target: "echo", Table: "haconnect_conns", Frontends: []string{"public_listener"}})
+		Destination: "echo", Table: "haconnect_conns", Frontends: []string{"public_listener"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func (f *flakyRuntime) Command(c string) (string, error) {
 func TestNotStartedHAProxyIsNotAWarning(t *testing.T) {
 	var logs strings.Builder
 	rt := &flakyRuntime{fakeRuntime: fakeRuntime{table: "No such table\n"}, down: true}
-	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"},
+	r, err := New(Config{Runtime: rt, Destination: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"},
 		Logger: hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Debug})})
 	if err != nil {
 		t.Fatal(err)

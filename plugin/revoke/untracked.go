@@ -70,7 +70,7 @@ func (r *Revoker) readUntracked() map[string]float64 {
 	for reason, n := range counts {
 		if n > l.seen[reason] {
 			r.cfg.Logger.Warn("streams were refused because they could not be tracked for revocation",
-				"target", r.cfg.Target, "reason", reason, "refused", n-l.seen[reason], "table", r.cfg.Table)
+				"destination", r.cfg.Destination, "reason", reason, "refused", n-l.seen[reason], "table", r.cfg.Table)
 		}
 		l.seen[reason] = n // lower after a worker left: counted from there
 	}

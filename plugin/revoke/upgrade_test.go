@@ -53,7 +53,7 @@ func TestSweepClosesUpgradedAndTCPStreamsOfEveryFrontend(t *testing.T) {
 			"0x102: proto=tcpv6 src=::1:4003 fe=inbound be=app srv=app ts=00 age=2s\n" +
 			"0x103: proto=tcpv6 src=::1:4002 fe=other be=x srv=x ts=00 age=2s\n",
 	}
-	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontends: []string{"inbound", "inbound_tcp"}})
+	r, err := New(Config{Runtime: rt, Destination: "api", Table: "haconnect_conns", Frontends: []string{"inbound", "inbound_tcp"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +68,7 @@ func TestSweepClosesUpgradedAndTCPStreamsOfEveryFrontend(t *testing.T) {
 
 func TestNewRefusesAnEmptyFrontend(t *testing.T) {
 	for _, fes := range [][]string{nil, {""}, {"inbound", ""}} {
-		if _, err := New(Config{Runtime: &tablesRuntime{}, Target: "api", Table: "haconnect_conns", Frontends: fes}); err == nil {
+		if _, err := New(Config{Runtime: &tablesRuntime{}, Destination: "api", Table: "haconnect_conns", Frontends: fes}); err == nil {
 			t.Errorf("frontends %q accepted", fes)
 		}
 	}
@@ -83,7 +83,7 @@ func TestUntrackedCountedOverWorkers(t *testing.T) {
 	var logs strings.Builder
 	reg := prometheus.NewPedanticRegistry()
 	r, err := New(Config{Runtime: masterRuntime{map[string]*fakeRuntime{"9554": worker(1), "9509": worker(2)}},
-		Target: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"}, Untracked: "haconnect_untracked",
+		Destination: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"}, Untracked: "haconnect_untracked",
 		Registerer: reg, Logger: hclog.New(&hclog.LoggerOptions{Output: &logs})})
 	if err != nil {
 		t.Fatal(err)
@@ -132,7 +132,7 @@ func (l *lockedLog) String() string {
 func TestRunLogsUntrackedWithoutAScrape(t *testing.T) {
 	logs := &lockedLog{}
 	rt := &fakeRuntime{table: "0x1a: key=table_full use=0 exp=0 gpc0=5\n"}
-	r, err := New(Config{Runtime: rt, Target: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"},
+	r, err := New(Config{Runtime: rt, Destination: "api", Table: "haconnect_conns", Frontends: []string{"public_listener"},
 		Untracked: "haconnect_untracked", UntrackedEvery: 10 * time.Millisecond,
 		Logger: hclog.New(&hclog.LoggerOptions{Output: logs})})
 	if err != nil {

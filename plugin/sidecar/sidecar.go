@@ -278,13 +278,13 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 		},
 		Destinations: []string{service},
 		Revoke: &revoke.Config{
-			Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Target: service,
+			Runtime: haproxy.NewAdmin(haproxy.Config{Dir: s.cfg.Dir}.MasterSocket()), Destination: service,
 			Table: render.ConnTable, Frontends: []string{render.InboundFrontend}, Untracked: render.UntrackedTable,
 			Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
 		},
 	}
 	if !external {
-		cfg.Server = &spoa.Config{Target: service, TTL: s.cfg.TTL,
+		cfg.Server = &spoa.Config{Destination: service, TTL: s.cfg.TTL,
 			Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer}
 	}
 	agent, err := spoa.NewAgent(cfg)

@@ -7,7 +7,7 @@ import (
 )
 
 // explainACL says what to fix when the agent refuses the authorize call
-// for targetName. Consul's own text is kept (it names the permission).
-func explainACL(err error, targetName string) error {
-	return consulflags.Explain(err, fmt.Sprintf("the token needs service:write on %q to call /v1/agent/connect/authorize", targetName))
+// for destination. Consul's own text is kept (it names the permission).
+func explainACL(err error, destination string) error {
+	return consulflags.Explain(err, fmt.Sprintf("the token needs service:write on %q to call /v1/agent/connect/authorize", destination))
 }

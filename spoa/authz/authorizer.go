@@ -56,12 +56,12 @@ type Config struct {
 	// StaleWindow is how long a destination's cached decisions are served
 	// while Consul does not answer for it (default 5m).
 	StaleWindow time.Duration
-	// MaxTargets bounds the destinations one authorizer watches (default 64).
-	MaxTargets int
-	// TargetIdle is how long a destination nobody asks about is kept
+	// MaxDestinations bounds the destinations one authorizer watches (default 64).
+	MaxDestinations int
+	// DestinationIdle is how long a destination nobody asks about is kept
 	// (default 10m). Destinations given to Start are kept for good. When
-	// MaxTargets are watched, one idle for a tenth of this makes room.
-	TargetIdle time.Duration
+	// MaxDestinations are watched, one idle for a tenth of this makes room.
+	DestinationIdle time.Duration
 	// MaxEntries bounds the cached decisions per destination (default 10000).
 	MaxEntries int
 	// WaitTime is the blocking queries' wait (default 60s, at most a
@@ -84,7 +84,7 @@ type Config struct {
 	// re-evaluated, when Consul has not answered for a destination past the
 	// stale window, and again while a Recheck of a destination could not
 	// decide. Holders of open connections use it to Recheck their callers.
-	OnChange func(target string)
+	OnChange func(destination string)
 }
 
 func (c *Config) setDefaults() {
@@ -97,11 +97,11 @@ func (c *Config) setDefaults() {
 	if c.StaleWindow <= 0 {
 		c.StaleWindow = 5 * time.Minute
 	}
-	if c.MaxTargets <= 0 {
-		c.MaxTargets = 64
+	if c.MaxDestinations <= 0 {
+		c.MaxDestinations = 64
 	}
-	if c.TargetIdle <= 0 {
-		c.TargetIdle = 10 * time.Minute
+	if c.DestinationIdle <= 0 {
+		c.DestinationIdle = 10 * time.Minute
 	}
 	if c.MaxEntries <= 0 {
 		c.MaxEntries = 10000
@@ -140,12 +140,12 @@ type Authorizer struct {
 	failing    atomic.Int32 // watches whose last attempt failed, for consul_up
 	rateLogs   sync.Map     // log key -> *atomic.Int64, see logLimited
 
-	mu      sync.RWMutex
-	targets map[string]*target
+	mu           sync.RWMutex
+	destinations map[string]*destination
 }
 
-// target is the state kept for one destination service.
-type target struct {
+// destination is the state kept for one destination service.
+type destination struct {
 	name       string
 	pinned     bool               // given to Start: never expires; guarded by Authorizer.mu
 	cancel     context.CancelFunc // stops its watches
@@ -198,24 +198,24 @@ func New(cfg Config) (*Authorizer, error) {
 		roots = consulwatch.NewValue[*api.CARootList]()
 	}
 	return &Authorizer{
-		cfg:        cfg,
-		log:        cfg.Logger,
-		watch:      watch,
-		call:       call,
-		rootsValue: roots,
-		roots:      roots.Status,
-		targets:    map[string]*target{},
+		cfg:          cfg,
+		log:          cfg.Logger,
+		watch:        watch,
+		call:         call,
+		rootsValue:   roots,
+		roots:        roots.Status,
+		destinations: map[string]*destination{},
 	}, nil
 }
 
 // Start begins watching the CA roots and the given destinations, which are
 // kept for good; watches stop when ctx is done. Destinations seen later in
 // requests are watched from their first request on, until nobody asks
-// about them for Config.TargetIdle.
-func (a *Authorizer) Start(ctx context.Context, targets ...string) {
+// about them for Config.DestinationIdle.
+func (a *Authorizer) Start(ctx context.Context, destinations ...string) {
 	a.ctx = ctx
 	a.watchRoots(ctx)
-	for _, name := range targets {
+	for _, name := range destinations {
 		a.pin(name)
 	}
 	go a.janitor(ctx)
@@ -223,10 +223,10 @@ func (a *Authorizer) Start(ctx context.Context, targets ...string) {
 
 // Ready blocks until the CA roots and the given destinations' intentions are
 // loaded, or ctx is done.
-func (a *Authorizer) Ready(ctx context.Context, targets ...string) error {
+func (a *Authorizer) Ready(ctx context.Context, destinations ...string) error {
 	wait := []<-chan struct{}{a.roots.Loaded()}
-	for _, name := range targets {
-		t := a.target(name, time.Now())
+	for _, name := range destinations {
+		t := a.destination(name, time.Now())
 		if t == nil {
 			return fmt.Errorf("too many destinations")
 		}
@@ -242,11 +242,11 @@ func (a *Authorizer) Ready(ctx context.Context, targets ...string) error {
 	return nil
 }
 
-// Decide answers whether the holder of the DER certificate may reach target.
+// Decide answers whether the holder of the DER certificate may reach destination.
 // It never blocks on Consul for a cached caller.
-func (a *Authorizer) Decide(targetName string, der []byte) *Decision {
+func (a *Authorizer) Decide(destination string, der []byte) *Decision {
 	start := time.Now()
-	d := a.decide(targetName, der, start)
+	d := a.decide(destination, der, start)
 	a.cfg.Metrics.observe(d, start)
 	return d
 }
@@ -256,11 +256,11 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 		return Deny(ReasonNoCertificate)
 	}
 	if name == "" {
-		return Deny(ReasonNoTarget)
+		return Deny(ReasonNoDestination)
 	}
-	t := a.target(name, now)
+	t := a.destination(name, now)
 	if t == nil {
-		return Deny(ReasonTooManyTargets)
+		return Deny(ReasonTooManyDestinations)
 	}
 	t.mu.RLock()
 	e := t.entries[string(der)]
@@ -282,7 +282,7 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 
 // miss decides for a caller that is not cached. It needs Consul to be
 // answering for the destination.
-func (a *Authorizer) miss(t *target, der []byte, now time.Time) *Decision {
+func (a *Authorizer) miss(t *destination, der []byte, now time.Time) *Decision {
 	if !a.waitLoaded(a.roots) || !a.waitLoaded(t.intentions) || !a.waitLoaded(t.chain) {
 		return Deny(ReasonConsulUnavailable)
 	}
@@ -291,18 +291,18 @@ func (a *Authorizer) miss(t *target, der []byte, now time.Time) *Decision {
 	}
 	cert, id, reason, err := parseCertificate(der)
 	if err != nil {
-		a.log.Debug("denied: unusable client certificate", "target", t.name, "reason", reason.String(), "error", err)
+		a.log.Debug("denied: unusable client certificate", "destination", t.name, "reason", reason.String(), "error", err)
 		return Deny(reason)
 	}
 	// Nothing below is cached unless the certificate is genuine and valid,
 	// so that forged or expired certificates cannot fill the cache.
 	switch {
 	case now.Before(id.NotBefore):
-		a.logLimited("not-yet-valid|"+t.name, "denied: client certificate not valid yet", "target", t.name,
+		a.logLimited("not-yet-valid|"+t.name, "denied: client certificate not valid yet", "destination", t.name,
 			"spiffe", id.ID.String(), "not_before", id.NotBefore)
 		return newDecision(false, ReasonCertificateNotYetValid, &id)
 	case !now.Before(id.NotAfter):
-		a.logLimited("expired|"+t.name, "denied: client certificate expired", "target", t.name,
+		a.logLimited("expired|"+t.name, "denied: client certificate expired", "destination", t.name,
 			"spiffe", id.ID.String(), "not_after", id.NotAfter)
 		return newDecision(false, ReasonCertificateExpired, &id)
 	}
@@ -311,12 +311,12 @@ func (a *Authorizer) miss(t *target, der []byte, now time.Time) *Decision {
 		return Deny(ReasonConsulUnavailable)
 	}
 	if id.ID.TrustDomain().Name() != tr.domain {
-		a.logLimited("trust-domain|"+t.name, "denied: certificate from a foreign trust domain", "target", t.name,
+		a.logLimited("trust-domain|"+t.name, "denied: certificate from a foreign trust domain", "destination", t.name,
 			"spiffe", id.ID.String(), "trust_domain", tr.domain)
 		return newDecision(false, ReasonTrustDomain, &id)
 	}
 	if err := tr.verify(cert, now); err != nil {
-		a.logLimited("untrusted|"+t.name, "denied: client certificate does not chain to Consul's CA roots", "target", t.name,
+		a.logLimited("untrusted|"+t.name, "denied: client certificate does not chain to Consul's CA roots", "destination", t.name,
 			"spiffe", id.ID.String(), "error", err)
 		return newDecision(false, ReasonUntrustedCertificate, &id)
 	}
@@ -360,13 +360,13 @@ func (a *Authorizer) waitLoaded(s *consulwatch.Status) bool {
 // only as fresh as the intentions it came from; the agent keeps answering
 // its cached CA roots (and the discovery chain changes rarely) when the
 // servers are gone, so their answers say nothing about the intentions.
-func (a *Authorizer) fresh(t *target, now time.Time) bool {
+func (a *Authorizer) fresh(t *destination, now time.Time) bool {
 	return t.intentions.Fresh(now, a.cfg.StaleWindow)
 }
 
 // evaluate decides for a caller against t's rules (see evaluate in
 // evaluate.go) and logs why the default policy could not be learned.
-func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decision, bool) {
+func (a *Authorizer) evaluate(t *destination, rules *ruleSet, id *Identity) (*Decision, bool) {
 	tr := a.trust.Load()
 	if tr == nil { // the roots Consul gave were unusable
 		return Deny(ReasonConsulUnavailable), false
@@ -384,14 +384,14 @@ func (a *Authorizer) evaluate(t *target, rules *ruleSet, id *Identity) (*Decisio
 // could not be learned: at Error the first time an error text is seen for
 // the destination, then at Debug, so that a refused token does not log on
 // every request.
-func (a *Authorizer) policyError(t *target, id *Identity, err error) {
+func (a *Authorizer) policyError(t *destination, id *Identity, err error) {
 	text := err.Error()
 	if prev := t.policyErr.Swap(&text); prev == nil || *prev != text {
-		a.log.Error("denied: cannot learn the default intention policy", "target", t.name,
+		a.log.Error("denied: cannot learn the default intention policy", "destination", t.name,
 			"spiffe", id.ID.String(), "error", err)
 		return
 	}
-	a.log.Debug("denied: cannot learn the default intention policy", "target", t.name,
+	a.log.Debug("denied: cannot learn the default intention policy", "destination", t.name,
 		"spiffe", id.ID.String(), "error", err)
 }
 
@@ -416,9 +416,9 @@ func (a *Authorizer) logLimited(key, msg string, args ...any) {
 // loaded yet, or the default policy cannot be learned); OnChange is then
 // called again for the destination until it can. An open connection is not
 // cut for a hiccup of Consul within the stale window, and is denied past it.
-func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
+func (a *Authorizer) Recheck(destination, spiffeID string) *Decision {
 	now := time.Now()
-	t := a.target(targetName, now)
+	t := a.destination(destination, now)
 	if t == nil {
 		return nil
 	}
@@ -448,9 +448,9 @@ func (a *Authorizer) Recheck(targetName, spiffeID string) *Decision {
 	return d
 }
 
-func (a *Authorizer) notify(target string) {
+func (a *Authorizer) notify(destination string) {
 	if a.cfg.OnChange != nil {
-		a.cfg.OnChange(target)
+		a.cfg.OnChange(destination)
 	}
 }
 
@@ -458,7 +458,7 @@ func (a *Authorizer) notify(target string) {
 // and re-evaluates the cached callers against them. Until an entry is
 // re-evaluated its generation is old, so a request for it takes the miss
 // path rather than an outdated answer.
-func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
+func (a *Authorizer) update(t *destination, what string, change func(*ruleSet)) {
 	t.mu.Lock()
 	rules := *t.rules
 	change(&rules)
@@ -482,9 +482,9 @@ func (a *Authorizer) update(t *target, what string, change func(*ruleSet)) {
 	a.cfg.Metrics.setMisconfigured(t.name, misconfigured)
 	if misconfigured > 0 {
 		a.log.Warn("misconfiguration: intentions with HTTP permissions on a destination that does not speak HTTP; their callers are denied",
-			"target", t.name, "protocol", rules.protocol, "intentions", misconfigured)
+			"destination", t.name, "protocol", rules.protocol, "intentions", misconfigured)
 	}
-	a.log.Debug("rules changed", "target", t.name, "change", what, "intentions", len(rules.intentions),
+	a.log.Debug("rules changed", "destination", t.name, "change", what, "intentions", len(rules.intentions),
 		"protocol", rules.protocol, "cached_callers", len(ids))
 
 	if a.trust.Load() != nil {
@@ -518,16 +518,16 @@ func (a *Authorizer) forgetCallers() {
 	}
 }
 
-// target returns the state for a destination, creating it and starting its
+// destination returns the state for a destination, creating it and starting its
 // watches the first time, and records that it was asked about at now. It
-// returns nil past MaxTargets when no destination has been idle long enough
+// returns nil past MaxDestinations when no destination has been idle long enough
 // to make room.
-func (a *Authorizer) target(name string, now time.Time) *target {
+func (a *Authorizer) destination(name string, now time.Time) *destination {
 	a.mu.RLock()
-	t := a.targets[name]
+	t := a.destinations[name]
 	a.mu.RUnlock()
 	if t == nil {
-		t = a.addTarget(name, now)
+		t = a.addDestination(name, now)
 		if t == nil {
 			return nil
 		}
@@ -540,14 +540,14 @@ func (a *Authorizer) target(name string, now time.Time) *target {
 	return t
 }
 
-func (a *Authorizer) addTarget(name string, now time.Time) *target {
+func (a *Authorizer) addDestination(name string, now time.Time) *destination {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if t := a.targets[name]; t != nil {
+	if t := a.destinations[name]; t != nil {
 		return t
 	}
-	if len(a.targets) >= a.cfg.MaxTargets && !a.evictIdleLocked(now) {
-		a.logLimited("too-many-targets", "denied: too many destinations for one authorizer", "target", name, "max", a.cfg.MaxTargets)
+	if len(a.destinations) >= a.cfg.MaxDestinations && !a.evictIdleLocked(now) {
+		a.logLimited("too-many-targets", "denied: too many destinations for one authorizer", "destination", name, "max", a.cfg.MaxDestinations)
 		return nil
 	}
 	ctx := a.ctx
@@ -555,60 +555,60 @@ func (a *Authorizer) addTarget(name string, now time.Time) *target {
 		ctx = context.Background()
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	t := &target{
+	t := &destination{
 		name: name, cancel: cancel,
 		intentions: consulwatch.NewStatus(), chain: consulwatch.NewStatus(),
 		rules: &ruleSet{}, entries: map[string]*entry{},
 	}
 	t.lastUsed.Store(now.UnixNano())
-	a.targets[name] = t
-	a.cfg.Metrics.setTargets(len(a.targets))
-	a.watchTarget(ctx, t)
+	a.destinations[name] = t
+	a.cfg.Metrics.setDestinations(len(a.destinations))
+	a.watchDestination(ctx, t)
 	return t
 }
 
 // pin watches a destination for good.
 func (a *Authorizer) pin(name string) {
-	if a.addTarget(name, time.Now()) == nil {
+	if a.addDestination(name, time.Now()) == nil {
 		return
 	}
 	a.mu.Lock()
-	if t := a.targets[name]; t != nil {
+	if t := a.destinations[name]; t != nil {
 		t.pinned = true
 	}
 	a.mu.Unlock()
 }
 
 // evictIdleLocked drops the destination asked about least recently, if it
-// is not pinned and has been idle for a tenth of TargetIdle.
+// is not pinned and has been idle for a tenth of DestinationIdle.
 func (a *Authorizer) evictIdleLocked(now time.Time) bool {
-	var oldest *target
-	for _, t := range a.targets {
+	var oldest *destination
+	for _, t := range a.destinations {
 		if !t.pinned && (oldest == nil || t.lastUsed.Load() < oldest.lastUsed.Load()) {
 			oldest = t
 		}
 	}
-	if oldest == nil || now.UnixNano()-oldest.lastUsed.Load() < int64(a.cfg.TargetIdle/10) {
+	if oldest == nil || now.UnixNano()-oldest.lastUsed.Load() < int64(a.cfg.DestinationIdle/10) {
 		return false
 	}
 	a.dropLocked(oldest, "evicted to make room")
 	return true
 }
 
-func (a *Authorizer) dropLocked(t *target, why string) {
-	delete(a.targets, t.name)
+func (a *Authorizer) dropLocked(t *destination, why string) {
+	delete(a.destinations, t.name)
 	t.cancel()
-	a.cfg.Metrics.setTargets(len(a.targets))
+	a.cfg.Metrics.setDestinations(len(a.destinations))
 	a.cfg.Metrics.setMisconfigured(t.name, 0)
-	a.log.Debug("destination no longer watched", "target", t.name, "why", why)
+	a.log.Debug("destination no longer watched", "destination", t.name, "why", why)
 }
 
 // snapshot lists the destinations watched now.
-func (a *Authorizer) snapshot() []*target {
+func (a *Authorizer) snapshot() []*destination {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
-	out := make([]*target, 0, len(a.targets))
-	for _, t := range a.targets {
+	out := make([]*destination, 0, len(a.destinations))
+	for _, t := range a.destinations {
 		out = append(out, t)
 	}
 	return out

@@ -137,7 +137,7 @@ func TestDecisionsFollowConsul(t *testing.T) {
 		}{
 			{"no certificate", "api", nil, authz.ReasonNoCertificate},
 			{"garbage", "api", []byte("not a certificate"), authz.ReasonBadCertificate},
-			{"no target", "", web, authz.ReasonNoTarget},
+			{"no target", "", web, authz.ReasonNoDestination},
 		} {
 			if d := a.Decide(tc.target, tc.der); d.Allow || d.Reason != tc.reason {
 				t.Errorf("%s: %v %s, want deny %s", tc.name, d.Allow, d.Reason, tc.reason)
@@ -148,7 +148,7 @@ func TestDecisionsFollowConsul(t *testing.T) {
 
 func TestDestinationsAreBounded(t *testing.T) {
 	c := harness.StartConsul(t)
-	a, err := authz.New(authz.Config{Consul: c.Config(), MaxTargets: 2})
+	a, err := authz.New(authz.Config{Consul: c.Config(), MaxDestinations: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +158,7 @@ func TestDestinationsAreBounded(t *testing.T) {
 	web := c.IssueLeaf(t, "web").TLS.Certificate[0]
 	a.Decide("one", web)
 	a.Decide("two", web)
-	if d := a.Decide("three", web); d.Allow || d.Reason != authz.ReasonTooManyTargets {
+	if d := a.Decide("three", web); d.Allow || d.Reason != authz.ReasonTooManyDestinations {
 		t.Fatalf("third destination: %v %s, want deny too_many_targets", d.Allow, d.Reason)
 	}
 }

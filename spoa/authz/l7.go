@@ -184,7 +184,7 @@ func (h *headerMatch) matches(r *Request) bool {
 // compilePermissions turns an intention's permissions into rules. The
 // counters are resolved here, once per intention change, so that checking a
 // request allocates nothing.
-func compilePermissions(target string, ixn *api.Intention, m *Metrics) *Permissions {
+func compilePermissions(destination string, ixn *api.Intention, m *Metrics) *Permissions {
 	p := &Permissions{rules: make([]rule, 0, len(ixn.Permissions))}
 	source := ixn.SourceName
 	if ns := orDefault(ixn.SourceNS); ns != "default" {
@@ -226,11 +226,11 @@ func compilePermissions(target string, ixn *api.Intention, m *Metrics) *Permissi
 				}
 			}
 		}
-		r.counter = m.l7Counter(target, source, strconv.Itoa(i+1), r.allow)
+		r.counter = m.l7Counter(destination, source, strconv.Itoa(i+1), r.allow)
 		p.rules = append(p.rules, r)
 	}
-	p.noMatch[0] = m.l7Counter(target, source, "none", false)
-	p.noMatch[1] = m.l7Counter(target, source, "none", true)
+	p.noMatch[0] = m.l7Counter(destination, source, "none", false)
+	p.noMatch[1] = m.l7Counter(destination, source, "none", true)
 	return p
 }
 

@@ -18,7 +18,7 @@ type Metrics struct {
 	intentionLoads prometheus.Counter
 	l7Requests     *prometheus.CounterVec
 	misconfigured  *prometheus.GaugeVec
-	targets        prometheus.Gauge
+	destinations   prometheus.Gauge
 	stale          *prometheus.GaugeVec
 }
 
@@ -71,7 +71,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "haconnect", Subsystem: "spoa", Name: "l7_misconfigured_intentions",
 			Help: "Intentions with HTTP permissions on a destination whose protocol is not HTTP (their callers are denied).",
 		}, []string{"destination"}),
-		targets: prometheus.NewGauge(prometheus.GaugeOpts{
+		destinations: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "destinations",
 			Help: "Destinations whose intentions the authorizer watches.",
 		}),
@@ -91,7 +91,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.consulErrors[q] = errs.WithLabelValues(q)
 	}
 	if reg != nil {
-		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads, m.l7Requests, m.misconfigured, m.targets, m.stale)
+		reg.MustRegister(decisions, lookups, errs, m.latency, m.consulUp, m.intentionLoads, m.l7Requests, m.misconfigured, m.destinations, m.stale)
 	}
 	return m
 }
@@ -163,9 +163,9 @@ func (m *Metrics) setMisconfigured(destination string, n int) {
 	}
 }
 
-func (m *Metrics) setTargets(n int) {
+func (m *Metrics) setDestinations(n int) {
 	if m != nil {
-		m.targets.Set(float64(n))
+		m.destinations.Set(float64(n))
 	}
 }
 

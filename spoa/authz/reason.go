@@ -27,14 +27,14 @@ const (
 	ReasonNotSPIFFE
 	ReasonNotService
 	ReasonTrustDomain
-	ReasonNoTarget
-	ReasonTooManyTargets
+	ReasonNoDestination
+	ReasonTooManyDestinations
 	ReasonConsulUnavailable
 	ReasonConsulStale
 	ReasonConsulInconsistent
 	ReasonConsulError
 	ReasonInternalError
-	ReasonTargetMismatch
+	ReasonDestinationMismatch
 	numReasons
 )
 
@@ -61,14 +61,14 @@ var reasonText = [numReasons]string{
 	ReasonNotSPIFFE:              "not_spiffe",
 	ReasonNotService:             "not_a_service",
 	ReasonTrustDomain:            "foreign_trust_domain",
-	ReasonNoTarget:               "no_target",
-	ReasonTooManyTargets:         "too_many_targets",
+	ReasonNoDestination:          "no_target",
+	ReasonTooManyDestinations:    "too_many_targets",
 	ReasonConsulUnavailable:      "consul_unavailable",
 	ReasonConsulStale:            "consul_stale",
 	ReasonConsulInconsistent:     "consul_inconsistent",
 	ReasonConsulError:            "consul_error",
 	ReasonInternalError:          "internal_error",
-	ReasonTargetMismatch:         "target_mismatch",
+	ReasonDestinationMismatch:    "target_mismatch",
 }
 
 func (r Reason) String() string {

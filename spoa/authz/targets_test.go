@@ -12,7 +12,7 @@ func (a *Authorizer) watching() map[string]bool {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	out := map[string]bool{}
-	for name := range a.targets {
+	for name := range a.destinations {
 		out[name] = true
 	}
 	return out
@@ -23,7 +23,7 @@ func (a *Authorizer) watching() map[string]bool {
 // slots for good; the destinations given to Start stay.
 func TestIdleDestinationsExpire(t *testing.T) {
 	c := harness.StartConsul(t)
-	a, err := New(Config{Consul: c.Config(), MaxTargets: 3, TargetIdle: 300 * time.Millisecond})
+	a, err := New(Config{Consul: c.Config(), MaxDestinations: 3, DestinationIdle: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,15 +33,15 @@ func TestIdleDestinationsExpire(t *testing.T) {
 	web := c.IssueLeaf(t, "web").TLS.Certificate[0]
 	a.Decide("junk-1", web)
 	a.Decide("junk-2", web)
-	if d := a.Decide("junk-3", web); d.Reason != ReasonTooManyTargets {
-		t.Fatalf("a fourth destination at once: %s, want %s", d.Reason, ReasonTooManyTargets)
+	if d := a.Decide("junk-3", web); d.Reason != ReasonTooManyDestinations {
+		t.Fatalf("a fourth destination at once: %s, want %s", d.Reason, ReasonTooManyDestinations)
 	}
 	harness.WaitFor(t, 5*time.Second, "idle destinations dropped", func() bool {
 		w := a.watching()
 		return len(w) == 1 && w["api"]
 	})
 	for _, name := range []string{"junk-3", "junk-4"} {
-		if d := a.Decide(name, web); d.Reason == ReasonTooManyTargets {
+		if d := a.Decide(name, web); d.Reason == ReasonTooManyDestinations {
 			t.Fatalf("%s after the idle ones expired: %s", name, d.Reason)
 		}
 	}

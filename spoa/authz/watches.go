@@ -81,9 +81,9 @@ func (a *Authorizer) setRoots(list *api.CARootList) {
 	}
 }
 
-// watchTarget starts the watches of one destination: its intentions and
+// watchDestination starts the watches of one destination: its intentions and
 // its protocol. They stop when ctx does.
-func (a *Authorizer) watchTarget(ctx context.Context, t *target) {
+func (a *Authorizer) watchDestination(ctx context.Context, t *destination) {
 	go watch(ctx, a, consulwatch.IntentionsMatch{Destination: t.name}, t.intentions, queryIntentions, func(list []*api.Intention) {
 		perms := make([]*Permissions, len(list))
 		for i, ixn := range list {
@@ -114,7 +114,7 @@ func (a *Authorizer) watchTarget(ctx context.Context, t *target) {
 // when Consul has not answered past the stale window (then every caller is
 // denied, and holders of open connections are told), calls OnChange again
 // while a Recheck could not decide, and stops watching destinations
-// nobody asked about for TargetIdle.
+// nobody asked about for DestinationIdle.
 func (a *Authorizer) janitor(ctx context.Context) {
 	period := min(max(a.cfg.StaleWindow/10, 50*time.Millisecond), time.Second)
 	tick := time.NewTicker(period)
@@ -138,7 +138,7 @@ func (a *Authorizer) janitor(ctx context.Context) {
 
 // checkFreshness logs and reports a destination's passage past the stale
 // window, and back.
-func (a *Authorizer) checkFreshness(t *target, now time.Time) {
+func (a *Authorizer) checkFreshness(t *destination, now time.Time) {
 	if !t.intentions.IsLoaded() || !t.chain.IsLoaded() || !a.roots.IsLoaded() {
 		return // nothing was ever served for it
 	}
@@ -150,18 +150,18 @@ func (a *Authorizer) checkFreshness(t *target, now time.Time) {
 	a.cfg.Metrics.setStale(t.name, stale)
 	if stale {
 		a.log.Error("consul has not answered about this destination's intentions past the stale window: denying every caller",
-			"target", t.name, "stale_window", a.cfg.StaleWindow, "last_answer", t.intentions.Age(now).Round(time.Millisecond).String()+" ago")
+			"destination", t.name, "stale_window", a.cfg.StaleWindow, "last_answer", t.intentions.Age(now).Round(time.Millisecond).String()+" ago")
 		a.notify(t.name)
 		return
 	}
-	a.log.Info("consul answers about this destination's intentions again: serving decisions", "target", t.name)
+	a.log.Info("consul answers about this destination's intentions again: serving decisions", "destination", t.name)
 }
 
 func (a *Authorizer) expireIdle(now time.Time) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for _, t := range a.targets {
-		if !t.pinned && now.UnixNano()-t.lastUsed.Load() > int64(a.cfg.TargetIdle) {
+	for _, t := range a.destinations {
+		if !t.pinned && now.UnixNano()-t.lastUsed.Load() > int64(a.cfg.DestinationIdle) {
 			a.dropLocked(t, "idle")
 		}
 	}
@@ -177,7 +177,7 @@ const defaultReasonPrefix = "Default behavior"
 // cache, which may lag a change by a few milliseconds; while it still reports
 // a matching intention that our list no longer has (or the reverse), ask
 // again briefly, then give up and deny.
-func (a *Authorizer) defaultDecision(t *target, id *Identity) (bool, Reason, error) {
+func (a *Authorizer) defaultDecision(t *destination, id *Identity) (bool, Reason, error) {
 	if p := t.defaultPolicy.Load(); p != nil && time.Since(p.learned) < a.cfg.DefaultPolicyTTL {
 		return p.allow, 0, nil
 	}
