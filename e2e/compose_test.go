@@ -17,7 +17,7 @@ import (
 	"github.com/docker/docker/api/types/volume"
 	consulapi "github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // composeCommand is Compose v2 (`docker compose`) or v1 (`docker-compose`).

@@ -21,7 +21,7 @@ import (
 	"github.com/docker/docker/pkg/stdcopy"
 	consulapi "github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/plugin/docker"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/nomad"

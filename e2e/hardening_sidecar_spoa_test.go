@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // TestSidecarExternalSPOAOverMutualTLS: a sidecar whose inbound callers

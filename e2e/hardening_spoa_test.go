@@ -20,7 +20,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // TestStandaloneStaleWindowWhileAgentAnswersRoots: Consul's servers are

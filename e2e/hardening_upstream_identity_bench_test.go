@@ -5,8 +5,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/haconnect/haconnect/internal/harness"
-	"github.com/haconnect/haconnect/internal/loadgen"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/internal/testkit/loadgen"
 	"github.com/haconnect/haconnect/lua"
 )
 

@@ -10,8 +10,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/harness"
-	"github.com/haconnect/haconnect/internal/loadgen"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/internal/testkit/loadgen"
 )
 
 // benchApp is the cheapest possible app: HAProxy answering 200 itself, so

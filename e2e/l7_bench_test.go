@@ -6,8 +6,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/harness"
-	"github.com/haconnect/haconnect/internal/loadgen"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/internal/testkit/loadgen"
 )
 
 // BenchmarkL7Check measures what checking every request against HTTP

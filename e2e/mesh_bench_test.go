@@ -15,9 +15,9 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/benchreport"
-	"github.com/haconnect/haconnect/internal/harness"
-	"github.com/haconnect/haconnect/internal/loadgen"
+	"github.com/haconnect/haconnect/internal/testkit/benchreport"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/internal/testkit/loadgen"
 	"github.com/haconnect/haconnect/spoa/authz"
 )
 
@@ -478,7 +478,7 @@ func (r report) markdown() string {
 	fmt.Fprintf(&s, "Machine: %d CPUs (%s), Linux, %s; HAProxy %s; Consul v1.16.3.\n\n", runtime.NumCPU(), cpuModel, runtime.Version(), strings.Fields(string(hv) + " ? ? ?")[2])
 	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds of %s per scenario and mode), medians reported. "+
 		"The data planes under test (HAProxy with one thread, the haconnect process with its SPOA, Consul's proxies) are pinned to CPU 0; "+
-		"the load generator (`internal/loadgen`, HTTP/1.1, mTLS with a client certificate where the scenario needs it), the app "+
+		"the load generator (`internal/testkit/loadgen`, HTTP/1.1, mTLS with a client certificate where the scenario needs it), the app "+
 		"(a one-thread HAProxy answering 200) and the Consul agent to CPU 1. CPU/request is the data plane's user+system time (from /proc) per request.\n\n",
 		r.rounds, r.dur)
 	base := map[string]float64{}

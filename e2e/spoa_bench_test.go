@@ -10,7 +10,7 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/negasus/haproxy-spoe-go/request"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"

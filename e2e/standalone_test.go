@@ -18,7 +18,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // standalone is the documented "SPOA next to an existing HAProxy" setup

@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // probe registers lua.probe_uri_san: haconnect_uri_san applied to the

@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 )

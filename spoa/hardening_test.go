@@ -16,7 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
 )

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // backendListener accepts connections on loopback, answers "ok" on each and

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/haconnect/haconnect/internal/harness"
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/lua"
 )
 
