@@ -1,0 +1,312 @@
+// The benchmarks' shared fixture: the app and bare HAProxy baselines,
+// registered sidecars and Consul's proxies, CPU pinning, and the
+// measuring loop that reports every scenario against a baseline.
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/internal/testkit/loadgen"
+)
+
+// benchApp is the cheapest possible app: HAProxy answering 200 itself, so
+// that the proxies under test, not the app, use the CPU.
+func benchApp(b testing.TB) int {
+	port := harness.FreePort(b)
+	dir := harness.TempDir(b)
+	harness.StartHAProxy(b, dir, fmt.Sprintf(`global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend app
+    bind 127.0.0.1:%d
+    http-request return status 200 content-type text/plain string ok
+`, port), fmt.Sprintf("127.0.0.1:%d", port))
+	return port
+}
+
+// bareMTLS is the ceiling for any HAProxy data plane: mTLS termination with
+// the same certificates and one thread, straight to the app, nothing else.
+// It returns the address and HAProxy's pid.
+func bareMTLS(b testing.TB, c *harness.Consul, appPort int) (string, int) {
+	dir := harness.TempDir(b)
+	leaf := c.IssueLeaf(b, "api")
+	roots, _ := c.RootsPEM(b)
+	harness.WriteFile(b, dir, "leaf.pem", leaf.CertPEM+leaf.KeyPEM)
+	harness.WriteFile(b, dir, "roots.pem", roots)
+	addr := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
+	h := harness.StartHAProxy(b, dir, fmt.Sprintf(`global
+    nbthread 1
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend bare
+    bind %s ssl crt %s ca-file %s verify required
+    default_backend app
+backend app
+    server app 127.0.0.1:%d
+`, addr, filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem"), appPort), addr)
+	return addr, h.Proc.Cmd.Process.Pid
+}
+
+// haproxyPids returns the master and worker pids of a sidecar's HAProxy.
+func haproxyPids(b testing.TB, in *instance) []int {
+	worker := workerPid(b, in.dir)
+	return []int{parentOf(b, worker), worker}
+}
+
+type scenario struct {
+	name string
+	addr string
+	pids []int // HAProxy processes under test, pinned alone to CPU 0
+	// alsoCPU are processes whose CPU counts too but that stay with the
+	// load generator (e.g. a sidecar whose embedded SPOA answers each
+	// request).
+	alsoCPU []int
+	// load overrides the load's TLS, path and headers (Addr, Conns and
+	// Duration are set by measure).
+	load loadgen.Config
+	rps  []float64
+	cpu  []float64 // CPU microseconds per request of pids and alsoCPU
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// measure loads each scenario in turn, in alternating rounds, with the
+// HAProxy processes under test pinned alone to CPU 0 and everything else
+// (this process, the app, the SPOA, Consul) on CPU 1.
+func measure(b *testing.B, scenarios []*scenario) {
+	for _, sc := range scenarios {
+		pinDataPlane(b, sc.pids...)
+	}
+	defer pinTestProcess(b)()
+	rounds, dur := 5, 3*time.Second
+	if testing.Short() {
+		rounds, dur = 1, time.Second
+	}
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < rounds; r++ {
+			for _, sc := range scenarios {
+				cfg := sc.load
+				cfg.Addr, cfg.Conns, cfg.Duration = sc.addr, 32, dur
+				cpu := loadgen.StartCPU(append(append([]int(nil), sc.pids...), sc.alsoCPU...)...)
+				res := loadgen.Run(context.Background(), cfg)
+				var used time.Duration
+				for _, u := range cpu.Stop() {
+					used += u
+				}
+				if res.Errors > 0 || res.Requests == 0 {
+					b.Fatalf("%s: %d errors, e.g. %s", sc.name, res.Errors, res.FirstError)
+				}
+				perReq := float64(used.Microseconds()) / float64(res.Requests)
+				b.Logf("round %d %-10s %s, %.1fus CPU/request", r+1, sc.name, res, perReq)
+				sc.rps, sc.cpu = append(sc.rps, res.RPS), append(sc.cpu, perReq)
+			}
+		}
+	}
+}
+
+// reportRatios gives each scenario's median req/s and CPU per request, and their
+// ratios to base's.
+func reportRatios(b *testing.B, scenarios []*scenario, base *scenario) {
+	for _, sc := range scenarios {
+		b.ReportMetric(median(sc.rps), sc.name+"-req/s")
+		b.ReportMetric(median(sc.cpu), sc.name+"-cpu-us/req")
+		if sc != base {
+			b.ReportMetric(median(sc.rps)/median(base.rps), sc.name+"/"+base.name+"-req/s")
+			b.ReportMetric(median(base.cpu)/median(sc.cpu), sc.name+"/"+base.name+"-cpu")
+		}
+	}
+}
+
+// benchRegister registers an instance of api whose app listens on appPort
+// and starts its sidecar with one HAProxy thread.
+func benchRegister(b *testing.B, m *mesh, id string, appPort int, args ...string) *instance {
+	return benchSidecar(b, m, benchService{id: id, name: "api", protocol: "http", appPort: appPort,
+		args: append([]string{"-threads", "1"}, args...)})
+}
+
+// pinDataPlane pins the processes of a data plane under test to CPU 0.
+func pinDataPlane(b testing.TB, pids ...int) {
+	for _, pid := range pids {
+		if err := loadgen.Pin(pid, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// pinTestProcess pins this process (the load generator) to CPU 1 and
+// returns the function that gives it every CPU back.
+func pinTestProcess(b testing.TB) func() {
+	if err := loadgen.Pin(os.Getpid(), 1); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		all := make([]int, runtime.NumCPU())
+		for i := range all {
+			all[i] = i
+		}
+		_ = loadgen.Pin(os.Getpid(), all...)
+	}
+}
+
+func medianRPS(rs []loadgen.Result) float64 {
+	v := make([]float64, len(rs))
+	for i, r := range rs {
+		v[i] = r.RPS
+	}
+	return median(v)
+}
+
+func medianP99(rs []loadgen.Result) time.Duration {
+	s := make([]time.Duration, len(rs))
+	for i, r := range rs {
+		s[i] = r.P99
+	}
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// benchService is a service instance a benchmark registers, with its
+// haconnect sidecar.
+type benchService struct {
+	id, name string
+	protocol string   // of the sidecar and of its upstream
+	appPort  int      // the app's port (1 for a client without one)
+	upstream string   // the destination of its upstream ("": none)
+	args     []string // extra sidecar flags, e.g. -threads 1
+}
+
+// benchSidecar registers s, starts its sidecar and waits until its public
+// listener and its upstream's listen.
+func benchSidecar(b *testing.B, m *mesh, s benchService) *instance {
+	in := &instance{id: s.id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
+	proxy := &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": s.protocol, "bind_address": "127.0.0.1"}}
+	if s.upstream != "" {
+		in.upstream[s.upstream] = harness.FreePort(b)
+		proxy.Upstreams = []api.Upstream{{DestinationName: s.upstream, LocalBindPort: in.upstream[s.upstream],
+			Config: map[string]any{"protocol": s.protocol}}}
+	}
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: s.id, Name: s.name, Address: "127.0.0.1", Port: s.appPort,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: in.port, Proxy: proxy,
+			Checks: listeningCheck(in.port)}},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	in.sidecar = harness.Start(b, "sidecar "+s.id, harness.Binary(b, "haconnect"), append([]string{"sidecar",
+		"-sidecar-for", s.id, "-consul-addr", m.consul.Addr, "-dir", in.dir, "-stop-grace", "1s"}, s.args...)...)
+	in.waitReady(b)
+	return in
+}
+
+// benchRegisterWeb registers a client service whose sidecar has an HTTP
+// upstream to dest, and starts its sidecar on one thread.
+func benchRegisterWeb(b *testing.B, m *mesh, id, name, dest string) *instance {
+	return benchSidecar(b, m, benchService{id: id, name: name, protocol: "http", appPort: 1, upstream: dest,
+		args: []string{"-threads", "1"}})
+}
+
+type consulProxy struct {
+	pid      int
+	upstream int
+}
+
+// consulProxies runs Consul's built-in proxy for capi (in front of the app)
+// and cweb (with capi as its upstream), the baseline every Consul user has.
+func consulProxies(b *testing.B, m *mesh, appPort int) (capi, cweb consulProxy) {
+	apiPort, webPort := harness.FreePort(b), harness.FreePort(b)
+	cweb.upstream = harness.FreePort(b)
+	for _, reg := range []*api.AgentServiceRegistration{
+		{ID: "capi-1", Name: "capi", Address: "127.0.0.1", Port: appPort,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: apiPort,
+				Proxy:  &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"}},
+				Checks: listeningCheck(apiPort)}}},
+		{ID: "cweb-1", Name: "cweb", Address: "127.0.0.1", Port: 1,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: webPort,
+				Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"},
+					Upstreams: []api.Upstream{{DestinationName: "capi", LocalBindPort: cweb.upstream}}},
+				Checks: listeningCheck(webPort)}}},
+	} {
+		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	bin := harness.ConsulBinary(b)
+	pa := harness.Start(b, "consul proxy capi", bin, "connect", "proxy", "-sidecar-for", "capi-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
+	pw := harness.Start(b, "consul proxy cweb", bin, "connect", "proxy", "-sidecar-for", "cweb-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", apiPort), 20*time.Second)
+	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", cweb.upstream), 20*time.Second)
+	harness.WaitFor(b, 20*time.Second, "cweb -> capi through the consul proxies", func() bool {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(fmt.Sprintf("http://127.0.0.1:%d/", cweb.upstream))
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+	return consulProxy{pid: pa.Cmd.Process.Pid}, consulProxy{pid: pw.Cmd.Process.Pid, upstream: cweb.upstream}
+}
+
+// rss is a process's resident memory in bytes.
+func rss(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// startRSSSampler samples the processes' RSS every 100ms until the
+// returned function is called, which gives each one's peak.
+func startRSSSampler(pids []int) func() []int64 {
+	peak := make([]int64, len(pids))
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			for i, p := range pids {
+				peak[i] = max(peak[i], rss(p))
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() []int64 { close(stop); <-done; return peak }
+}
