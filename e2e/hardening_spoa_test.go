@@ -24,6 +24,7 @@ import (
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
+	"github.com/haconnect/haconnect/spoa/spop/spoptest"
 )
 
 // TestStandaloneStripsIdentityHeaders: with the example as shipped, a
@@ -95,14 +96,14 @@ func TestStandaloneTargetIsTheSPOAs(t *testing.T) {
 		t.Fatalf("web -> api: %d", code)
 	}
 	// An SPOE message as a copied spoe.conf for db would send it.
-	c, err := spop.Dial("unix", s.spoaAddr, 5*time.Second)
+	c, err := spoptest.Dial("unix", s.spoaAddr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	vars, err := c.Notify(spoa.MessageName,
-		spop.ArgValue{Name: spoa.ArgCert, Value: s.leaves["web"].TLS.Certificate[0]},
-		spop.ArgValue{Name: spoa.ArgTarget, Value: "db"})
+		spoptest.ArgValue{Name: spoa.ArgCert, Value: s.leaves["web"].TLS.Certificate[0]},
+		spoptest.ArgValue{Name: spoa.ArgTarget, Value: "db"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +342,7 @@ func TestStandaloneSPOAOverMutualTLS(t *testing.T) {
 	}
 
 	t.Run("clients without a certificate or of another CA get no SPOP answer", func(t *testing.T) {
-		if c, err := spop.Dial("tcp", s.spoaTCP, 3*time.Second); err == nil {
+		if c, err := spoptest.Dial("tcp", s.spoaTCP, 3*time.Second); err == nil {
 			c.Close()
 			t.Fatal("plain TCP client answered")
 		}

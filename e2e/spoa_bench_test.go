@@ -13,7 +13,7 @@ import (
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/spoa"
 	"github.com/haconnect/haconnect/spoa/authz"
-	"github.com/haconnect/haconnect/spoa/spop"
+	"github.com/haconnect/haconnect/spoa/spop/spoptest"
 )
 
 // runningAgent starts the SPOA in-process with a real authorizer against a
@@ -69,7 +69,7 @@ func BenchmarkSPOERoundTrip(b *testing.B) {
 	_, addr, certs := runningAgent(b)
 	cert := certs["web"]
 	b.Run("sequential", func(b *testing.B) {
-		c, err := spop.Dial("tcp", addr, 5*time.Second)
+		c, err := spoptest.Dial("tcp", addr, 5*time.Second)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -77,7 +77,7 @@ func BenchmarkSPOERoundTrip(b *testing.B) {
 		b.ReportAllocs()
 		b.ResetTimer()
 		for i := 0; i < b.N; i++ {
-			if _, err := c.Notify(spoa.MessageName, spop.ArgValue{Name: spoa.ArgCert, Value: cert}); err != nil {
+			if _, err := c.Notify(spoa.MessageName, spoptest.ArgValue{Name: spoa.ArgCert, Value: cert}); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -87,14 +87,14 @@ func BenchmarkSPOERoundTrip(b *testing.B) {
 		b.ReportAllocs()
 		b.ResetTimer()
 		b.RunParallel(func(pb *testing.PB) {
-			c, err := spop.Dial("tcp", addr, 5*time.Second)
+			c, err := spoptest.Dial("tcp", addr, 5*time.Second)
 			if err != nil {
 				b.Error(err)
 				return
 			}
 			defer c.Close()
 			for pb.Next() {
-				if _, err := c.Notify(spoa.MessageName, spop.ArgValue{Name: spoa.ArgCert, Value: cert}); err != nil {
+				if _, err := c.Notify(spoa.MessageName, spoptest.ArgValue{Name: spoa.ArgCert, Value: cert}); err != nil {
 					b.Error(err)
 					return
 				}
@@ -118,17 +118,17 @@ func BenchmarkHandle(b *testing.B) {
 	}
 	for _, bc := range []struct {
 		name, message string
-		args          []spop.ArgValue
+		args          []spoptest.ArgValue
 	}{
-		{"l4", spoa.MessageName, []spop.ArgValue{{Name: spoa.ArgCert, Value: certs["web"]}}},
-		{"l7", spoa.MessageL7, []spop.ArgValue{{Name: spoa.ArgCert, Value: certs["batch"]},
+		{"l4", spoa.MessageName, []spoptest.ArgValue{{Name: spoa.ArgCert, Value: certs["web"]}}},
+		{"l7", spoa.MessageL7, []spoptest.ArgValue{{Name: spoa.ArgCert, Value: certs["batch"]},
 			{Name: spoa.ArgMethod, Value: "GET"}, {Name: spoa.ArgPath, Value: "/api/items?page=2"}}},
-		{"l7+headers", spoa.MessageL7WithHeaders, []spop.ArgValue{{Name: spoa.ArgCert, Value: certs["fresh"]},
+		{"l7+headers", spoa.MessageL7WithHeaders, []spoptest.ArgValue{{Name: spoa.ArgCert, Value: certs["fresh"]},
 			{Name: spoa.ArgMethod, Value: "GET"}, {Name: spoa.ArgPath, Value: "/api/items?page=2"},
 			{Name: spoa.ArgHeaders, Value: headers}}},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			var e spop.Encoder
+			var e spoptest.Encoder
 			frame := e.Notify(1, 1, bc.message, bc.args...)
 			payload := append([]byte(nil), frame[4+7:]...) // after length, type, flags, stream-id, frame-id
 			req := request.AcquireRequest()

@@ -10,6 +10,7 @@ import (
 
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
+	"github.com/haconnect/haconnect/spoa/spop/spoptest"
 )
 
 // fixedDecider answers every question the same way: the fuzz target is
@@ -19,25 +20,25 @@ type fixedDecider struct{ d *authz.Decision }
 func (f fixedDecider) Decide(string, []byte) *authz.Decision { return f.d }
 
 func fuzzSeeds() [][]byte {
-	var e spop.Encoder
+	var e spoptest.Encoder
 	hello := append([]byte(nil), e.Hello(spop.DefaultMaxFrameSize, false)...)
 	health := append([]byte(nil), e.Hello(spop.DefaultMaxFrameSize, true)...)
 	msg := append([]byte(nil), e.Notify(1, 1, MessageName,
-		spop.ArgValue{Name: ArgCert, Value: []byte{0x30, 0x82, 0x01, 0x0a}},
-		spop.ArgValue{Name: ArgTarget, Value: "api"})...)
+		spoptest.ArgValue{Name: ArgCert, Value: []byte{0x30, 0x82, 0x01, 0x0a}},
+		spoptest.ArgValue{Name: ArgTarget, Value: "api"})...)
 	wrongTypes := append([]byte(nil), e.Notify(2, 2, MessageName,
-		spop.ArgValue{Name: ArgCert, Value: "not bytes"},
-		spop.ArgValue{Name: ArgTarget, Value: uint64(7)})...)
+		spoptest.ArgValue{Name: ArgCert, Value: "not bytes"},
+		spoptest.ArgValue{Name: ArgTarget, Value: uint64(7)})...)
 	block := []byte{4, 'h', 'o', 's', 't', 3, 'a', 'p', 'i', 0, 0}
 	l7 := append([]byte(nil), e.Notify(3, 3, MessageL7WithHeaders,
-		spop.ArgValue{Name: ArgCert, Value: []byte{0x30, 0x82}},
-		spop.ArgValue{Name: ArgMethod, Value: "GET"},
-		spop.ArgValue{Name: ArgPath, Value: "/a?b=c"},
-		spop.ArgValue{Name: ArgHeaders, Value: block})...)
+		spoptest.ArgValue{Name: ArgCert, Value: []byte{0x30, 0x82}},
+		spoptest.ArgValue{Name: ArgMethod, Value: "GET"},
+		spoptest.ArgValue{Name: ArgPath, Value: "/a?b=c"},
+		spoptest.ArgValue{Name: ArgHeaders, Value: block})...)
 	l7Bad := append([]byte(nil), e.Notify(4, 4, MessageL7WithHeaders,
-		spop.ArgValue{Name: ArgMethod, Value: "GET"},
-		spop.ArgValue{Name: ArgPath, Value: "/"},
-		spop.ArgValue{Name: ArgHeaders, Value: block[:6]})...)
+		spoptest.ArgValue{Name: ArgMethod, Value: "GET"},
+		spoptest.ArgValue{Name: ArgPath, Value: "/"},
+		spoptest.ArgValue{Name: ArgHeaders, Value: block[:6]})...)
 	disconnect := append([]byte(nil), e.Begin(spop.TypeHaproxyDisconnect, 0, 0).
 		String("status-code").Typed(uint32(0)).String("message").Typed("bye").Bytes()...)
 	return [][]byte{
@@ -124,12 +125,12 @@ func TestServeClosesConnectionsOnStop(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ctx, l) }()
-	c, err := spop.Dial("tcp", l.Addr().String(), 5*time.Second)
+	c, err := spoptest.Dial("tcp", l.Addr().String(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	vars, err := c.Notify(MessageName, spop.ArgValue{Name: ArgCert, Value: []byte{1}})
+	vars, err := c.Notify(MessageName, spoptest.ArgValue{Name: ArgCert, Value: []byte{1}})
 	if err != nil || len(vars) == 0 || vars[0].Name != VarAuth || vars[0].Value.Bool {
 		t.Fatalf("answer before stop: %+v %v, want auth=false first", vars, err)
 	}
@@ -137,7 +138,7 @@ func TestServeClosesConnectionsOnStop(t *testing.T) {
 	if err := <-served; err != nil {
 		t.Fatalf("Serve: %v", err)
 	}
-	if _, err := c.Notify(MessageName, spop.ArgValue{Name: ArgCert, Value: []byte{1}}); err == nil {
+	if _, err := c.Notify(MessageName, spoptest.ArgValue{Name: ArgCert, Value: []byte{1}}); err == nil {
 		t.Fatal("the connection still answered after the agent stopped")
 	}
 }

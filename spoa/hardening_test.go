@@ -19,6 +19,7 @@ import (
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
+	"github.com/haconnect/haconnect/spoa/spop/spoptest"
 )
 
 // recordingDecider allows everything and remembers the destinations it
@@ -44,7 +45,7 @@ func serveAgent(t *testing.T, srv *Server, l net.Listener) {
 	t.Cleanup(func() { cancel(); <-done })
 }
 
-func varsByName(vars []spop.Var) map[string]spop.Value {
+func varsByName(vars []spoptest.Var) map[string]spop.Value {
 	m := map[string]spop.Value{}
 	for _, v := range vars {
 		m[v.Name] = v.Value
@@ -66,15 +67,15 @@ func TestTargetMismatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	serveAgent(t, srv, l)
-	c, err := spop.Dial("tcp", l.Addr().String(), 5*time.Second)
+	c, err := spoptest.Dial("tcp", l.Addr().String(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	cert := spop.ArgValue{Name: ArgCert, Value: []byte{0x30}}
+	cert := spoptest.ArgValue{Name: ArgCert, Value: []byte{0x30}}
 
 	for _, named := range []string{"db", "junk-1", "junk-2"} {
-		vars, err := c.Notify(MessageName, cert, spop.ArgValue{Name: ArgTarget, Value: named})
+		vars, err := c.Notify(MessageName, cert, spoptest.ArgValue{Name: ArgTarget, Value: named})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -83,8 +84,8 @@ func TestTargetMismatch(t *testing.T) {
 			t.Fatalf("target %q: auth=%v reason=%q, want a target_mismatch denial", named, got[VarAuth].Bool, got[VarReason].Bytes)
 		}
 	}
-	vars, err := c.Notify(MessageL7, cert, spop.ArgValue{Name: ArgTarget, Value: "db"},
-		spop.ArgValue{Name: ArgMethod, Value: "GET"}, spop.ArgValue{Name: ArgPath, Value: "/"})
+	vars, err := c.Notify(MessageL7, cert, spoptest.ArgValue{Name: ArgTarget, Value: "db"},
+		spoptest.ArgValue{Name: ArgMethod, Value: "GET"}, spoptest.ArgValue{Name: ArgPath, Value: "/"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +93,7 @@ func TestTargetMismatch(t *testing.T) {
 		t.Fatalf("l7 message for db: %+v, want a target_mismatch denial", got)
 	}
 	// The agent's own destination, named or implied, is decided.
-	for _, args := range [][]spop.ArgValue{{cert, {Name: ArgTarget, Value: "api"}}, {cert}} {
+	for _, args := range [][]spoptest.ArgValue{{cert, {Name: ArgTarget, Value: "api"}}, {cert}} {
 		if _, err := c.Notify(MessageName, args...); err != nil {
 			t.Fatal(err)
 		}
@@ -109,12 +110,12 @@ func TestTargetMismatch(t *testing.T) {
 	srv2, _ := NewServer(Config{Decider: shared})
 	l2, _ := net.Listen("tcp", "127.0.0.1:0")
 	serveAgent(t, srv2, l2)
-	c2, err := spop.Dial("tcp", l2.Addr().String(), 5*time.Second)
+	c2, err := spoptest.Dial("tcp", l2.Addr().String(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c2.Close()
-	if _, err := c2.Notify(MessageName, cert, spop.ArgValue{Name: ArgTarget, Value: "db"}); err != nil {
+	if _, err := c2.Notify(MessageName, cert, spoptest.ArgValue{Name: ArgTarget, Value: "db"}); err != nil {
 		t.Fatal(err)
 	}
 	if !slices.Equal(shared.asked, []string{"db"}) {
@@ -206,7 +207,7 @@ func TestSPOPOverMutualTLS(t *testing.T) {
 
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM([]byte(ca.CertPEM))
-	dial := func(cert *harness.Leaf) (*spop.Client, error) {
+	dial := func(cert *harness.Leaf) (*spoptest.Client, error) {
 		cfg := &tls.Config{RootCAs: roots, ServerName: "localhost"}
 		if cert != nil {
 			cfg.Certificates = []tls.Certificate{cert.TLS}
@@ -215,11 +216,11 @@ func TestSPOPOverMutualTLS(t *testing.T) {
 		if err != nil {
 			return nil, err
 		}
-		c, err := spop.NewClient(conn, spop.DefaultMaxFrameSize, 5*time.Second)
+		c, err := spoptest.NewClient(conn, spop.DefaultMaxFrameSize, 5*time.Second)
 		if err != nil {
 			return nil, err
 		}
-		_, err = c.Notify(MessageName, spop.ArgValue{Name: ArgCert, Value: []byte{0x30}})
+		_, err = c.Notify(MessageName, spoptest.ArgValue{Name: ArgCert, Value: []byte{0x30}})
 		return c, err
 	}
 
@@ -234,7 +235,7 @@ func TestSPOPOverMutualTLS(t *testing.T) {
 			t.Errorf("%s: SPOP answered", name)
 		}
 	}
-	if plain, err := spop.Dial("tcp", addr, 3*time.Second); err == nil {
+	if plain, err := spoptest.Dial("tcp", addr, 3*time.Second); err == nil {
 		plain.Close()
 		t.Error("plain TCP: SPOP answered")
 	}

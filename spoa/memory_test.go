@@ -10,6 +10,7 @@ import (
 
 	"github.com/haconnect/haconnect/spoa/authz"
 	"github.com/haconnect/haconnect/spoa/spop"
+	"github.com/haconnect/haconnect/spoa/spop/spoptest"
 )
 
 // blockingDecider holds every decision until release is closed.
@@ -41,11 +42,11 @@ func TestMemoryBoundUnderHostileLoad(t *testing.T) {
 	}
 	serveAgent(t, srv, l)
 
-	var e spop.Encoder
+	var e spoptest.Encoder
 	hello := append([]byte(nil), e.Hello(spop.DefaultMaxFrameSize, false)...)
 	// The largest frame the agent accepts: a 16 KB "certificate".
 	notify := append([]byte(nil), e.Notify(1, 1, MessageName,
-		spop.ArgValue{Name: ArgCert, Value: make([]byte, spop.DefaultMaxFrameSize-40)})...)
+		spoptest.ArgValue{Name: ArgCert, Value: make([]byte, spop.DefaultMaxFrameSize-40)})...)
 	if len(notify)-4 > spop.DefaultMaxFrameSize {
 		t.Fatalf("frame of %d bytes", len(notify)-4)
 	}

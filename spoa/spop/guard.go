@@ -175,8 +175,8 @@ func (g *Guard) next() error {
 		return g.readError(err)
 	}
 	size := binary.BigEndian.Uint32(hdr[:])
-	if size < minFrameLen || size > uint32(g.frameLimit) {
-		return g.fail(reject(RejectFrameLength, "frame length %d outside [%d, %d]", size, minFrameLen, g.frameLimit))
+	if size < MinFrameLength || size > uint32(g.frameLimit) {
+		return g.fail(reject(RejectFrameLength, "frame length %d outside [%d, %d]", size, MinFrameLength, g.frameLimit))
 	}
 	if cap(g.frame) < int(size)+4 {
 		g.frame = make([]byte, int(size)+4)
@@ -255,15 +255,15 @@ func negotiateHello(frame []byte, limit int) ([]byte, int) {
 	// type(1) + flags(4) + stream-id + frame-id, all validated already.
 	head := 5
 	for i := 0; i < 2; i++ {
-		_, n := uvarint(body[head:])
+		_, n := Varint(body[head:])
 		head += n
 	}
 	out := make([]byte, 4, len(frame)+8)
 	out = append(out, body[:head]...)
 	size := limit
 	for kv := body[head:]; len(kv) > 0; {
-		name, n, _ := parseString(kv)
-		v, m, _ := parseValue(kv[n:])
+		name, n, _ := ParseString(kv)
+		v, m, _ := ParseValue(kv[n:])
 		if string(name) == "max-frame-size" {
 			if v.Int > 0 && v.Int < uint64(size) {
 				size = int(v.Int)
@@ -274,8 +274,8 @@ func negotiateHello(frame []byte, limit int) ([]byte, int) {
 		kv = kv[n+m:]
 	}
 	const key = "max-frame-size"
-	out = append(putUvarint(out, uint64(len(key))), key...)
-	out = putUvarint(append(out, DataUint32), uint64(size))
+	out = append(AppendVarint(out, uint64(len(key))), key...)
+	out = AppendVarint(append(out, DataUint32), uint64(size))
 	binary.BigEndian.PutUint32(out, uint32(len(out)-4))
 	return out, size
 }

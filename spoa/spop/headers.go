@@ -15,12 +15,12 @@ type HeaderBlock []byte
 func (b HeaderBlock) Validate() error {
 	rest := []byte(b)
 	for {
-		name, n, ok := parseString(rest)
+		name, n, ok := ParseString(rest)
 		if !ok {
 			return errors.New("header block: truncated name")
 		}
 		rest = rest[n:]
-		value, n, ok := parseString(rest)
+		value, n, ok := ParseString(rest)
 		if !ok {
 			return errors.New("header block: truncated value")
 		}
@@ -42,12 +42,12 @@ func (b HeaderBlock) Lookup(name string) (string, bool) {
 	found := false
 	rest := []byte(b)
 	for {
-		n, size, ok := parseString(rest)
+		n, size, ok := ParseString(rest)
 		if !ok {
 			break
 		}
 		rest = rest[size:]
-		v, size, ok := parseString(rest)
+		v, size, ok := ParseString(rest)
 		if !ok || (len(n) == 0 && len(v) == 0) {
 			break
 		}
@@ -69,12 +69,12 @@ func (b HeaderBlock) Lookup(name string) (string, bool) {
 func (b HeaderBlock) Names(f func(name []byte) bool) {
 	rest := []byte(b)
 	for {
-		n, size, ok := parseString(rest)
+		n, size, ok := ParseString(rest)
 		if !ok {
 			return
 		}
 		rest = rest[size:]
-		v, size, ok := parseString(rest)
+		v, size, ok := ParseString(rest)
 		if !ok || (len(n) == 0 && len(v) == 0) || !f(n) {
 			return
 		}

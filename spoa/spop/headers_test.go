@@ -5,7 +5,7 @@ import "testing"
 func headerBlock(pairs ...string) HeaderBlock {
 	var b []byte
 	for _, s := range append(pairs, "", "") {
-		b = putUvarint(b, uint64(len(s)))
+		b = AppendVarint(b, uint64(len(s)))
 		b = append(b, s...)
 	}
 	return b

@@ -1,4 +1,4 @@
-package spop
+package spop_test
 
 import (
 	"os"
@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/haconnect/haconnect/spoa/spop"
 	"github.com/negasus/haproxy-spoe-go/logger"
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/negasus/haproxy-spoe-go/worker"
@@ -21,7 +22,7 @@ func TestUnguardedLibraryCrashes(t *testing.T) {
 	if os.Getenv("HACONNECT_UNGUARDED_CHILD") == "1" {
 		client, server := tcpPair(t)
 		go worker.Handle(server, func(*request.Request) {}, logger.NewNop())
-		_, _ = client.Write([]byte{0, 0, 0, 5, TypeHaproxyHello, 0, 0, 0, 1})
+		_, _ = client.Write([]byte{0, 0, 0, 5, spop.TypeHaproxyHello, 0, 0, 0, 1})
 		time.Sleep(2 * time.Second)
 		return // survived
 	}
@@ -35,7 +36,7 @@ func TestUnguardedLibraryCrashes(t *testing.T) {
 		t.Fatalf("the child failed without a panic: %v\n%s", err, out)
 	}
 	// The same bytes through the guard are refused cleanly.
-	if reason, _ := serve(t, Limits{}, nil, []byte{0, 0, 0, 5, TypeHaproxyHello, 0, 0, 0, 1}); reason != RejectFrameLength {
-		t.Fatalf("guarded: reason %q, want %q", reason, RejectFrameLength)
+	if reason, _ := serve(t, spop.Limits{}, nil, []byte{0, 0, 0, 5, spop.TypeHaproxyHello, 0, 0, 0, 1}); reason != spop.RejectFrameLength {
+		t.Fatalf("guarded: reason %q, want %q", reason, spop.RejectFrameLength)
 	}
 }

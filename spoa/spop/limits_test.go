@@ -1,4 +1,4 @@
-package spop
+package spop_test
 
 import (
 	"encoding/binary"
@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/haconnect/haconnect/spoa/spop"
+	"github.com/haconnect/haconnect/spoa/spop/spoptest"
 	"github.com/negasus/haproxy-spoe-go/agent"
 	"github.com/negasus/haproxy-spoe-go/logger"
 	"github.com/negasus/haproxy-spoe-go/request"
@@ -19,14 +21,14 @@ import (
 
 // agentOn serves the real SPOE library behind a Listener with the given
 // bounds and returns the listener and the last reject reason seen.
-func agentOn(t *testing.T, limits Limits, maxConns int, budget *Budget, handler func(*request.Request)) (*Listener, *atomic.Value) {
+func agentOn(t *testing.T, limits spop.Limits, maxConns int, budget *spop.Budget, handler func(*request.Request)) (*spop.Listener, *atomic.Value) {
 	t.Helper()
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	reason := &atomic.Value{}
-	l := NewListener(raw, limits, maxConns, budget, func(r string, _ error) { reason.Store(r) })
+	l := spop.NewListener(raw, limits, maxConns, budget, func(r string, _ error) { reason.Store(r) })
 	if handler == nil {
 		handler = func(*request.Request) {}
 	}
@@ -37,9 +39,9 @@ func agentOn(t *testing.T, limits Limits, maxConns int, budget *Budget, handler 
 
 // bigNotify is a NOTIFY frame of about size bytes (one binary argument).
 func bigNotify(frameID uint64, size int) []byte {
-	var e Encoder
+	var e spoptest.Encoder
 	return append([]byte(nil), e.Notify(1, frameID, "haconnect-l7-headers",
-		ArgValue{"headers", make([]byte, size-40)})...)
+		spoptest.ArgValue{Name: "headers", Value: make([]byte, size-40)})...)
 }
 
 // waitClosed reads c until the agent closes it, within limit.
@@ -64,17 +66,17 @@ func TestGuardNegotiatesFrameSize(t *testing.T) {
 		offer uint32
 		want  uint32
 	}{
-		{0, 65532, DefaultMaxFrameSize}, // tune.bufsize 65536 against the default
-		{0, 4092, 4092},                 // HAProxy's is smaller: it stands
-		{65532, 65532, 65532},           // raised with -max-frame-size
+		{0, 65532, spop.DefaultMaxFrameSize}, // tune.bufsize 65536 against the default
+		{0, 4092, 4092},                      // HAProxy's is smaller: it stands
+		{65532, 65532, 65532},                // raised with -max-frame-size
 		{100000, 65532, 65532},
 	} {
-		l, _ := agentOn(t, Limits{MaxFrameSize: tc.limit}, 4, nil, nil)
+		l, _ := agentOn(t, spop.Limits{MaxFrameSize: tc.limit}, 4, nil, nil)
 		conn, err := net.Dial("tcp", l.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, err := NewClient(conn, tc.offer, 5*time.Second)
+		c, err := spoptest.NewClient(conn, tc.offer, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -87,19 +89,19 @@ func TestGuardNegotiatesFrameSize(t *testing.T) {
 	// A frame within the negotiated size is served; one over it (which
 	// HAProxy no longer sends) closes the connection.
 	var handled atomic.Int32
-	l, reason := agentOn(t, Limits{MaxFrameSize: 65532}, 4, nil, func(*request.Request) { handled.Add(1) })
+	l, reason := agentOn(t, spop.Limits{MaxFrameSize: 65532}, 4, nil, func(*request.Request) { handled.Add(1) })
 	conn, _ := net.Dial("tcp", l.Addr().String())
-	c, err := NewClient(conn, 65532, 5*time.Second)
+	c, err := spoptest.NewClient(conn, 65532, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Notify("haconnect-l7-headers", ArgValue{"headers", make([]byte, 40000)}); err != nil || handled.Load() != 1 {
+	if _, err := c.Notify("haconnect-l7-headers", spoptest.ArgValue{Name: "headers", Value: make([]byte, 40000)}); err != nil || handled.Load() != 1 {
 		t.Fatalf("40 KB frame with max-frame-size 65532: %v, handled %d", err, handled.Load())
 	}
 	_, _ = conn.Write(bigNotify(9, 70000))
 	waitClosed(t, conn, 5*time.Second)
-	if r, _ := reason.Load().(string); r != RejectFrameLength {
-		t.Fatalf("reason %q, want %q", r, RejectFrameLength)
+	if r, _ := reason.Load().(string); r != spop.RejectFrameLength {
+		t.Fatalf("reason %q, want %q", r, spop.RejectFrameLength)
 	}
 }
 
@@ -109,20 +111,20 @@ func TestGuardNegotiatesFrameSize(t *testing.T) {
 func TestGuardIdleTimeout(t *testing.T) {
 	const idle = 300 * time.Millisecond
 	var handled atomic.Int32
-	l, reason := agentOn(t, Limits{IdleTimeout: idle}, 4, nil, func(*request.Request) { handled.Add(1) })
+	l, reason := agentOn(t, spop.Limits{IdleTimeout: idle}, 4, nil, func(*request.Request) { handled.Add(1) })
 
-	silent, err := Dial("tcp", l.Addr().String(), 5*time.Second)
+	silent, err := spoptest.Dial("tcp", l.Addr().String(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	took := waitClosed(t, silent.Conn(), 10*time.Second)
-	if r, _ := reason.Load().(string); r != RejectIdleTimeout {
-		t.Fatalf("silent peer: reason %q, want %q", r, RejectIdleTimeout)
+	if r, _ := reason.Load().(string); r != spop.RejectIdleTimeout {
+		t.Fatalf("silent peer: reason %q, want %q", r, spop.RejectIdleTimeout)
 	}
 	t.Logf("silent connection closed after %s (idle timeout %s)", took, idle)
 
 	reason.Store("")
-	trickler, err := Dial("tcp", l.Addr().String(), 5*time.Second)
+	trickler, err := spoptest.Dial("tcp", l.Addr().String(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,18 +137,18 @@ func TestGuardIdleTimeout(t *testing.T) {
 		}
 	}()
 	waitClosed(t, trickler.Conn(), 10*time.Second)
-	if r, _ := reason.Load().(string); r != RejectIdleTimeout || handled.Load() != 0 {
-		t.Fatalf("trickling peer: reason %q handled %d, want %q and 0", r, handled.Load(), RejectIdleTimeout)
+	if r, _ := reason.Load().(string); r != spop.RejectIdleTimeout || handled.Load() != 0 {
+		t.Fatalf("trickling peer: reason %q handled %d, want %q and 0", r, handled.Load(), spop.RejectIdleTimeout)
 	}
 
 	reason.Store("")
-	busy, err := Dial("tcp", l.Addr().String(), 5*time.Second)
+	busy, err := spoptest.Dial("tcp", l.Addr().String(), 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer busy.Close()
 	for i := 0; i < 10; i++ { // 1s in all, frames 100ms apart
-		if _, err := busy.Notify("haconnect-authz", ArgValue{"target", "api"}); err != nil {
+		if _, err := busy.Notify("haconnect-authz", spoptest.ArgValue{Name: "target", Value: "api"}); err != nil {
 			t.Fatalf("busy peer, frame %d: %v", i, err)
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -161,9 +163,9 @@ func TestGuardIdleTimeout(t *testing.T) {
 func TestGuardWriteTimeout(t *testing.T) {
 	client, server := net.Pipe() // unbuffered: an unread answer blocks its writer
 	defer client.Close()
-	budget := NewBudget(8)
-	g := NewGuard(server, Limits{WriteTimeout: 200 * time.Millisecond}, nil)
-	g.budget = budget
+	budget := spop.NewBudget(8)
+	g := spop.NewGuard(server, spop.Limits{WriteTimeout: 200 * time.Millisecond}, nil)
+	g.SetBudget(budget)
 	done := make(chan struct{})
 	go func() { worker.Handle(g, func(*request.Request) {}, logger.NewNop()); close(done) }()
 	go func() {
@@ -198,8 +200,8 @@ func TestListenerBounds(t *testing.T) {
 	var running, peakRunning, handled atomic.Int32
 	release := make(chan struct{})
 	var peakConns atomic.Int32
-	b := NewBudget(budget)
-	var l *Listener
+	b := spop.NewBudget(budget)
+	var l *spop.Listener
 	handler := func(*request.Request) {
 		n := running.Add(1)
 		for p := peakRunning.Load(); n > p && !peakRunning.CompareAndSwap(p, n); p = peakRunning.Load() {
@@ -214,7 +216,7 @@ func TestListenerBounds(t *testing.T) {
 		running.Add(-1)
 		handled.Add(1)
 	}
-	l, _ = agentOn(t, Limits{}, maxConns, b, handler)
+	l, _ = agentOn(t, spop.Limits{}, maxConns, b, handler)
 
 	var wg sync.WaitGroup
 	var acks atomic.Int32
@@ -243,7 +245,7 @@ func TestListenerBounds(t *testing.T) {
 					t.Error(err)
 					return
 				}
-				if body[0] == TypeAgentAck {
+				if body[0] == spop.TypeAgentAck {
 					acks.Add(1)
 				}
 			}
@@ -282,11 +284,11 @@ func TestListenerBounds(t *testing.T) {
 }
 
 func TestNegotiateHelloKeepsOtherKeys(t *testing.T) {
-	frame, size := negotiateHello(hello(), 1000)
+	frame, size := spop.NegotiateHello(hello(), 1000)
 	if size != 1000 {
 		t.Fatalf("size %d", size)
 	}
-	if _, err := ParseFrame(frame[4:]); err != nil {
+	if _, err := spop.ParseFrame(frame[4:]); err != nil {
 		t.Fatal(err)
 	}
 	for _, key := range []string{"supported-versions", "capabilities", "engine-id", "max-frame-size"} {

@@ -4,8 +4,9 @@
 //   - a strict validator for frames arriving from HAProxy (ParseFrame),
 //   - Guard, a net.Conn wrapper that lets only validated frames reach the SPOE
 //     agent library and bounds the work a single connection can queue,
-//   - a small encoder used by Client (the HAProxy side of the protocol, for
-//     tests and benchmarks).
+//   - the SPOP encodings (varint, string, typed data) that package spoptest
+//     reuses to speak the HAProxy side of the protocol in tests and
+//     benchmarks.
 //
 // The agent library (github.com/negasus/haproxy-spoe-go v1.0.7) trusts its
 // input: short or zero-length frames, truncated varints, a wrong typed-data
@@ -45,10 +46,13 @@ const (
 )
 
 const (
-	flagFin = 0x01
+	// FlagFin is the FIN bit of a frame's FLAGS: the frame is complete
+	// (not a fragment).
+	FlagFin = 0x01
 
-	// minFrameLen is type(1) + flags(4) + stream-id(>=1) + frame-id(>=1).
-	minFrameLen = 7
+	// MinFrameLength is the FRAME-LENGTH of the shortest frame: type(1) +
+	// flags(4) + stream-id(>=1) + frame-id(>=1).
+	MinFrameLength = 7
 	// maxVarintLen bounds a varint: 10 bytes already carry more than 64 bits.
 	maxVarintLen = 10
 	// DefaultMaxFrameSize is HAProxy's default max-frame-size
@@ -94,10 +98,10 @@ func RejectReason(err error) string {
 	return ""
 }
 
-// uvarint decodes SPOP's variable-length integer exactly as HAProxy and the
-// agent library do. It returns the number of bytes used, or -1 if buf ends
+// Varint decodes SPOP's variable-length integer (SPOE.txt section 3.1)
+// exactly as HAProxy and the agent library do. It returns the number of bytes used, or -1 if buf ends
 // before the integer does or the integer is longer than maxVarintLen.
-func uvarint(buf []byte) (uint64, int) {
+func Varint(buf []byte) (uint64, int) {
 	if len(buf) == 0 {
 		return 0, -1
 	}
@@ -118,8 +122,8 @@ func uvarint(buf []byte) (uint64, int) {
 	}
 }
 
-// putUvarint appends the SPOP encoding of v to dst.
-func putUvarint(dst []byte, v uint64) []byte {
+// AppendVarint appends the SPOP encoding of v to dst.
+func AppendVarint(dst []byte, v uint64) []byte {
 	if v < 240 {
 		return append(dst, byte(v))
 	}
@@ -141,17 +145,20 @@ type Value struct {
 	Bytes []byte
 }
 
-// parseString reads <varint length><bytes>.
-func parseString(buf []byte) ([]byte, int, bool) {
-	l, n := uvarint(buf)
+// ParseString reads a SPOP string, <varint length><bytes>, and returns
+// the bytes (aliasing buf), the number of bytes of buf it used, and false
+// if buf ends first.
+func ParseString(buf []byte) ([]byte, int, bool) {
+	l, n := Varint(buf)
 	if n < 0 || l > uint64(len(buf)-n) {
 		return nil, 0, false
 	}
 	return buf[n : n+int(l)], n + int(l), true
 }
 
-// parseValue reads one typed-data item.
-func parseValue(buf []byte) (Value, int, bool) {
+// ParseValue reads one typed-data item and returns it, the number of bytes
+// of buf it used, and false if buf ends first or the kind is unknown.
+func ParseValue(buf []byte) (Value, int, bool) {
 	if len(buf) == 0 {
 		return Value{}, 0, false
 	}
@@ -164,7 +171,7 @@ func parseValue(buf []byte) (Value, int, bool) {
 		v.Bool = buf[0]&0x10 != 0
 		return v, 1, true
 	case DataInt32, DataUint32, DataInt64, DataUint64:
-		i, n := uvarint(rest)
+		i, n := Varint(rest)
 		if n < 0 {
 			return v, 0, false
 		}
@@ -181,7 +188,7 @@ func parseValue(buf []byte) (Value, int, bool) {
 		v.Bytes = rest[:size]
 		return v, 1 + size, true
 	case DataString, DataBinary:
-		b, n, ok := parseString(rest)
+		b, n, ok := ParseString(rest)
 		if !ok {
 			return v, 0, false
 		}
@@ -196,22 +203,22 @@ func parseValue(buf []byte) (Value, int, bool) {
 // returns the frame's type. It keeps nothing of the payload: the library
 // does the decoding. It runs on every frame, so it allocates nothing.
 func ParseFrame(body []byte) (frameType byte, err error) {
-	if len(body) < minFrameLen {
+	if len(body) < MinFrameLength {
 		return 0, reject(RejectFrameLength, "frame of %d bytes is shorter than its header", len(body))
 	}
 	frameType = body[0]
 	flags := uint32(body[1])<<24 | uint32(body[2])<<16 | uint32(body[3])<<8 | uint32(body[4])
 	rest := body[5:]
 	var n int
-	if _, n = uvarint(rest); n < 0 {
+	if _, n = Varint(rest); n < 0 {
 		return 0, reject(RejectMalformed, "bad stream-id")
 	}
 	rest = rest[n:]
-	if _, n = uvarint(rest); n < 0 {
+	if _, n = Varint(rest); n < 0 {
 		return 0, reject(RejectMalformed, "bad frame-id")
 	}
 	rest = rest[n:]
-	if flags&flagFin == 0 {
+	if flags&FlagFin == 0 {
 		// Fragmentation is never negotiated by haconnect, so every frame
 		// must be complete.
 		return 0, reject(RejectNotFin, "fragmented frame")
@@ -235,12 +242,12 @@ func ParseFrame(body []byte) (frameType byte, err error) {
 // engine-id: string), so a different kind there is refused.
 func checkKVList(buf []byte) error {
 	for len(buf) > 0 {
-		name, n, ok := parseString(buf)
+		name, n, ok := ParseString(buf)
 		if !ok {
 			return reject(RejectMalformed, "bad key name")
 		}
 		buf = buf[n:]
-		v, n, ok := parseValue(buf)
+		v, n, ok := ParseValue(buf)
 		if !ok {
 			return reject(RejectMalformed, "bad value for key %q", truncate(name))
 		}
@@ -262,7 +269,7 @@ var helloKinds = map[string]byte{
 // argument count and that many named typed values.
 func checkMessages(buf []byte) error {
 	for len(buf) > 0 {
-		name, n, ok := parseString(buf)
+		name, n, ok := ParseString(buf)
 		if !ok {
 			return reject(RejectMalformed, "bad message name")
 		}
@@ -273,12 +280,12 @@ func checkMessages(buf []byte) error {
 		nbArgs := int(buf[0])
 		buf = buf[1:]
 		for i := 0; i < nbArgs; i++ {
-			argName, n, ok := parseString(buf)
+			argName, n, ok := ParseString(buf)
 			if !ok {
 				return reject(RejectMalformed, "bad argument name in message %q", truncate(name))
 			}
 			buf = buf[n:]
-			_, n, ok = parseValue(buf)
+			_, n, ok = ParseValue(buf)
 			if !ok {
 				return reject(RejectMalformed, "bad value for argument %q", truncate(argName))
 			}
