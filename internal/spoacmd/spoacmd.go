@@ -168,7 +168,7 @@ func Serve(ctx context.Context, o Options, logOut io.Writer) error {
 			StaleWindow: o.StaleWindow,
 		},
 		Server: &spoa.Config{
-			Destination:      o.Target,
+			Destination: o.Target,
 			TTL:         o.TTL,
 			Logger:      log,
 			Registerer:  reg,
