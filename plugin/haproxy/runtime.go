@@ -23,7 +23,12 @@ type CLI struct{ Commander }
 
 // A Command is one runtime API change, built by the functions below and
 // sent by Instance.Runtime or CLI.Runtime.
-type Command struct{ text string }
+type Command struct {
+	text string
+	// commits names the file a `commit ssl` command commits, whose answer
+	// must show that HAProxy rebuilt a listener with it.
+	commits string
+}
 
 // String is the command's first line (without a payload such as a
 // certificate).
@@ -51,37 +56,41 @@ const (
 
 // SetServerAddr points backend/server at addr:port.
 func SetServerAddr(backend, server, addr string, port int) Command {
-	return Command{fmt.Sprintf("set server %s/%s addr %s port %d", backend, server, addr, port)}
+	return Command{text: fmt.Sprintf("set server %s/%s addr %s port %d", backend, server, addr, port)}
 }
 
 // SetServerState sets backend/server's administrative state.
 func SetServerState(backend, server string, s ServerState) Command {
-	return Command{fmt.Sprintf("set server %s/%s state %s", backend, server, s)}
+	return Command{text: fmt.Sprintf("set server %s/%s state %s", backend, server, s)}
 }
 
 // SetServerHealth sets backend/server's operational state, as if its
 // health check had said so (its own checks still run).
 func SetServerHealth(backend, server string, h ServerHealth) Command {
-	return Command{fmt.Sprintf("set server %s/%s health %s", backend, server, h)}
+	return Command{text: fmt.Sprintf("set server %s/%s health %s", backend, server, h)}
 }
 
 // SetSSLCert opens a transaction that replaces the certificate and key
 // loaded from file with pem; CommitSSLCert makes it live.
 func SetSSLCert(file, pem string) Command {
-	return Command{"set ssl cert " + file + " <<\n" + payload(pem)}
+	return Command{text: "set ssl cert " + file + " <<\n" + payload(pem)}
 }
 
 // CommitSSLCert commits SetSSLCert's transaction on file.
-func CommitSSLCert(file string) Command { return Command{"commit ssl cert " + file} }
+func CommitSSLCert(file string) Command {
+	return Command{text: "commit ssl cert " + file, commits: file}
+}
 
 // SetSSLCAFile opens a transaction that replaces the CA file loaded from
 // file with pem; CommitSSLCAFile makes it live.
 func SetSSLCAFile(file, pem string) Command {
-	return Command{"set ssl ca-file " + file + " <<\n" + payload(pem)}
+	return Command{text: "set ssl ca-file " + file + " <<\n" + payload(pem)}
 }
 
 // CommitSSLCAFile commits SetSSLCAFile's transaction on file.
-func CommitSSLCAFile(file string) Command { return Command{"commit ssl ca-file " + file} }
+func CommitSSLCAFile(file string) Command {
+	return Command{text: "commit ssl ca-file " + file, commits: file}
+}
 
 // payload ends a multi-line argument: it runs up to an empty line, which
 // the newline ending the command adds.
@@ -111,7 +120,30 @@ func run(c Commander, cmd Command) error {
 	if bad := runtimeError(out); bad != "" {
 		return fmt.Errorf("runtime %q: %s", cmd, bad)
 	}
+	if cmd.commits != "" && !rebuilt(out, cmd.commits) {
+		return fmt.Errorf("runtime %q: HAProxy rebuilt no listener with it: %q", cmd, strings.TrimSpace(out))
+	}
 	return nil
+}
+
+// rebuilt reports whether a commit's answer shows a listener rebuilt with
+// file: HAProxy writes one dot per rebuilt instance after the file's name,
+//
+//	Committing /run/haconnect/leaf.pem.
+//	Success!
+//
+// An answer without one ("Committing <file>" alone, then "Success!") changed
+// nothing that serves traffic: HAProxy 2.6.12 answers so to a certificate
+// committed after a CA file was, and goes on serving the old one. (It
+// rebuilds then only the users of the certificate that do not use that CA
+// file; in haconnect's configuration there are none.)
+func rebuilt(out, file string) bool {
+	for _, line := range strings.Split(out, "\n") {
+		if dots, ok := strings.CutPrefix(line, "Committing "+file); ok {
+			return dots != "" && strings.Trim(dots, ".") == ""
+		}
+	}
+	return false
 }
 
 // WorkerPid is the pid of the worker answering (`show info`).

@@ -247,7 +247,7 @@ func (a *applier) execute(ctx context.Context, p plan, since time.Time) error {
 		if err := a.proc.Runtime(p.runtime...); err != nil {
 			a.metrics.applies.WithLabelValues(method, "error").Inc()
 			a.log.Warn("runtime API update failed: reloading instead", "error", err)
-			method = methodReload
+			method, p.reason, p.next.caCommitted = methodReload, reasonRuntimeRefused, false
 		} else if err := haproxy.WriteFileAtomic(a.proc.ConfigPath(), []byte(p.next.out.Config), 0o600); err != nil {
 			return err
 		}
@@ -261,8 +261,11 @@ func (a *applier) execute(ctx context.Context, p plan, since time.Time) error {
 	took := time.Since(since)
 	a.metrics.applies.WithLabelValues(method, "ok").Inc()
 	a.metrics.applyLatency.WithLabelValues(method).Observe(took.Seconds())
-	a.log.Info("haproxy configuration applied", "method", method, "since_change", took,
-		"upstream_instances", countServers(p.next.model))
+	fields := []any{"method", method, "since_change", took, "upstream_instances", countServers(p.next.model)}
+	if method == methodReload {
+		fields = append(fields, "reload_reason", p.reason)
+	}
+	a.log.Info("haproxy configuration applied", fields...)
 	a.applied = p.next
 	return nil
 }

@@ -22,6 +22,11 @@ type appliedState struct {
 	// slots are model's upstream slots by upstream key, the instance in
 	// each ("" free); the next model keeps each instance in its slot.
 	slots map[string][]string
+	// caCommitted: the running worker has committed a CA file through
+	// the runtime API since it started. HAProxy 2.6.12 cannot commit a
+	// certificate after that (see planApply); a reload starts a worker
+	// without one.
+	caCommitted bool
 }
 
 // plan is how to bring HAProxy from the state it runs to the next one.
@@ -37,8 +42,20 @@ type plan struct {
 	files []file
 	// runtime are a runtime plan's commands, in order.
 	runtime []haproxy.Command
-	next    appliedState
+	// reason says why a reload plan reloads (the reload_reason logged).
+	reason string
+	next   appliedState
 }
+
+// Why a plan reloads.
+const (
+	reasonSPOE  = "spoe"  // the SPOE engine changed
+	reasonShape = "shape" // the configuration's shape changed
+	// The leaf changed after a CA file commit (see planApply).
+	reasonLeafAfterCAFile = "leaf_after_ca_file"
+	// HAProxy refused a runtime plan's command (set by the applier).
+	reasonRuntimeRefused = "runtime_refused"
+)
 
 // file is one file of the working directory, written whole.
 type file struct{ name, data string }
@@ -46,11 +63,14 @@ type file struct{ name, data string }
 // planApply decides how HAProxy goes from prev (running or not) to next:
 //   - nothing runs: start it, with every file written;
 //   - the SPOE engine or the configuration's shape changed: reload;
+//   - the leaf changed after the running worker committed a CA file:
+//     reload;
 //   - the certificates or the upstream slots' addresses changed: the
 //     runtime API, which keeps connections and costs no `haproxy -c`;
 //   - nothing HAProxy sees changed: nothing.
 func planApply(running bool, prev, next appliedState) plan {
 	p := plan{next: next}
+	p.next.caCommitted = false
 	if !running {
 		p.method = methodStart
 		// upstream_peers.map starts empty: HAProxy fills it in memory.
@@ -67,18 +87,37 @@ func planApply(running bool, prev, next appliedState) plan {
 			p.files = append(p.files, file{f.name, f.data})
 		}
 	}
-	reload := next.out.SPOE != prev.out.SPOE || next.out.Shape != prev.out.Shape
-	// The certificate before the CA file: HAProxy 2.6.12 does not serve a
-	// certificate committed after a CA file.
+	switch {
+	case next.out.SPOE != prev.out.SPOE:
+		p.reason = reasonSPOE
+	case next.out.Shape != prev.out.Shape:
+		p.reason = reasonShape
+	case next.leafPEM != prev.leafPEM && prev.caCommitted:
+		// HAProxy 2.6.12's `commit ssl ca-file` replaces every listener
+		// and server using the CA file with new ones, but leaves them out
+		// of their certificate's list of users. A later `commit ssl
+		// cert` walks that list: it rebuilds none of them and answers
+		// "Success!" while the old leaf is still served, and frees the
+		// certificate they still point to, so that the next CA file
+		// commit reads freed memory (HAProxy dies). Committing the CA
+		// file again first does not help: it rebuilds them with the old
+		// certificate. Only a new worker serves the new leaf. (Fixed in
+		// HAProxy 3.3, GitHub #3165.)
+		p.reason = reasonLeafAfterCAFile
+	}
+	// In one plan the certificate goes before the CA file, for the same
+	// reason.
 	if next.leafPEM != prev.leafPEM {
 		p.runtime = append(p.runtime, haproxy.SetSSLCert(next.model.LeafFile, next.leafPEM), haproxy.CommitSSLCert(next.model.LeafFile))
 	}
+	p.next.caCommitted = prev.caCommitted
 	if next.rootsPEM != prev.rootsPEM {
 		p.runtime = append(p.runtime, haproxy.SetSSLCAFile(next.model.RootsFile, next.rootsPEM), haproxy.CommitSSLCAFile(next.model.RootsFile))
+		p.next.caCommitted = true
 	}
 	switch {
-	case reload:
-		p.method, p.runtime = methodReload, nil
+	case p.reason != "":
+		p.method, p.runtime, p.next.caCommitted = methodReload, nil, false
 	case next.out.Config != prev.out.Config:
 		p.runtime = append(p.runtime, serverCommands(prev.model, next.model)...)
 	}
