@@ -1,6 +1,13 @@
 package e2e
 
 import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -43,4 +50,68 @@ func TestSidecarReloadUnderLoadLosesNothing(t *testing.T) {
 		}
 	}
 	l.check(t, "load across reloads of the destination")
+}
+
+// TestSidecarServesTheLeafRenewedAfterTheRoots rotates Consul's CA: each
+// sidecar gets the new roots, then, seconds later and on its own, its leaf
+// re-issued by the new root. A TLS handshake with the destination's public
+// listener must then show that new leaf's serial (HAProxy 2.6.12 kept
+// serving the old one when the leaf went through the runtime API after the
+// roots had).
+func TestSidecarServesTheLeafRenewedAfterTheRoots(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	api1 := m.add("api", "api-1")
+	web := m.add("web", "web-1", "api")
+	apiLeaf := readFile(t, filepath.Join(api1.dir, "leaf.pem"))
+	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf.Config["PrivateKey"] = newRootKey(t)
+	conf.Config["RootCert"] = ""
+	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
+		t.Fatalf("rotate the CA: %v", err)
+	}
+	harness.WaitFor(t, 40*time.Second, "api's new leaf", func() bool {
+		return readFile(t, filepath.Join(api1.dir, "leaf.pem")) != apiLeaf
+	})
+	want := pemCert(t, readFile(t, filepath.Join(api1.dir, "leaf.pem")))
+	// The caller's certificate: web's leaf, whichever root it is from.
+	webLeaf := readFile(t, filepath.Join(web.dir, "leaf.pem"))
+	caller, err := tls.X509KeyPair([]byte(webLeaf), []byte(webLeaf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served *big.Int
+	harness.WaitFor(t, 5*time.Second, "api's listener serving its new leaf", func() bool {
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", api1.port),
+			&tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{caller}})
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		served = c.ConnectionState().PeerCertificates[0].SerialNumber
+		return served.Cmp(want.SerialNumber) == 0
+	})
+	t.Logf("api serves serial %v, the leaf Consul re-issued after the roots", served)
+	// The leaf came on its own after the roots (not in one change with
+	// them, which the runtime API can do): the case this test is about.
+	if out := api1.sidecar.Output(); !strings.Contains(out, "reload_reason=leaf_after_ca_file") {
+		t.Fatal("the leaf was not renewed on its own after the roots")
+	}
+}
+
+// pemCert is the first certificate in text.
+func pemCert(t *testing.T, text string) *x509.Certificate {
+	t.Helper()
+	block, _ := pem.Decode([]byte(text))
+	if block == nil {
+		t.Fatal("no PEM block")
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

@@ -213,9 +213,20 @@ func TestSidecarRotationUnderLoad(t *testing.T) {
 	time.Sleep(time.Second) // keep the load on the rotated certificates
 	l.finish()
 	l.check(t, "load across a CA root and leaf rotation")
+	// The roots go through the runtime API. The one reload allowed is the
+	// leaf's when Consul re-issues it after the roots (apart, as it does
+	// here, seconds later): HAProxy 2.6.12 serves no certificate committed
+	// after a CA file, only a new worker does (plugin/sidecar/plan.go).
+	// That reload loses no request either: the load check above stands.
 	for _, in := range []*instance{web, api1} {
-		if out := in.sidecar.Output(); !strings.Contains(out, "method=runtime") || strings.Contains(out, "method=reload") {
-			t.Errorf("%s: rotation not applied through the runtime API alone", in.id)
+		out := in.sidecar.Output()
+		if !strings.Contains(out, "method=runtime") {
+			t.Errorf("%s: the roots not applied through the runtime API", in.id)
+		}
+		for _, line := range strings.Split(out, "\n") {
+			if strings.Contains(line, "method=reload") && !strings.Contains(line, "reload_reason=leaf_after_ca_file") {
+				t.Errorf("%s: a reload other than the leaf's after the roots: %s", in.id, line)
+			}
 		}
 	}
 	// A new connection after the rotation: new leaves, new roots.
