@@ -130,6 +130,8 @@ func TestCertificatesAreVerified(t *testing.T) {
 	}
 
 	mesh := c.MeshCA(t) // a CA Consul trusts, whose key the test holds
+	probe := mesh.IssueValid(t, web, time.Now().Add(-time.Minute), time.Now().Add(time.Hour)).TLS.Certificate[0]
+	harness.WaitFor(t, 10*time.Second, "the authorizer to follow the new root", func() bool { return a.Decide("api", probe).Allow })
 	now := time.Now()
 	for _, tc := range []struct {
 		name     string
@@ -156,8 +158,8 @@ func TestCachedCallerExpires(t *testing.T) {
 	c := harness.StartConsul(t)
 	c.SetIntentions(t, "api", harness.Source("*", api.IntentionActionAllow))
 	_, td := c.RootsPEM(t)
-	a := startWith(t, c, authz.Config{}, "api")
 	mesh := c.MeshCA(t)
+	a := startWith(t, c, authz.Config{}, "api") // after the CA change: its roots include the test CA
 	now := time.Now()
 	der := mesh.IssueValid(t, "spiffe://"+td+"/ns/default/dc/dc1/svc/web", now.Add(-time.Minute), now.Add(1500*time.Millisecond)).TLS.Certificate[0]
 	if d := a.Decide("api", der); !d.Allow {
