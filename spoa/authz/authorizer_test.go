@@ -13,19 +13,7 @@ import (
 
 func start(t testing.TB, c *harness.Consul, targets ...string) *authz.Authorizer {
 	t.Helper()
-	a, err := authz.New(authz.Config{Consul: c.Config(), Metrics: authz.NewMetrics(nil)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	a.Start(ctx, targets...)
-	rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer rcancel()
-	if err := a.Ready(rctx, targets...); err != nil {
-		t.Fatalf("authorizer not ready: %v", err)
-	}
-	return a
+	return startWith(t, c, authz.Config{}, targets...)
 }
 
 func expect(t *testing.T, a *authz.Authorizer, target string, der []byte, allow bool, reason authz.Reason) {
