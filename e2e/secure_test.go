@@ -163,8 +163,13 @@ func TestSecureStandalone(t *testing.T) {
 		want(t, "batch", 403, "intention_deny")
 		want(t, "stranger", 403, "consul_error")
 		line := `lacks permission 'service:write' on "api") (the token needs service:write on "api" to call /v1/agent/connect/authorize)`
-		if out := logText(s.spoa); !strings.Contains(out, line) || !strings.Contains(out, weak.AccessorID) {
-			t.Fatalf("no error naming service:write, the endpoint and the token's AccessorID:\n%s", out)
+		// The log reaches the test through a pipe: it may trail the answer.
+		logged := func() bool { out := logText(s.spoa); return strings.Contains(out, line) && strings.Contains(out, weak.AccessorID) }
+		for deadline := time.Now().Add(2 * time.Second); !logged() && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !logged() {
+			t.Fatalf("no error naming service:write, the endpoint and the token's AccessorID:\n%s", logText(s.spoa))
 		}
 	})
 
