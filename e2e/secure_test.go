@@ -164,7 +164,10 @@ func TestSecureStandalone(t *testing.T) {
 		want(t, "stranger", 403, "consul_error")
 		line := `lacks permission 'service:write' on "api") (the token needs service:write on "api" to call /v1/agent/connect/authorize)`
 		// The log reaches the test through a pipe: it may trail the answer.
-		logged := func() bool { out := logText(s.spoa); return strings.Contains(out, line) && strings.Contains(out, weak.AccessorID) }
+		logged := func() bool {
+			out := logText(s.spoa)
+			return strings.Contains(out, line) && strings.Contains(out, weak.AccessorID)
+		}
 		for deadline := time.Now().Add(2 * time.Second); !logged() && time.Now().Before(deadline); {
 			time.Sleep(10 * time.Millisecond)
 		}
