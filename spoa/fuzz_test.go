@@ -2,9 +2,11 @@ package spoa
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,11 +60,16 @@ func fuzzSeeds() [][]byte {
 // FuzzAgent feeds arbitrary bytes to the agent exactly as it is served
 // (Server.Serve: the guarded listener with its connection and in-flight
 // bounds, spop.Guard with its deadlines, the SPOE library, Server.Handle),
-// over a new connection each time. An input of odd length keeps its
-// connection open after the bytes, so the hello and idle deadlines must end
-// it. A panic anywhere kills the fuzzing process and fails the target; so
+// over a new connection each time. One input in sixteen (see keepOpen)
+// keeps its connection open after the bytes, so the hello and idle
+// deadlines must end it; the others half-close it, which keeps the fuzzer
+// fast. A panic anywhere kills the fuzzing process and fails the target; so
 // does a connection the agent never finishes, or one that leaves a
 // connection or an in-flight frame counted after it ends.
+// keepOpen picks the inputs whose connection stays open after their bytes:
+// one in sixteen, by their length, so that both ways are fuzzed.
+func keepOpen(data []byte) bool { return len(data)%16 == 1 }
+
 func FuzzAgent(f *testing.F) {
 	for _, s := range fuzzSeeds() {
 		f.Add(s)
@@ -84,15 +91,18 @@ func FuzzAgent(f *testing.F) {
 	defer cancel()
 	go func() { _ = srv.Serve(ctx, l) }()
 	f.Fuzz(func(t *testing.T, data []byte) {
-		client, err := net.Dial("tcp", l.Addr().String())
+		client, err := net.DialTimeout("tcp", l.Addr().String(), 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer client.Close()
+		_ = client.SetDeadline(time.Now().Add(10 * time.Second))
 		finished := make(chan struct{})
 		go func() { _, _ = io.Copy(io.Discard, client); close(finished) }()
-		_, _ = client.Write(data)
-		if len(data)%2 == 0 {
+		if _, err := client.Write(data); err != nil && !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+			t.Fatalf("write: %v", err)
+		}
+		if !keepOpen(data) {
 			_ = client.(*net.TCPConn).CloseWrite()
 		}
 		select {
