@@ -12,9 +12,16 @@ FUZZTIME ?= 30s
 
 all: build
 
+# VERSION is what `haconnect version` prints and the images' version label:
+# the tag of the commit, or "dev". REVISION stands in for the commit Go
+# embeds itself when it cannot (-buildvcs=false).
+VERSION ?= $(shell git describe --tags --dirty 2>/dev/null || echo dev)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS := -X github.com/haconnect/haconnect/internal/version.Version=$(VERSION) -X github.com/haconnect/haconnect/internal/version.Revision=$(REVISION)
+
 ## build: compile the commands into bin/
 build:
-	$(GO) build -o bin/ ./cmd/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
 
 ## tools: install haproxy (apt) and build consul into .tools/ (idempotent)
 tools:
@@ -54,7 +61,7 @@ bench-mesh: tools
 
 ## images: build haconnect's images offline (debootstrap base, FROM scratch)
 images:
-	bash scripts/images.sh
+	VERSION=$(VERSION) REVISION=$(REVISION) bash scripts/images.sh
 
 ## demo: the local mesh in containers (docker compose) where Docker runs,
 ## else the SPOA demo with local processes (dev Consul, Debian HAProxy)

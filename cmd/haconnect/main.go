@@ -15,6 +15,7 @@ import (
 	"github.com/haconnect/haconnect/internal/nomadcmd"
 	"github.com/haconnect/haconnect/internal/sidecarcmd"
 	"github.com/haconnect/haconnect/internal/spoacmd"
+	"github.com/haconnect/haconnect/internal/version"
 )
 
 const usage = `usage: haconnect <command> [flags]
@@ -25,6 +26,7 @@ commands:
                HAProxy in a container in the allocation's network namespace
   gc           remove HAProxy containers whose Nomad allocation is gone
   spoa         run the authorization agent alone (same as haconnect-spoa)
+  version      print the version, the commit and what it was built for (also -version)
 
 "haconnect <command> -h" lists a command's flags.
 `
@@ -49,6 +51,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		return nomadcmd.RunHook(ctx, args[1:], stderr)
 	case "gc":
 		return nomadcmd.RunGC(ctx, args[1:], os.Stdout, stderr)
+	case "version", "-version", "--version":
+		if len(args) > 1 {
+			fmt.Fprintf(stderr, "haconnect version: unexpected argument %q\n", args[1])
+			return 2
+		}
+		version.Print(os.Stdout, "haconnect")
+		return 0
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stderr, usage)
 		return 0

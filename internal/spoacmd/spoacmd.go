@@ -16,6 +16,7 @@ import (
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/logging"
 	"github.com/haconnect/haconnect/internal/promserve"
+	"github.com/haconnect/haconnect/internal/version"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/revoke"
 	"github.com/haconnect/haconnect/spoa"
@@ -117,8 +118,13 @@ func Run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var o Options
 	o.Register(fs)
+	showVersion := fs.Bool("version", false, "print the version, the commit and what it was built for, and exit")
 	if code, done := cli.Parse(fs, args, stderr); done {
 		return code
+	}
+	if *showVersion {
+		version.Print(os.Stdout, "haconnect-spoa")
+		return 0
 	}
 	if err := Serve(ctx, o, stderr); err != nil {
 		return cli.Fail(stderr, fs.Name(), err)
