@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/haconnect/haconnect/plugin/render"
 )
@@ -17,6 +19,41 @@ type proxyConfig struct {
 	Service string // destination service name
 	render.Inbound
 	Upstreams []render.Upstream
+	// Refused are the settings this registration asks for that haconnect
+	// does not implement; the rest is served (see refusal).
+	Refused []refusal
+}
+
+// refusal is one registered setting that is not served as asked. Rather
+// than reject the whole registration (and keep serving a stale one, or
+// nothing), the rest is served and the setting is logged by name:
+//   - an upstream that cannot be served as asked (a prepared query, a
+//     peer, a unix socket) is left out: its local port is not bound, so its
+//     callers fail at once instead of reaching something else;
+//   - a proxy-level mode (transparent, a mesh gateway mode) is served as the
+//     default: explicit upstreams, dialed directly. Nothing is reached that
+//     the registration's upstreams and the intentions do not allow.
+type refusal struct {
+	Setting  string // as Consul spells it, e.g. Proxy.MeshGateway.Mode
+	Value    string
+	Upstream string // the upstream it belongs to ("": the proxy's)
+	Outcome  string // what is served instead
+}
+
+const (
+	outcomeUpstreamLeftOut = "upstream left out: its local port is not bound"
+	outcomeDirect          = "served as mode none: upstream instances are dialed directly"
+	outcomeExplicit        = "served as the default mode: only the registered upstreams, on their local ports"
+	outcomeIgnored         = "ignored: there is no transparent proxy to apply it to"
+)
+
+// meshGatewayRefused reports a mesh gateway mode other than none/default.
+func meshGatewayRefused(setting, upstream string, mg api.MeshGatewayConfig) []refusal {
+	switch mg.Mode {
+	case api.MeshGatewayModeDefault, api.MeshGatewayModeNone:
+		return nil
+	}
+	return []refusal{{Setting: setting, Value: string(mg.Mode), Upstream: upstream, Outcome: outcomeDirect}}
 }
 
 // readRegistration interprets a proxy registration the way Consul's
@@ -57,16 +94,38 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 	if c.LocalRequestTimeoutMS, err = intOption(cfg, "local_request_timeout_ms", 0); err != nil {
 		return nil, err
 	}
+	if p.Mode == api.ProxyModeTransparent {
+		c.Refused = append(c.Refused, refusal{Setting: "Proxy.Mode", Value: string(p.Mode), Outcome: outcomeExplicit})
+	}
+	// Consul may return an empty TransparentProxy block for any proxy:
+	// only settings actually given are refused.
+	if tp := p.TransparentProxy; tp != nil {
+		if tp.OutboundListenerPort != 0 {
+			c.Refused = append(c.Refused, refusal{Setting: "Proxy.TransparentProxy.OutboundListenerPort",
+				Value: strconv.Itoa(tp.OutboundListenerPort), Outcome: outcomeIgnored})
+		}
+		if tp.DialedDirectly {
+			c.Refused = append(c.Refused, refusal{Setting: "Proxy.TransparentProxy.DialedDirectly",
+				Value: "true", Outcome: outcomeIgnored})
+		}
+	}
+	c.Refused = append(c.Refused, meshGatewayRefused("Proxy.MeshGateway.Mode", "", p.MeshGateway)...)
 	for _, u := range p.Upstreams {
-		if u.DestinationType != "" && u.DestinationType != api.UpstreamDestTypeService {
-			return nil, fmt.Errorf("upstream %q: destination type %q is not supported (only services)", u.DestinationName, u.DestinationType)
+		leftOut := func(setting, value string) {
+			c.Refused = append(c.Refused, refusal{Setting: setting, Value: value, Upstream: u.DestinationName, Outcome: outcomeUpstreamLeftOut})
 		}
-		if u.DestinationPeer != "" {
-			return nil, fmt.Errorf("upstream %q: cluster peering is not supported", u.DestinationName)
+		switch {
+		case u.DestinationType != "" && u.DestinationType != api.UpstreamDestTypeService:
+			leftOut("Upstreams.DestinationType", string(u.DestinationType))
+			continue
+		case u.DestinationPeer != "":
+			leftOut("Upstreams.DestinationPeer", u.DestinationPeer)
+			continue
+		case u.LocalBindSocketPath != "":
+			leftOut("Upstreams.LocalBindSocketPath", u.LocalBindSocketPath)
+			continue
 		}
-		if u.LocalBindSocketPath != "" {
-			return nil, fmt.Errorf("upstream %q: unix socket listeners are not supported", u.DestinationName)
-		}
+		c.Refused = append(c.Refused, meshGatewayRefused("Upstreams.MeshGateway.Mode", u.DestinationName, u.MeshGateway)...)
 		uc := render.Upstream{
 			Name:       u.DestinationName,
 			Datacenter: u.Datacenter,
@@ -82,6 +141,49 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		c.Upstreams = append(c.Upstreams, uc)
 	}
 	return c, nil
+}
+
+// refusalLog logs each refused setting once: the registration watch reads
+// the registration again on every change, and a setting that stays refused
+// is not news. A refusal that changes (another value, another upstream) is
+// logged again.
+type refusalLog struct {
+	log     hclog.Logger
+	proxyID string
+	mu      sync.Mutex
+	seen    map[refusal]bool
+}
+
+func newRefusalLog(log hclog.Logger, proxyID string) *refusalLog {
+	return &refusalLog{log: log, proxyID: proxyID, seen: map[refusal]bool{}}
+}
+
+// read is readRegistration, logging the refusals not logged before.
+func (l *refusalLog) read(svc *api.AgentService) (*proxyConfig, error) {
+	c, err := readRegistration(svc)
+	if c == nil {
+		return c, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, r := range c.Refused {
+		if l.seen[r] {
+			continue
+		}
+		l.seen[r] = true
+		args := []any{"proxy_id", l.proxyID, "setting", r.Setting, "value", r.Value}
+		if r.Upstream != "" {
+			args = append(args, "upstream", r.Upstream)
+		}
+		args = append(args, "outcome", r.Outcome)
+		msg := "registration setting refused (not supported): " + r.Setting
+		if r.Outcome == outcomeUpstreamLeftOut {
+			l.log.Error(msg, args...) // a configured upstream does not work
+		} else {
+			l.log.Warn(msg, args...)
+		}
+	}
+	return c, err
 }
 
 func orString(s, def string) string {

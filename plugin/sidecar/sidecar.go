@@ -158,9 +158,10 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer cancel()
 	runCtx := ctx // upstream watches live as long as the sidecar
 
+	refusals := newRefusalLog(s.log, proxyID) // unsupported settings, each logged once
 	go consulwatch.Run(ctx, s.client, consulwatch.ProxyRegistration{ProxyID: proxyID}, s.hooks(consulwatch.ProxyRegistration{ProxyID: proxyID}),
 		func(svc *api.AgentService) {
-			reg, rerr := readRegistration(svc)
+			reg, rerr := refusals.read(svc)
 			s.update(func() {
 				s.reg, s.regErr = reg, rerr
 				if reg != nil {

@@ -58,10 +58,6 @@ func TestReadRegistration(t *testing.T) {
 		t.Fatal("a non-numeric bind_port was accepted")
 	}
 	svc.Proxy.Config["bind_port"] = float64(25000)
-	svc.Proxy.Upstreams[0].DestinationType = api.UpstreamDestTypePreparedQuery
-	if _, err := readRegistration(svc); err == nil {
-		t.Fatal("a prepared-query upstream was accepted")
-	}
 	if _, err := readRegistration(&api.AgentService{ID: "web", Kind: api.ServiceKindTypical}); err == nil {
 		t.Fatal("a plain service was accepted as a proxy")
 	}

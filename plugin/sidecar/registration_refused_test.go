@@ -1,0 +1,110 @@
+package sidecar
+
+import (
+	"bytes"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+)
+
+// refusedRegistration asks for every setting haconnect refuses, beside one
+// upstream it serves.
+func refusedRegistration() *api.AgentService {
+	return &api.AgentService{
+		ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: 21000,
+		Proxy: &api.AgentServiceConnectProxyConfig{
+			DestinationServiceName: "web", LocalServicePort: 8080,
+			Mode:                   api.ProxyModeTransparent,
+			TransparentProxy:       &api.TransparentProxyConfig{OutboundListenerPort: 15001, DialedDirectly: true},
+			MeshGateway:            api.MeshGatewayConfig{Mode: api.MeshGatewayModeLocal},
+			Upstreams: []api.Upstream{
+				{DestinationName: "api", LocalBindPort: 9191},
+				{DestinationType: api.UpstreamDestTypePreparedQuery, DestinationName: "geo-db", LocalBindPort: 9192},
+				{DestinationName: "billing", DestinationPeer: "other", LocalBindPort: 9193},
+				{DestinationName: "cache", LocalBindSocketPath: "/tmp/cache.sock"},
+				{DestinationName: "search", Datacenter: "dc2", LocalBindPort: 9194,
+					MeshGateway: api.MeshGatewayConfig{Mode: api.MeshGatewayModeRemote}},
+			},
+		},
+	}
+}
+
+func TestReadRegistrationRefusesUnsupportedSettings(t *testing.T) {
+	c, err := readRegistration(refusedRegistration())
+	if err != nil {
+		t.Fatalf("the registration was rejected whole: %v", err)
+	}
+	var served []string
+	for _, u := range c.Upstreams {
+		served = append(served, upstreamKey(u))
+	}
+	if !reflect.DeepEqual(served, []string{"api", "search@dc2"}) {
+		t.Fatalf("served upstreams %v, want api and search@dc2 (the others left out)", served)
+	}
+	want := []refusal{
+		{Setting: "Proxy.Mode", Value: "transparent", Outcome: outcomeExplicit},
+		{Setting: "Proxy.TransparentProxy.OutboundListenerPort", Value: "15001", Outcome: outcomeIgnored},
+		{Setting: "Proxy.TransparentProxy.DialedDirectly", Value: "true", Outcome: outcomeIgnored},
+		{Setting: "Proxy.MeshGateway.Mode", Value: "local", Outcome: outcomeDirect},
+		{Setting: "Upstreams.DestinationType", Value: "prepared_query", Upstream: "geo-db", Outcome: outcomeUpstreamLeftOut},
+		{Setting: "Upstreams.DestinationPeer", Value: "other", Upstream: "billing", Outcome: outcomeUpstreamLeftOut},
+		{Setting: "Upstreams.LocalBindSocketPath", Value: "/tmp/cache.sock", Upstream: "cache", Outcome: outcomeUpstreamLeftOut},
+		{Setting: "Upstreams.MeshGateway.Mode", Value: "remote", Upstream: "search", Outcome: outcomeDirect},
+	}
+	if !reflect.DeepEqual(c.Refused, want) {
+		t.Fatalf("refused\n%+v\nwant\n%+v", c.Refused, want)
+	}
+}
+
+func TestReadRegistrationAcceptsDefaults(t *testing.T) {
+	svc := refusedRegistration()
+	p := svc.Proxy
+	p.Mode = api.ProxyModeDirect
+	p.TransparentProxy = &api.TransparentProxyConfig{} // as Consul may return it for any proxy
+	p.MeshGateway.Mode = api.MeshGatewayModeNone
+	p.Upstreams = []api.Upstream{{DestinationName: "api", LocalBindPort: 9191, DestinationType: api.UpstreamDestTypeService}}
+	c, err := readRegistration(svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Refused) != 0 || len(c.Upstreams) != 1 {
+		t.Fatalf("defaults refused: %+v", c.Refused)
+	}
+	// What makes rendering impossible still rejects the registration.
+	p.Upstreams[0].Config = map[string]any{"protocol": "udp"}
+	if _, err := readRegistration(svc); err == nil {
+		t.Fatal("an upstream with an unknown protocol was accepted")
+	}
+}
+
+func TestRefusalsLoggedOnce(t *testing.T) {
+	var buf bytes.Buffer
+	l := newRefusalLog(hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Info}), "web-sidecar-proxy")
+	for i := 0; i < 3; i++ { // the registration watch reads it on every change
+		if _, err := l.read(refusedRegistration()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := buf.String()
+	for _, setting := range []string{"Proxy.Mode", "Proxy.TransparentProxy.OutboundListenerPort", "Proxy.TransparentProxy.DialedDirectly",
+		"Proxy.MeshGateway.Mode", "Upstreams.DestinationType", "Upstreams.DestinationPeer", "Upstreams.LocalBindSocketPath", "Upstreams.MeshGateway.Mode"} {
+		if n := strings.Count(out, "refused (not supported): "+setting+":"); n != 1 {
+			t.Errorf("%s logged %d times, want once:\n%s", setting, n, out)
+		}
+	}
+	if n := strings.Count(out, "[ERROR]"); n != 3 {
+		t.Errorf("%d error lines, want 3 (one per upstream left out):\n%s", n, out)
+	}
+	// A new value is news.
+	svc := refusedRegistration()
+	svc.Proxy.MeshGateway.Mode = api.MeshGatewayModeRemote
+	if _, err := l.read(svc); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(buf.String(), "refused (not supported): Proxy.MeshGateway.Mode:"); n != 2 {
+		t.Errorf("a changed mesh gateway mode was logged %d times in all, want 2", n)
+	}
+}
