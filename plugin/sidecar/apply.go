@@ -40,6 +40,10 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 			time.Sleep(2 * time.Millisecond)
 		}
 		snap := s.snapshot()
+		for _, u := range snap.unread {
+			s.log.Warn("upstream instances cannot be read: configuring it with no instances (its local port answers 503) until Consul answers",
+				"upstream", u.key, "error", u.err)
+		}
 		if len(snap.missing) > 0 {
 			if w := strings.Join(snap.missing, ", "); w != waitingLogged {
 				s.log.Info("waiting for Consul before configuring HAProxy", "missing", w)

@@ -331,15 +331,17 @@ func upstreamKey(u render.Upstream) string {
 }
 
 // syncUpstreamWatchesLocked starts a health watch for each new upstream and
-// stops those no longer registered.
+// stops those no longer registered. An upstream whose watch fails before
+// its first answer is configured with no instances (watched.snapshot)
+// instead of holding back the others; its first answer fills it in.
 func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfig) {
 	want := map[string]render.Upstream{}
 	for _, u := range reg.Upstreams {
 		want[upstreamKey(u)] = u
 	}
-	for k, stop := range s.watching {
+	for k, uw := range s.watching {
 		if _, ok := want[k]; !ok {
-			stop()
+			uw.cancel()
 			delete(s.watching, k)
 			delete(s.endpoints, k)
 		}
@@ -349,10 +351,19 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 			continue
 		}
 		wctx, cancel := context.WithCancel(ctx)
-		s.watching[k] = cancel
+		uw := &upstreamWatch{cancel: cancel, status: consulwatch.NewStatus(), started: time.Now()}
+		s.watching[k] = uw
 		k := k
 		query := consulwatch.UpstreamHealth{Service: u.Name, Datacenter: u.Datacenter}
-		go consulwatch.Run(wctx, s.client, query, s.hooks(query), func(eps []endpoint) {
+		hooks := s.hooks(query)
+		hooks.Status = uw.status
+		logFailing := hooks.OnFailing
+		hooks.OnFailing = func(err error) {
+			logFailing(err)
+			s.update(func() { uw.err = err }) // wakes the apply loop, which stops waiting for it
+		}
+		go s.wakeAfter(wctx, upstreamGrace) // then an upstream that never answers is given up on
+		go consulwatch.Run(wctx, s.client, query, hooks, func(eps []endpoint) {
 			s.update(func() {
 				if wctx.Err() == nil {
 					s.endpoints[k] = eps

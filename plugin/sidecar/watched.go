@@ -2,10 +2,13 @@ package sidecar
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/consulwatch"
 )
 
 // watched is what the watches fill and the apply loop reads, a snapshot at
@@ -22,12 +25,30 @@ type watched struct {
 	// watch's first answer on: a key that is absent is not loaded yet.
 	// Each slice is replaced whole, never changed in place.
 	endpoints map[string][]endpoint
-	watching  map[string]context.CancelFunc
+	watching  map[string]*upstreamWatch
 	pendingAt time.Time // first change not yet applied
 }
 
+// upstreamGrace is how long an upstream's first answer is waited for
+// before the upstream is configured with no instances (HAProxy answers
+// 503 for it) so that it does not hold back the others, nor the leaf and
+// roots. A watch that fails (an unknown datacenter, a token without
+// rights) is not waited for at all.
+const upstreamGrace = 5 * time.Second
+
+// upstreamWatch is the health watch of one upstream.
+type upstreamWatch struct {
+	cancel  context.CancelFunc
+	status  *consulwatch.Status
+	started time.Time
+	err     error // the failure that started the current failing run
+	// unread: the upstream was given up on (configured empty) before its
+	// first answer, and that was logged.
+	unread bool
+}
+
 func newWatched() watched {
-	return watched{changed: make(chan struct{}, 1), endpoints: map[string][]endpoint{}, watching: map[string]context.CancelFunc{}}
+	return watched{changed: make(chan struct{}, 1), endpoints: map[string][]endpoint{}, watching: map[string]*upstreamWatch{}}
 }
 
 // update changes the watched state and wakes the apply loop.
@@ -79,6 +100,14 @@ type snapshot struct {
 	endpoints map[string][]endpoint
 	pendingAt time.Time
 	missing   []string
+	// unread are the upstreams given up on in this snapshot for the first
+	// time (each is logged once), with why.
+	unread []unreadUpstream
+}
+
+type unreadUpstream struct {
+	key string
+	err error
 }
 
 // snapshot copies the watched state and clears the pending time: the
@@ -89,12 +118,17 @@ func (w *watched) snapshot() snapshot {
 	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots,
 		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt}
 	w.pendingAt = time.Time{}
+	now := time.Now()
 	if snap.reg != nil {
 		for _, u := range snap.reg.Upstreams {
 			k := upstreamKey(u)
 			eps, loaded := w.endpoints[k]
 			if !loaded {
-				snap.missing = append(snap.missing, "instances of "+k)
+				if err := w.unreadLocked(k, now); err != nil {
+					snap.unread = append(snap.unread, unreadUpstream{key: k, err: err})
+				} else if uw := w.watching[k]; uw == nil || !uw.unread {
+					snap.missing = append(snap.missing, "instances of "+k)
+				}
 			}
 			snap.endpoints[k] = eps
 		}
@@ -108,4 +142,24 @@ func (w *watched) snapshot() snapshot {
 		snap.missing = append(snap.missing, "CA roots")
 	}
 	return snap
+}
+
+// unreadLocked decides whether the upstream k, not loaded yet, is given up
+// on now: its watch fails, or has not answered within upstreamGrace. It
+// returns why the first time only; later calls return nil, and so does an
+// upstream still worth waiting for.
+func (w *watched) unreadLocked(k string, now time.Time) error {
+	uw := w.watching[k]
+	if uw == nil || uw.unread {
+		return nil
+	}
+	switch {
+	case uw.status.Failing() && uw.err != nil:
+		uw.unread = true
+		return uw.err
+	case now.Sub(uw.started) >= upstreamGrace:
+		uw.unread = true
+		return fmt.Errorf("no answer from Consul within %s", upstreamGrace)
+	}
+	return nil
 }

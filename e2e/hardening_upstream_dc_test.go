@@ -1,0 +1,144 @@
+// An upstream whose instances cannot be read must not hold back the rest
+// of the sidecar.
+
+package e2e
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+)
+
+// TestUnreadableUpstreamDoesNotBlockTheOthers registers web with two
+// upstreams: api, healthy, and db in a datacenter Consul does not know
+// ("nowhere"), whose health query fails. web's sidecar must configure
+// HAProxy anyway: api answers 200, db's local port 503, and one log line
+// names db with the error. A CA rotation must then still reach web's
+// HAProxy (its public listener serves the re-issued leaf).
+func TestUnreadableUpstreamDoesNotBlockTheOthers(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	api1 := m.add("api", "api-1")
+	web := m.registerUpstreams(&instance{id: "web-1"}, "web",
+		api.Upstream{DestinationName: "api"},
+		api.Upstream{DestinationName: "db", Datacenter: "nowhere"})
+
+	harness.WaitFor(t, 20*time.Second, "web reaching api", func() bool {
+		code, _, err := web.call("api")
+		return err == nil && code == http.StatusOK
+	})
+	if code, body, err := web.call("db@nowhere"); err != nil || code != http.StatusServiceUnavailable {
+		t.Fatalf("db@nowhere's local port: %d %q %v, want 503", code, body, err)
+	}
+	const given = "upstream instances cannot be read"
+	logged := func() int {
+		n := 0
+		for _, l := range strings.Split(web.sidecar.Output(), "\n") {
+			if strings.Contains(l, given) && strings.Contains(l, "upstream=db@nowhere") {
+				n++
+				if !strings.Contains(l, "error=") {
+					t.Errorf("the log line gives no error: %s", l)
+				}
+			}
+		}
+		return n
+	}
+
+	// A CA rotation: web's HAProxy must serve web's re-issued leaf, and
+	// web must reach api with the new roots.
+	webLeaf := readFile(t, filepath.Join(web.dir, "leaf.pem"))
+	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf.Config["PrivateKey"] = newRootKey(t)
+	conf.Config["RootCert"] = ""
+	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
+		t.Fatalf("rotate the CA: %v", err)
+	}
+	harness.WaitFor(t, 40*time.Second, "web's new leaf", func() bool {
+		return readFile(t, filepath.Join(web.dir, "leaf.pem")) != webLeaf
+	})
+	want := pemCert(t, readFile(t, filepath.Join(web.dir, "leaf.pem")))
+	harness.WaitFor(t, 10*time.Second, "web's listener serving its new leaf", func() bool {
+		callerPEM := readFile(t, filepath.Join(api1.dir, "leaf.pem"))
+		caller, err := tls.X509KeyPair([]byte(callerPEM), []byte(callerPEM))
+		if err != nil {
+			return false
+		}
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", web.port),
+			&tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{caller}})
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].SerialNumber.Cmp(want.SerialNumber) == 0
+	})
+	harness.WaitFor(t, 20*time.Second, "web reaching api after the rotation", func() bool {
+		code, _, err := web.call("api")
+		return err == nil && code == http.StatusOK
+	})
+	if code, _, err := web.call("db@nowhere"); err != nil || code != http.StatusServiceUnavailable {
+		t.Fatalf("db@nowhere's local port after the rotation: %d %v, want 503", code, err)
+	}
+	if n := logged(); n != 1 {
+		t.Fatalf("%d log lines name db@nowhere as unreadable, want 1:\n%s", n, web.sidecar.Output())
+	}
+}
+
+// registerUpstreams is register for upstreams given as Consul writes them
+// (a datacenter, say): the HTTP app, the registration and the sidecar.
+// in.upstream is keyed by "name" or "name@datacenter".
+func (m *mesh) registerUpstreams(in *instance, service string, upstreams ...api.Upstream) *instance {
+	t := m.t
+	t.Helper()
+	id := in.id
+	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
+	}))
+	t.Cleanup(in.app.Close)
+	in.port, in.dir = harness.FreePort(t), harness.TempDir(t)
+	in.upstream = map[string]int{}
+	for i := range upstreams {
+		u := &upstreams[i]
+		key := u.DestinationName
+		if u.Datacenter != "" {
+			key += "@" + u.Datacenter
+		}
+		u.LocalBindPort = harness.FreePort(t)
+		in.upstream[key] = u.LocalBindPort
+		if u.Config == nil {
+			u.Config = map[string]any{"protocol": "http"}
+		}
+	}
+	reg := &api.AgentServiceRegistration{
+		ID: id, Name: service, Address: "127.0.0.1", Port: in.app.Listener.Addr().(*net.TCPAddr).Port,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: in.port,
+			Proxy: &api.AgentServiceConnectProxyConfig{
+				Config:    map[string]any{"protocol": "http", "bind_address": "127.0.0.1"},
+				Upstreams: upstreams,
+			},
+			Checks: listeningCheck(in.port),
+		}},
+	}
+	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+		t.Fatalf("register %s: %v", id, err)
+	}
+	in.sidecar = harness.StartEnv(t, "sidecar "+id, in.env, harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
+		"-sidecar-for", id, "-dir", in.dir, "-ttl", "300ms", "-stop-grace", "2s", "-log-level", "debug"},
+		m.consul.Flags(m.consul.Addr, ""), in.args)...)
+	in.waitReady(t)
+	return in
+}
