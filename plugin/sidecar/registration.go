@@ -125,7 +125,11 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 			leftOut("Upstreams.LocalBindSocketPath", u.LocalBindSocketPath)
 			continue
 		}
-		c.Refused = append(c.Refused, meshGatewayRefused("Upstreams.MeshGateway.Mode", u.DestinationName, u.MeshGateway)...)
+		// Consul copies the proxy's mode into every upstream: that one is
+		// the proxy's setting, refused once above.
+		if u.MeshGateway != p.MeshGateway {
+			c.Refused = append(c.Refused, meshGatewayRefused("Upstreams.MeshGateway.Mode", u.DestinationName, u.MeshGateway)...)
+		}
 		uc := render.Upstream{
 			Name:       u.DestinationName,
 			Datacenter: u.Datacenter,

@@ -17,11 +17,12 @@ func refusedRegistration() *api.AgentService {
 		ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: 21000,
 		Proxy: &api.AgentServiceConnectProxyConfig{
 			DestinationServiceName: "web", LocalServicePort: 8080,
-			Mode:                   api.ProxyModeTransparent,
-			TransparentProxy:       &api.TransparentProxyConfig{OutboundListenerPort: 15001, DialedDirectly: true},
-			MeshGateway:            api.MeshGatewayConfig{Mode: api.MeshGatewayModeLocal},
+			Mode:             api.ProxyModeTransparent,
+			TransparentProxy: &api.TransparentProxyConfig{OutboundListenerPort: 15001, DialedDirectly: true},
+			MeshGateway:      api.MeshGatewayConfig{Mode: api.MeshGatewayModeLocal},
 			Upstreams: []api.Upstream{
-				{DestinationName: "api", LocalBindPort: 9191},
+				// as Consul returns it: the proxy's mode copied in
+				{DestinationName: "api", LocalBindPort: 9191, MeshGateway: api.MeshGatewayConfig{Mode: api.MeshGatewayModeLocal}},
 				{DestinationType: api.UpstreamDestTypePreparedQuery, DestinationName: "geo-db", LocalBindPort: 9192},
 				{DestinationName: "billing", DestinationPeer: "other", LocalBindPort: 9193},
 				{DestinationName: "cache", LocalBindSocketPath: "/tmp/cache.sock"},
