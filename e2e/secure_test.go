@@ -236,8 +236,10 @@ func TestSecureSidecars(t *testing.T) {
 	})
 
 	// A sidecar for web whose token lacks one rule of the documented policy
-	// logs Consul's refusal with what to grant, and renders nothing.
-	weakSidecar := func(t *testing.T, dropped, want string) {
+	// logs Consul's refusal with what to grant. Without the registration
+	// it renders nothing; without the upstream's instances it serves the
+	// upstream with none, and says so once.
+	weakSidecar := func(t *testing.T, dropped, want string, upstream bool) {
 		t.Helper()
 		rules := strings.Replace(webPolicy, dropped, "", 1)
 		if rules == webPolicy {
@@ -253,28 +255,49 @@ func TestSecureSidecars(t *testing.T) {
 			return strings.Contains(logText(p), want)
 		})
 		time.Sleep(time.Second) // the watch retries meanwhile: still one line
-		if n := strings.Count(logText(p), want); n != 1 {
-			t.Errorf("the refusal was logged %d times, want once:\n%s", n, p.Output())
+		const emptyUpstream = "upstream instances cannot be read: serving it with no instances"
+		count := func() (watchLines, emptyLines int) {
+			for _, l := range strings.Split(logText(p), "\n") {
+				if strings.Contains(l, emptyUpstream) {
+					emptyLines++
+				} else if strings.Contains(l, want) {
+					watchLines++
+				}
+			}
+			return watchLines, emptyLines
 		}
-		if _, err := os.Stat(filepath.Join(dir, "haproxy.cfg")); err == nil {
-			t.Error("a configuration was rendered without the proxy's registration or the upstream's instances")
+		if watchLines, _ := count(); watchLines != 1 {
+			t.Errorf("the refusal was logged %d times, want once:\n%s", watchLines, p.Output())
+		}
+		_, err := os.Stat(filepath.Join(dir, "haproxy.cfg"))
+		switch {
+		case !upstream && err == nil:
+			t.Error("a configuration was rendered without the proxy's registration")
+		case upstream:
+			harness.WaitFor(t, 10*time.Second, "the configuration with the upstream served empty", func() bool {
+				_, err := os.Stat(filepath.Join(dir, "haproxy.cfg"))
+				return err == nil
+			})
+			if _, emptyLines := count(); emptyLines != 1 {
+				t.Errorf("the upstream served empty was logged %d times, want once:\n%s", emptyLines, p.Output())
+			}
 		}
 		p.Kill()
 	}
 
 	t.Run("a token without service:read on the proxy: the error names it and the endpoint", func(t *testing.T) {
 		weakSidecar(t, "service \"web-sidecar-proxy\" {\n  policy = \"read\"\n}",
-			`lacks permission 'service:read' on "web-sidecar-proxy") (calling /v1/agent/service/web-1-sidecar-proxy)`)
+			`lacks permission 'service:read' on "web-sidecar-proxy") (calling /v1/agent/service/web-1-sidecar-proxy)`, false)
 	})
 
 	t.Run("a token without service:read on the upstream: the error names it and the endpoint", func(t *testing.T) {
 		weakSidecar(t, "service \"api\" {\n  policy = \"read\"\n}",
-			`(Permission denied) (the token needs service:read on "api" to call /v1/health/connect/api)`)
+			`(Permission denied) (the token needs service:read on "api" to call /v1/health/connect/api)`, true)
 	})
 
 	t.Run("a token that may not see the upstream's nodes: the hidden instances are reported", func(t *testing.T) {
 		weakSidecar(t, "node_prefix \"\" {\n  policy = \"read\"\n}",
-			`consul hides instances of "api" from the ACL token: it needs service:read on "api" and "api-sidecar-proxy" and node:read on their nodes`)
+			`consul hides instances of "api" from the ACL token: it needs service:read on "api" and "api-sidecar-proxy" and node:read on their nodes`, true)
 	})
 
 	t.Run("no token in any log line of the sidecars and their HAProxy, nor in their files", func(t *testing.T) {

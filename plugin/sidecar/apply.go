@@ -41,7 +41,7 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 		}
 		snap := s.snapshot()
 		for _, u := range snap.unread {
-			s.log.Warn("upstream instances cannot be read: configuring it with no instances (its local port answers 503) until Consul answers",
+			s.log.Warn("upstream instances cannot be read: serving it with no instances (HTTP callers get 503, TCP connections are closed) until Consul answers",
 				"upstream", u.key, "error", u.err)
 		}
 		if len(snap.missing) > 0 {

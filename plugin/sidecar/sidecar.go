@@ -22,6 +22,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/consulwatch"
 	"github.com/haconnect/haconnect/internal/meshid"
 	"github.com/haconnect/haconnect/plugin/haproxy"
@@ -360,6 +361,9 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 		logFailing := hooks.OnFailing
 		hooks.OnFailing = func(err error) {
 			logFailing(err)
+			if _, refused := consulflags.Refused(err); refused {
+				err = consulwatch.ExplainRefusal(query.Endpoint(), err)
+			}
 			s.update(func() { uw.err = err }) // wakes the apply loop, which stops waiting for it
 		}
 		go s.wakeAfter(wctx, upstreamGrace) // then an upstream that never answers is given up on
