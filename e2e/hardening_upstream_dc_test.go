@@ -8,9 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -30,7 +28,7 @@ func TestUnreadableUpstreamDoesNotBlockTheOthers(t *testing.T) {
 	m := newMesh(t)
 	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
 	api1 := m.add("api", "api-1")
-	web := m.registerUpstreams(&instance{id: "web-1"}, "web",
+	web := m.addWithUpstreams(&instance{id: "web-1"}, "web",
 		api.Upstream{DestinationName: "api"},
 		api.Upstream{DestinationName: "db", Datacenter: "nowhere"})
 
@@ -95,50 +93,4 @@ func TestUnreadableUpstreamDoesNotBlockTheOthers(t *testing.T) {
 	if n := logged(); n != 1 {
 		t.Fatalf("%d log lines name db@nowhere as unreadable, want 1:\n%s", n, web.sidecar.Output())
 	}
-}
-
-// registerUpstreams is register for upstreams given as Consul writes them
-// (a datacenter, say): the HTTP app, the registration and the sidecar.
-// in.upstream is keyed by "name" or "name@datacenter".
-func (m *mesh) registerUpstreams(in *instance, service string, upstreams ...api.Upstream) *instance {
-	t := m.t
-	t.Helper()
-	id := in.id
-	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
-	}))
-	t.Cleanup(in.app.Close)
-	in.port, in.dir = harness.FreePort(t), harness.TempDir(t)
-	in.upstream = map[string]int{}
-	for i := range upstreams {
-		u := &upstreams[i]
-		key := u.DestinationName
-		if u.Datacenter != "" {
-			key += "@" + u.Datacenter
-		}
-		u.LocalBindPort = harness.FreePort(t)
-		in.upstream[key] = u.LocalBindPort
-		if u.Config == nil {
-			u.Config = map[string]any{"protocol": "http"}
-		}
-	}
-	reg := &api.AgentServiceRegistration{
-		ID: id, Name: service, Address: "127.0.0.1", Port: in.app.Listener.Addr().(*net.TCPAddr).Port,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
-			Port: in.port,
-			Proxy: &api.AgentServiceConnectProxyConfig{
-				Config:    map[string]any{"protocol": "http", "bind_address": "127.0.0.1"},
-				Upstreams: upstreams,
-			},
-			Checks: listeningCheck(in.port),
-		}},
-	}
-	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
-		t.Fatalf("register %s: %v", id, err)
-	}
-	in.sidecar = harness.StartEnv(t, "sidecar "+id, in.env, harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
-		"-sidecar-for", id, "-dir", in.dir, "-ttl", "300ms", "-stop-grace", "2s", "-log-level", "debug"},
-		m.consul.Flags(m.consul.Addr, ""), in.args)...)
-	in.waitReady(t)
-	return in
 }

@@ -64,6 +64,13 @@ func (m *mesh) add(service, id string, upstreams ...string) *instance {
 // addInstance is add for an instance given its extra sidecar flags and
 // environment (args, env).
 func (m *mesh) addInstance(in *instance, service string, upstreams ...string) *instance {
+	m.t.Helper()
+	return m.addWithUpstreams(in, service, upstreamsOf(upstreams)...)
+}
+
+// addWithUpstreams is addInstance for upstreams given as Consul writes them
+// (a datacenter, say); in.upstream is keyed by "name" or "name@datacenter".
+func (m *mesh) addWithUpstreams(in *instance, service string, upstreams ...api.Upstream) *instance {
 	t := m.t
 	t.Helper()
 	id := in.id
@@ -71,12 +78,33 @@ func (m *mesh) addInstance(in *instance, service string, upstreams ...string) *i
 		fmt.Fprintf(w, "%s source=%s", id, r.Header.Get("X-Haconnect-Source"))
 	}))
 	t.Cleanup(in.app.Close)
-	return m.register(in, service, "http", in.app.Listener.Addr().(*net.TCPAddr).Port, upstreams...)
+	return m.registerProxy(in, service, "http", in.app.Listener.Addr().(*net.TCPAddr).Port, upstreams)
 }
 
 // register registers in (whose app listens on appPort) and starts its
 // sidecar.
 func (m *mesh) register(in *instance, service, protocol string, appPort int, upstreams ...string) *instance {
+	m.t.Helper()
+	return m.registerProxy(in, service, protocol, appPort, upstreamsOf(upstreams))
+}
+
+// upstreamsOf reads upstreams written "name" or "name:tcp".
+func upstreamsOf(specs []string) []api.Upstream {
+	var ups []api.Upstream
+	for _, u := range specs {
+		name, proto, _ := strings.Cut(u, ":")
+		if proto == "" {
+			proto = "http"
+		}
+		ups = append(ups, api.Upstream{DestinationName: name, Config: map[string]any{"protocol": proto}})
+	}
+	return ups
+}
+
+// registerProxy registers in with its sidecar and upstreams (each given a
+// free local port; an upstream without a protocol is http) and starts the
+// sidecar.
+func (m *mesh) registerProxy(in *instance, service, protocol string, appPort int, ups []api.Upstream) *instance {
 	t := m.t
 	t.Helper()
 	id := in.id
@@ -84,15 +112,17 @@ func (m *mesh) register(in *instance, service, protocol string, appPort int, ups
 	if in.upstream == nil {
 		in.upstream = map[string]int{}
 	}
-	var ups []api.Upstream
-	for _, u := range upstreams {
-		name, proto, _ := strings.Cut(u, ":")
-		if proto == "" {
-			proto = "http"
+	for i := range ups {
+		u := &ups[i]
+		key := u.DestinationName
+		if u.Datacenter != "" {
+			key += "@" + u.Datacenter
 		}
-		in.upstream[name] = harness.FreePort(t)
-		ups = append(ups, api.Upstream{DestinationName: name, LocalBindPort: in.upstream[name],
-			Config: map[string]any{"protocol": proto}})
+		u.LocalBindPort = harness.FreePort(t)
+		in.upstream[key] = u.LocalBindPort
+		if u.Config == nil {
+			u.Config = map[string]any{"protocol": "http"}
+		}
 	}
 	reg := &api.AgentServiceRegistration{
 		ID: id, Name: service, Address: "127.0.0.1", Port: appPort,
