@@ -1,7 +1,6 @@
 package haproxy
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestHAProxyEnvironmentIsAllowListed starts a real HAProxy the way the
@@ -17,10 +15,6 @@ import (
 // Consul, Nomad and Vault put there (and one nobody could list in advance),
 // and reads the environment of its master and worker from /proc.
 func TestHAProxyEnvironmentIsAllowListed(t *testing.T) {
-	bin, err := BinaryPath("")
-	if err != nil {
-		t.Fatal(err)
-	}
 	random := make([]byte, 16)
 	_, _ = rand.Read(random)
 	secrets := map[string]string{
@@ -36,20 +30,11 @@ func TestHAProxyEnvironmentIsAllowListed(t *testing.T) {
 	}
 	t.Setenv("TZ", "UTC")
 
-	dir, err := filepath.EvalSymlinks(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := testDir(t)
 	admin := filepath.Join(dir, "admin.sock")
 	text := "global\n    stats socket " + admin + " mode 600 level admin expose-fd listeners\n" +
 		"defaults\n    mode http\n    timeout client 5s\n    timeout connect 5s\n    timeout server 5s\n"
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	p, err := Start(ctx, Config{Binary: bin, Dir: dir, AdminSocket: admin}, text)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Stop(time.Second)
+	p := startForTest(t, dir, admin, text)
 	worker, err := p.admin.WorkerPid()
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package haproxy
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -44,16 +43,6 @@ func backendListener(t *testing.T) (int, <-chan struct{}) {
 	return l.Addr().(*net.TCPAddr).Port, accepted
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // readOK reports whether c delivers the backend's "ok" within 2s.
 func readOK(c net.Conn) bool {
 	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
@@ -91,14 +80,7 @@ func showProc(t *testing.T, master *Admin) []Proc {
 // through the master after a reload, and the certificate and CA file
 // replaced in memory.
 func TestRuntimeAPIAgainstHAProxy(t *testing.T) {
-	bin, err := BinaryPath("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := filepath.EvalSymlinks(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := testDir(t)
 	caA, caB := harness.NewForeignCA(t), harness.NewForeignCA(t)
 	leaf1, leaf2 := caA.IssueHost(t, "leaf-one"), caA.IssueHost(t, "leaf-two")
 	client := caB.IssueHost(t, "client")
@@ -109,7 +91,7 @@ func TestRuntimeAPIAgainstHAProxy(t *testing.T) {
 		}
 	}
 	appPort, accepted := backendListener(t)
-	plain, tlsPort := freePort(t), freePort(t)
+	plain, tlsPort := harness.FreePort(t), harness.FreePort(t)
 	admin := filepath.Join(dir, "admin.sock")
 	text := fmt.Sprintf(`global
     stats socket %s mode 600 level admin expose-fd listeners
@@ -131,13 +113,7 @@ backend tbl
 backend be
     server s0 127.0.0.1:1 disabled
 `, admin, plain, tlsPort, leafFile, rootsFile)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	p, err := Start(ctx, Config{Binary: bin, Dir: dir, AdminSocket: admin}, text)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Stop(time.Second)
+	p := startForTest(t, dir, admin, text)
 	a := NewAdmin(admin)
 	master := NewAdmin(Config{Dir: dir}.MasterSocket())
 
@@ -228,7 +204,7 @@ backend be
 	if err := a.Runtime(SetServerState("be", "s0", ServerMaint)); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Reload(ctx, text+"# reloaded\n"); err != nil {
+	if err := p.Reload(t.Context(), text+"# reloaded\n"); err != nil {
 		t.Fatal(err)
 	}
 	procs = showProc(t, master)

@@ -1,7 +1,6 @@
 package haproxy
 
 import (
-	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -22,14 +21,7 @@ import (
 // it goes on serving the first: Runtime must report that as an error, so
 // that the sidecar reloads instead.
 func TestCertificateCommittedAfterACAFile(t *testing.T) {
-	bin, err := BinaryPath("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := filepath.EvalSymlinks(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := testDir(t)
 	ca := harness.NewForeignCA(t)
 	leaf0, leaf1, leaf2 := ca.IssueHost(t, "leaf-0"), ca.IssueHost(t, "leaf-1"), ca.IssueHost(t, "leaf-2")
 	client := ca.IssueHost(t, "client")
@@ -39,7 +31,7 @@ func TestCertificateCommittedAfterACAFile(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	port := freePort(t)
+	port := harness.FreePort(t)
 	admin := filepath.Join(dir, "admin.sock")
 	text := fmt.Sprintf(`global
     stats socket %s mode 600 level admin expose-fd listeners
@@ -54,13 +46,7 @@ frontend fe_tls
 backend be
     server s0 127.0.0.1:1 ssl crt %s ca-file %s verify required disabled
 `, admin, port, leafFile, rootsFile, leafFile, rootsFile)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	p, err := Start(ctx, Config{Binary: bin, Dir: dir, AdminSocket: admin}, text)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Stop(time.Second)
+	startForTest(t, dir, admin, text)
 	a := NewAdmin(admin)
 	served := func() string {
 		t.Helper()

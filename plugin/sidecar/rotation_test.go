@@ -12,16 +12,6 @@ import (
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // TestPlanReloadsALeafAfterACAFileCommit: once the running worker has
 // committed a CA file, a new leaf is a reload (HAProxy 2.6.12 cannot
 // commit it); the reload starts a worker that can again, until its own
@@ -66,7 +56,7 @@ func TestLeafRenewedAfterARootsChangeIsServed(t *testing.T) {
 	oldCA, newCA, thirdCA := harness.NewForeignCA(t), harness.NewForeignCA(t), harness.NewForeignCA(t)
 	self := "spiffe://" + testTD + "/ns/default/dc/dc1/svc/web"
 	caller := oldCA.Issue(t, "spiffe://"+testTD+"/ns/default/dc/dc1/svc/api")
-	inbound, upstream := freePort(t), freePort(t)
+	inbound, upstream := harness.FreePort(t), harness.FreePort(t)
 
 	// The upstream instance: a TLS listener that records the client
 	// certificate of every handshake (HAProxy's health checks). No
