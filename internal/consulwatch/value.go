@@ -23,13 +23,6 @@ type Value[T any] struct {
 // NewValue returns a Value not loaded yet.
 func NewValue[T any]() *Value[T] { return &Value[T]{Status: NewStatus()} }
 
-// Get returns the latest answer, and whether there is one.
-func (v *Value[T]) Get() (T, bool) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.v, v.loaded
-}
-
 // Subscribe calls f with every new answer, from the watch's goroutine (it
 // must not block), starting with the current one if there is one.
 func (v *Value[T]) Subscribe(f func(T)) {

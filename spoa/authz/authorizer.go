@@ -134,11 +134,10 @@ type Authorizer struct {
 
 	ctx context.Context
 
-	rootsValue *consulwatch.Value[*api.CARootList]
-	roots      *consulwatch.Status // rootsValue's
-	trust      atomic.Pointer[trust]
-	failing    atomic.Int32 // watches whose last attempt failed, for consul_up
-	rateLogs   sync.Map     // log key -> *atomic.Int64, see logLimited
+	roots    *consulwatch.Value[*api.CARootList]
+	trust    atomic.Pointer[trust]
+	failing  atomic.Int32 // watches whose last attempt failed, for consul_up
+	rateLogs sync.Map     // log key -> *atomic.Int64, see logLimited
 
 	mu           sync.RWMutex
 	destinations map[string]*destination
@@ -202,8 +201,7 @@ func New(cfg Config) (*Authorizer, error) {
 		log:          cfg.Logger,
 		watch:        watch,
 		call:         call,
-		rootsValue:   roots,
-		roots:        roots.Status,
+		roots:        roots,
 		destinations: map[string]*destination{},
 	}, nil
 }
@@ -224,7 +222,7 @@ func (a *Authorizer) Start(ctx context.Context, destinations ...string) {
 // Ready blocks until the CA roots and the given destinations' intentions are
 // loaded, or ctx is done.
 func (a *Authorizer) Ready(ctx context.Context, destinations ...string) error {
-	wait := []<-chan struct{}{a.roots.Loaded()}
+	wait := []<-chan struct{}{a.roots.Status.Loaded()}
 	for _, name := range destinations {
 		t := a.destination(name, time.Now())
 		if t == nil {
@@ -283,10 +281,10 @@ func (a *Authorizer) decide(name string, der []byte, now time.Time) *Decision {
 // miss decides for a caller that is not cached. It needs Consul to be
 // answering for the destination.
 func (a *Authorizer) miss(t *destination, der []byte, now time.Time) *Decision {
-	if !a.waitLoaded(a.roots) || !a.waitLoaded(t.intentions) || !a.waitLoaded(t.chain) {
+	if !a.waitLoaded(a.roots.Status) || !a.waitLoaded(t.intentions) || !a.waitLoaded(t.chain) {
 		return Deny(ReasonConsulUnavailable)
 	}
-	if a.roots.Failing() || t.intentions.Failing() || t.chain.Failing() {
+	if a.roots.Status.Failing() || t.intentions.Failing() || t.chain.Failing() {
 		return Deny(ReasonConsulUnavailable)
 	}
 	cert, id, reason, err := parseCertificate(der)
@@ -422,7 +420,7 @@ func (a *Authorizer) Recheck(destination, spiffeID string) *Decision {
 	if t == nil {
 		return nil
 	}
-	if !t.intentions.IsLoaded() || !t.chain.IsLoaded() || !a.roots.IsLoaded() {
+	if !t.intentions.IsLoaded() || !t.chain.IsLoaded() || !a.roots.Status.IsLoaded() {
 		t.recheck.Store(true)
 		return nil
 	}

@@ -57,9 +57,9 @@ func watch[T any](ctx context.Context, a *Authorizer, query consulwatch.Query[T]
 func (a *Authorizer) watchRoots(ctx context.Context) {
 	if a.cfg.Roots == nil {
 		q := consulwatch.Roots{}
-		go a.rootsValue.Watch(ctx, a.watch, q, a.hooks(queryRoots, q.Name(), q.Endpoint()))
+		go a.roots.Watch(ctx, a.watch, q, a.hooks(queryRoots, q.Name(), q.Endpoint()))
 	}
-	a.rootsValue.Subscribe(a.setRoots)
+	a.roots.Subscribe(a.setRoots)
 }
 
 func (a *Authorizer) setRoots(list *api.CARootList) {
@@ -139,7 +139,7 @@ func (a *Authorizer) janitor(ctx context.Context) {
 // checkFreshness logs and reports a destination's passage past the stale
 // window, and back.
 func (a *Authorizer) checkFreshness(t *destination, now time.Time) {
-	if !t.intentions.IsLoaded() || !t.chain.IsLoaded() || !a.roots.IsLoaded() {
+	if !t.intentions.IsLoaded() || !t.chain.IsLoaded() || !a.roots.Status.IsLoaded() {
 		return // nothing was ever served for it
 	}
 	stale := !a.fresh(t, now)
