@@ -7,6 +7,7 @@ package harness
 import (
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -26,27 +27,36 @@ func RepoRoot() string {
 }
 
 // FreePort returns a loopback TCP port that was free a moment ago, and
-// that this process has not handed out before: the kernel may give a port
-// just released again, and a caller that asks for several at once (a
-// Consul agent's five) must get distinct ones.
+// that this process has not handed out before (a caller that asks for
+// several at once, a Consul agent's five, must get distinct ones). Ports
+// are drawn below the kernel's ephemeral range (ip_local_port_range,
+// 32768-60999 by default): a port from that range, released, is soon the
+// source port of some outgoing connection of any process here, and the
+// server meant to listen on it then fails with "address already in use".
 func FreePort(t testing.TB) int {
 	t.Helper()
-	for range 100 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	for range 1000 {
+		port := freePortLow + rand.IntN(freePortHigh-freePortLow)
+		if _, seen := handedOut.LoadOrStore(port, true); seen {
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		if err != nil {
-			t.Fatalf("free port: %v", err)
+			continue // another process holds it
 		}
-		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		if _, seen := handedOut.LoadOrStore(port, true); !seen {
-			return port
-		}
+		return port
 	}
-	t.Fatal("free port: the kernel keeps giving ports already handed out")
+	t.Fatal("free port: none found below the ephemeral range")
 	return 0
 }
 
-// handedOut holds the ports FreePort returned.
+// The range FreePort draws from: below Linux's default ephemeral range, and
+// above the ports services are usually configured on (Consul gives sidecar
+// registrations without a port one from 21000-21255).
+const freePortLow, freePortHigh = 22000, 32768
+
+// handedOut holds the ports FreePort returned or found taken.
 var handedOut sync.Map
 
 // WaitFor polls cond every 10ms until it is true or timeout passes, and
