@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -261,8 +262,50 @@ func (p *Process) Stop(grace time.Duration) {
 
 // Kill stops the whole process group at once.
 func (p *Process) Kill() {
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	pgid := p.cmd.Process.Pid
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
 	<-p.done
+	// The master's exit does not mean its workers are gone: SIGKILL is
+	// delivered when each is next scheduled, and a caller that returns
+	// (the sidecar exiting) must not leave one running even briefly.
+	waitGroupGone(pgid, 2*time.Second)
+}
+
+// waitGroupGone waits until no process of the process group pgid is alive
+// (zombies waiting for their reaper do not count), or timeout passes.
+func waitGroupGone(pgid int, timeout time.Duration) {
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if !groupAlive(pgid) {
+			return
+		}
+	}
+}
+
+// groupAlive reports whether a process of group pgid runs, from /proc.
+func groupAlive(pgid int) bool {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// After "(comm) ": state, ppid, pgrp.
+		_, rest, ok := strings.Cut(string(b), ") ")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) > 2 && f[0] != "Z" && f[0] != "X" && f[2] == strconv.Itoa(pgid) {
+			return true
+		}
+	}
+	return false
 }
 
 // ConfigPath is where the running configuration lives.

@@ -36,3 +36,23 @@ func startForTest(t *testing.T, dir, admin, text string) *Process {
 	t.Cleanup(func() { p.Stop(time.Second) })
 	return p
 }
+
+// TestKillLeavesNoWorker: once Kill returns, no HAProxy process of the
+// instance runs, the worker included (SIGKILL reaches it a moment after the
+// master has exited, and the sidecar exits right after Kill).
+func TestKillLeavesNoWorker(t *testing.T) {
+	for range 5 {
+		dir := testDir(t)
+		admin := filepath.Join(dir, "admin.sock")
+		p := startForTest(t, dir, admin, "global\n    stats socket "+admin+" mode 600 level admin\n"+
+			"defaults\n    mode http\n    timeout client 5s\n    timeout connect 5s\n    timeout server 5s\n")
+		worker, err := p.admin.WorkerPid()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Kill()
+		if groupAlive(p.cmd.Process.Pid) {
+			t.Fatalf("a process of HAProxy's group (worker %d) still runs after Kill", worker)
+		}
+	}
+}
