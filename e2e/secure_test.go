@@ -447,34 +447,54 @@ func TestSecureACLPoliciesAreMinimal(t *testing.T) {
 }
 
 // TestSecureNomadHook runs `haconnect nomad-hook` (HAProxy as a child
-// process) with the sidecar policy, Consul's address, token and TLS
-// settings in the task's environment, as a Nomad job sets them.
+// process) with the sidecar policy, Consul's address and TLS settings in
+// the task's environment, as a Nomad job sets them, and the token given
+// either way Nomad gives one: CONSUL_HTTP_TOKEN (a task with its own Consul
+// identity, taskrunner/consul_hook.go), or only the file
+// ${NOMAD_SECRETS_DIR}/si_token, mode 0440, that Nomad writes for a
+// Connect sidecar task from its service's workload identity
+// (taskrunner/sids_hook.go) and Envoy's bootstrap reads.
 func TestSecureNomadHook(t *testing.T) {
 	c := harness.StartSecureConsul(t)
 	c.SetIntentions(t, "api", harness.Source("web", allow))
 	_, policy := sidecarPolicies(t)
 	tok := c.CreateToken(t, "nomad-hook-api", policy)
-	fn := newFakeNomad(t)
-	id := "5ec0e000-0000-4000-8000-000000000001"
-	fn.set(id, connectAlloc(id))
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "app source=%s", r.Header.Get("X-Haconnect-Source"))
 	}))
 	t.Cleanup(app.Close)
-	port := harness.FreePort(t)
-	registerNomadServices(t, c, id, port, "127.0.0.1", port, app.Listener.Addr().(*net.TCPAddr).Port)
-	dir := harness.TempDir(t)
-	hook := harness.StartEnv(t, "nomad-hook", slices.Concat(hookEnv(id, fn.URL), c.Env(c.Addr, tok.SecretID)),
-		harness.Binary(t, "haconnect"), "nomad-hook", "-launcher", "exec", "-dir", dir, "-stop-grace", "1s", "-log-level", "debug")
-	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
-
 	roots, _ := c.RootsPEM(t)
-	call := func(caller string) (int, string) { return callPort(t, c, roots, caller, port) }
-	if code, body := call("web"); code != 200 || body != "app source=web" {
-		t.Fatalf("web: %d %q, want 200 \"app source=web\"", code, body)
+	for i, delivery := range []string{"CONSUL_HTTP_TOKEN", "si_token"} {
+		t.Run(delivery, func(t *testing.T) {
+			fn := newFakeNomad(t)
+			id := fmt.Sprintf("5ec0e000-0000-4000-8000-00000000000%d", i+1)
+			fn.set(id, connectAlloc(id))
+			port := harness.FreePort(t)
+			registerNomadServices(t, c, id, port, "127.0.0.1", port, app.Listener.Addr().(*net.TCPAddr).Port)
+			dir := harness.TempDir(t)
+			env := slices.Concat(hookEnv(id, fn.URL), c.Env(c.Addr, tok.SecretID))
+			if delivery == "si_token" {
+				secrets := harness.TempDir(t)
+				if err := os.WriteFile(filepath.Join(secrets, "si_token"), []byte(tok.SecretID), 0o440); err != nil {
+					t.Fatal(err)
+				}
+				env = slices.Concat(hookEnv(id, fn.URL), c.Env(c.Addr, ""), []string{"NOMAD_SECRETS_DIR=" + secrets})
+			}
+			hook := harness.StartEnv(t, "nomad-hook", env,
+				harness.Binary(t, "haconnect"), "nomad-hook", "-launcher", "exec", "-dir", dir, "-stop-grace", "1s", "-log-level", "debug")
+			harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 20*time.Second)
+			if !strings.Contains(hook.Output(), `Consul ACL token: from=`+map[string]string{
+				"CONSUL_HTTP_TOKEN": "CONSUL_HTTP_TOKEN", "si_token": `"$NOMAD_SECRETS_DIR/si_token"`}[delivery]) {
+				t.Errorf("the hook does not say where its token came from:\n%s", hook.Output())
+			}
+			call := func(caller string) (int, string) { return callPort(t, c, roots, caller, port) }
+			if code, body := call("web"); code != 200 || body != "app source=web" {
+				t.Fatalf("web: %d %q, want 200 \"app source=web\"", code, body)
+			}
+			if code, body := call("stranger"); code != 403 || !strings.Contains(body, "default_deny") {
+				t.Fatalf("stranger: %d %q, want 403 default_deny", code, body)
+			}
+			noSecrets(t, []string{c.Token, tok.SecretID}, []*harness.Process{hook}, dir)
+		})
 	}
-	if code, body := call("stranger"); code != 403 || !strings.Contains(body, "default_deny") {
-		t.Fatalf("stranger: %d %q, want 403 default_deny", code, body)
-	}
-	noSecrets(t, []string{c.Token, tok.SecretID}, []*harness.Process{hook}, dir)
 }

@@ -99,6 +99,9 @@ func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
 	if c.Consul, err = o.Consul.Config(); err != nil {
 		return nil, err
 	}
+	if o.Consul.TokenOrigin != "" {
+		log.Info("Consul ACL token", "from", o.Consul.TokenOrigin)
+	}
 	p := &Prepared{Log: log}
 	if c.Dir == "" {
 		if c.Dir, err = os.MkdirTemp("", "haconnect-sidecar-"); err != nil {
