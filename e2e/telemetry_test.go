@@ -271,4 +271,27 @@ func TestTaggingAndTelemetry(t *testing.T) {
 		}
 		t.Logf("mean latency %.0fus over %d requests", mean*1e6, h.GetSampleCount())
 	})
+
+	// One scrape target: the admin listener also serves the sidecar
+	// process's metrics, the embedded SPOA's decisions among them.
+	t.Run("the process's metrics are served on the admin listener too", func(t *testing.T) {
+		get(nil) // at least one decision, whichever subtests ran
+		m := scrape(t, admin)
+		for _, name := range []string{"haconnect_spoa_decisions_total", "haconnect_sidecar_applies_total", "go_goroutines"} {
+			if m[name] == nil {
+				t.Errorf("%s is missing from the admin listener's /metrics", name)
+			}
+		}
+		allowed := 0.0
+		for _, mm := range m["haconnect_spoa_decisions_total"].GetMetric() {
+			for _, l := range mm.GetLabel() {
+				if l.GetName() == "result" && l.GetValue() == "allow" {
+					allowed += mm.GetCounter().GetValue()
+				}
+			}
+		}
+		if allowed == 0 {
+			t.Errorf("no allowed decision counted, after the requests above: %v", m["haconnect_spoa_decisions_total"])
+		}
+	})
 }

@@ -10,6 +10,8 @@
 -- The configuration passes its layout through the environment (setenv):
 --   HACONNECT_ADMIN_SOCKET  runtime API socket
 --   HACONNECT_EXPORTER_URL  HAProxy's prometheus-exporter, appended to the output
+--   HACONNECT_PROCESS_URL   the sidecar process's own metrics (sidecar, embedded
+--                           SPOA), appended before the exporter's; optional
 --   HACONNECT_BUCKETS_US    upper bounds of the latency buckets, microseconds, comma-separated
 --   HACONNECT_SUM_BITS      how many bits of the latency (us) are counted for _sum
 -- haconnect_requests: key "source|destination|class", gpc0 = count,
@@ -138,6 +140,17 @@ local function render()
   return table.concat(b, "\n") .. "\n"
 end
 
+-- fetch returns the body of a metrics page, or a comment line naming what
+-- did not answer. The timeout keeps a stuck part from holding the scrape.
+local function fetch(url, what)
+  local hc = core.httpclient()
+  local res = hc:get({ url = url, timeout = 2000 })
+  if res and res.status == 200 and res.body then
+    return res.body
+  end
+  return "# haconnect: " .. what .. " did not answer\n"
+end
+
 core.register_service("haconnect-metrics", "http", function(applet)
   local ok, body, err = pcall(render)
   local status = 200
@@ -146,13 +159,15 @@ core.register_service("haconnect-metrics", "http", function(applet)
   elseif body == nil then
     status, body = 503, "haconnect: " .. tostring(err) .. "\n"
   else
-    local hc = core.httpclient()
-    local res = hc:get({ url = env("HACONNECT_EXPORTER_URL") })
-    if res and res.status == 200 and res.body then
-      body = body .. res.body
-    else
-      body = body .. "# haconnect: HAProxy's exporter did not answer\n"
+    -- One scrape target for the whole sidecar: HAProxy's counters above,
+    -- the process's (sidecar and authorization decisions), then HAProxy's
+    -- own exporter. A part that does not answer is named in a comment
+    -- line; the rest is still served.
+    local process = os.getenv("HACONNECT_PROCESS_URL")
+    if process ~= nil and process ~= "" then
+      body = body .. fetch(process, "the sidecar process's metrics")
     end
+    body = body .. fetch(env("HACONNECT_EXPORTER_URL"), "HAProxy's exporter")
   end
   applet:set_status(status)
   applet:add_header("content-type", "text/plain; version=0.0.4")

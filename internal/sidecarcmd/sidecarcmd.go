@@ -112,6 +112,17 @@ func (o *Options) Prepare(name string, stderr io.Writer) (*Prepared, error) {
 	} // sidecar.New makes a relative -dir absolute
 	reg := promserve.NewRegistry()
 	c.Logger, c.Registerer = log, reg
+	// The process's metrics also reach the admin listener's /metrics
+	// through a loopback listener of its own, so that one scrape target
+	// (-admin-bind, or envoy_prometheus_bind_addr) has everything.
+	internal, err := promserve.Listen("127.0.0.1:0")
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("metrics for the admin listener: %w", err)
+	}
+	internal.Serve(reg)
+	p.cleanup = append(p.cleanup, func() { internal.Close() })
+	c.ProcessMetricsURL = "http://" + internal.Addr() + "/metrics"
 	if o.MetricsListen != "" {
 		ms, err := promserve.Listen(o.MetricsListen)
 		if err != nil {

@@ -79,6 +79,10 @@ type Model struct {
 	// HAProxy's exporter at /metrics, the exporter alone at
 	// /metrics/haproxy, the stats page at /stats.
 	AdminBind string
+	// ProcessMetricsURL, if set with AdminBind, is the sidecar process's
+	// own /metrics (sidecar and embedded SPOA), appended to the admin
+	// listener's /metrics so that one scrape target has all of them.
+	ProcessMetricsURL string
 	// LuaFile holds lua/haconnect.lua, always loaded: the upstream identity
 	// check needs it, telemetry or not.
 	LuaFile string
@@ -176,6 +180,13 @@ func (m *Model) Validate() error {
 	if m.AdminBind != "" {
 		if err := checkHostPort(m.AdminBind); err != nil {
 			bad("admin bind: %v", err)
+		}
+	}
+	if u := m.ProcessMetricsURL; u != "" {
+		hp, ok := strings.CutPrefix(u, "http://")
+		hp, ok2 := strings.CutSuffix(hp, "/metrics")
+		if !ok || !ok2 || checkHostPort(hp) != nil {
+			bad("process metrics URL %q (want http://<ip>:<port>/metrics)", u)
 		}
 	}
 	if m.Threads < 0 || m.Threads > 64 {

@@ -82,20 +82,21 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]string) (*render.Model, map[string][]string) {
 	reg := snap.reg
 	m := &render.Model{
-		Service:     reg.Service,
-		LeafFile:    s.path("leaf.pem"),
-		RootsFile:   s.path("roots.pem"),
-		SPOEFile:    s.path("spoe.conf"),
-		AdminSocket: s.path("admin.sock"),
-		SPOAAddr:    spoaAddr,
-		SPOATLS:     s.spoaTLS,
-		SelfURI:     snap.leaf.ServiceURI,
-		AdminBind:   s.cfg.AdminBind,
-		LuaFile:     s.path("haconnect.lua"),
-		PeerMapFile: s.path("upstream_peers.map"),
-		Threads:     s.cfg.Threads,
-		AccessLog:   s.cfg.AccessLog,
-		Inbound:     reg.Inbound,
+		Service:           reg.Service,
+		LeafFile:          s.path("leaf.pem"),
+		RootsFile:         s.path("roots.pem"),
+		SPOEFile:          s.path("spoe.conf"),
+		AdminSocket:       s.path("admin.sock"),
+		SPOAAddr:          spoaAddr,
+		SPOATLS:           s.spoaTLS,
+		SelfURI:           snap.leaf.ServiceURI,
+		AdminBind:         s.cfg.AdminBind,
+		ProcessMetricsURL: s.cfg.ProcessMetricsURL,
+		LuaFile:           s.path("haconnect.lua"),
+		PeerMapFile:       s.path("upstream_peers.map"),
+		Threads:           s.cfg.Threads,
+		AccessLog:         s.cfg.AccessLog,
+		Inbound:           reg.Inbound,
 	}
 	// The upstreams' identities: this sidecar's own, from its leaf, with
 	// the cluster's trust domain (from the roots) and the upstream's name.

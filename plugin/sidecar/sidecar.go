@@ -50,6 +50,10 @@ type Config struct {
 	// AdminBind serves HAProxy's Prometheus exporter (/metrics) and stats
 	// page (/stats); empty: off.
 	AdminBind string
+	// ProcessMetricsURL is this process's own /metrics, which the admin
+	// listener appends to its own (one scrape target); empty: not served.
+	// It must be reachable from HAProxy's network namespace.
+	ProcessMetricsURL string
 	// Threads is HAProxy's nbthread (0: one per CPU); AccessLog logs every
 	// request.
 	Threads     int
