@@ -97,6 +97,8 @@ type Model struct {
 	AccessLog bool
 	Inbound   Inbound
 	Upstreams []Upstream
+	// Exposed are the plain-HTTP listeners of Proxy.Expose (expose.go).
+	Exposed []ExposedPath
 }
 
 // Inbound is the public mTLS listener in front of the local app.
@@ -222,6 +224,7 @@ func (m *Model) Validate() error {
 			checkPort(bad, what+" instance port", s.Port)
 		}
 	}
+	m.validateExposed(bad, ports)
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid sidecar configuration: %s", strings.Join(errs, "; "))
 	}

@@ -15,8 +15,9 @@ var cfgTemplate string
 var spoeTemplate string
 
 var funcs = template.FuncMap{
-	"hostport": hostPort,
-	"backend":  BackendName,
+	"hostport":    hostPort,
+	"backend":     BackendName,
+	"exposedName": ExposedName,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
 			return def
