@@ -126,9 +126,34 @@ type Upstream struct {
 	ConnectTimeoutMS int
 	// PeerURI is the SPIFFE ID the upstream's certificate must carry.
 	PeerURI string
+	// SNI is the server name Consul gives this upstream's target (what an
+	// Envoy sidecar sends, and what mesh and terminating gateways route
+	// on). It is rendered as a comment only, not sent: HAProxy 2.6 checks
+	// a server name it sends against the peer certificate's DNS SANs and
+	// CN, and a Consul leaf carries neither (only its SPIFFE ID, as a URI
+	// SAN), so every handshake would fail (README, "SNI").
+	SNI string
 	// Servers are slots, filled or empty; a slot keeps its name while the
 	// instance in it lives, so changes can go through the runtime API.
 	Servers []Server
+}
+
+// Frontend and Backend name the upstream's sections, which the runtime
+// API also uses. Two upstreams may share a destination name in different
+// datacenters, so an explicit datacenter is part of the name, after a ':'
+// (in no service or datacenter name, so names cannot collide). An upstream
+// without one keeps the bare name, as before datacenters were named. Both
+// depend only on the registration: they are the same on every render.
+func (u Upstream) Frontend() string { return "upstream_listener_" + u.id() }
+
+// Backend: see Frontend.
+func (u Upstream) Backend() string { return "upstream_" + u.id() }
+
+func (u Upstream) id() string {
+	if u.Datacenter == "" {
+		return u.Name
+	}
+	return u.Name + ":" + u.Datacenter
 }
 
 // Server is one upstream slot. An empty Addr is a free (disabled) slot.
@@ -201,11 +226,26 @@ func (m *Model) Validate() error {
 	checkPort(bad, "local service port", in.LocalPort)
 	checkProtocol(bad, "inbound", in.Protocol)
 	ports := map[int]string{in.BindPort: "inbound listener"}
+	sections := map[string]bool{}
 	for _, u := range m.Upstreams {
 		if !validName(u.Name) {
 			bad("upstream name %q", u.Name)
 		}
 		what := "upstream " + u.Name
+		if u.Datacenter != "" {
+			// Part of section names (Frontend, Backend).
+			if !validName(u.Datacenter) {
+				bad("%s datacenter %q", what, u.Datacenter)
+			}
+			what += " (datacenter " + u.Datacenter + ")"
+		}
+		if sections[u.Backend()] {
+			bad("%s is listed twice", what)
+		}
+		sections[u.Backend()] = true
+		if u.SNI != "" && !validSNI(u.SNI) {
+			bad("%s SNI %q", what, u.SNI)
+		}
 		checkAddr(bad, what+" bind address", u.BindAddr)
 		checkPort(bad, what+" port", u.BindPort)
 		checkProtocol(bad, what, u.Protocol)
@@ -233,6 +273,21 @@ func (m *Model) Validate() error {
 
 func validName(s string) bool {
 	if s == "" || len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// validSNI reports whether s is a host name TLS may carry (RFC 6066: at
+// most 253 characters; here letters, digits, '-', '_' and '.'): it is
+// written into the configuration.
+func validSNI(s string) bool {
+	if len(s) > 253 {
 		return false
 	}
 	for _, r := range s {

@@ -16,7 +16,6 @@ var spoeTemplate string
 
 var funcs = template.FuncMap{
 	"hostport":    hostPort,
-	"backend":     BackendName,
 	"exposedName": ExposedName,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
@@ -76,7 +75,3 @@ func execute(t *template.Template, m *Model, tel telemetry, shape bool) (string,
 
 // ServerName is the configuration name of an upstream's slot.
 func ServerName(i int) string { return "s" + strconv.Itoa(i+1) }
-
-// BackendName is the backend of an upstream (the template's and the
-// runtime commands' name for it).
-func BackendName(upstream string) string { return "upstream_" + upstream }
