@@ -79,6 +79,11 @@ type Model struct {
 	// HAProxy's exporter at /metrics, the exporter alone at
 	// /metrics/haproxy, the stats page at /stats.
 	AdminBind string
+	// AdminBindAlso, if set, is a second address of the same admin
+	// listener: Proxy.Config envoy_stats_bind_addr beside a different
+	// envoy_prometheus_bind_addr (Envoy serves /metrics on one and /stats
+	// on the other; both paths are served on both here).
+	AdminBindAlso string
 	// ProcessMetricsURL, if set with AdminBind, is the sidecar process's
 	// own /metrics (sidecar and embedded SPOA), appended to the admin
 	// listener's /metrics so that one scrape target has all of them.
@@ -112,6 +117,16 @@ type Inbound struct {
 	LocalConnectTimeoutMS int
 	// LocalRequestTimeoutMS bounds an HTTP request to the app (0: 30s).
 	LocalRequestTimeoutMS int
+	// LocalIdleTimeoutMS bounds an idle TCP stream or upgraded HTTP stream
+	// (timeout tunnel; 0: the 1m client/server timeouts).
+	LocalIdleTimeoutMS int
+	// HandshakeTimeoutMS bounds a caller's TLS handshake (0: 1m). HAProxy
+	// 2.6 has no timeout client-hs: the handshake is bounded by the
+	// frontend's timeout client, so that is what it sets.
+	HandshakeTimeoutMS int
+	// MaxConnections caps the listener's concurrent connections (frontend
+	// maxconn; 0: HAProxy's default).
+	MaxConnections int
 }
 
 // Upstream is a local listener that reaches a destination through the
@@ -122,8 +137,13 @@ type Upstream struct {
 	BindAddr   string
 	BindPort   int
 	Protocol   string
-	// ConnectTimeoutMS bounds a connection to an upstream instance.
+	// ConnectTimeoutMS bounds a connection to an upstream instance, and a
+	// request's wait in the queue when Limits are set.
 	ConnectTimeoutMS int
+	// Limits are Consul's upstream limits (circuit breakers); nil: none.
+	Limits *Limits
+	// PassiveHealth is Consul's passive_health_check; nil: off.
+	PassiveHealth *PassiveHealth
 	// PeerURI is the SPIFFE ID the upstream's certificate must carry.
 	PeerURI string
 	// SNI is the server name Consul gives this upstream's target (what an
@@ -161,6 +181,30 @@ type Server struct {
 	Name string
 	Addr string
 	Port int
+	// MaxConn is this slot's share of the upstream's concurrency limit
+	// (0: none); like the address it changes through the runtime API.
+	MaxConn int
+}
+
+// Limits are an upstream's circuit breakers, Envoy's per-cluster limits
+// turned into what HAProxy counts (see plugin/sidecar/settings.go).
+type Limits struct {
+	// Concurrent is the most streams (TCP connections, HTTP requests) in
+	// flight to the upstream at once; it is split over the filled slots
+	// (Server.MaxConn), and a stream past it waits in the backend's queue.
+	// 0: no limit.
+	Concurrent int
+	// MaxPending is how many may wait in that queue; a stream beyond is
+	// refused at once (HTTP 503, TCP closed). Only with LimitPending.
+	LimitPending bool
+	MaxPending   int
+}
+
+// PassiveHealth marks an instance down after MaxFailures consecutive
+// errors (observe layer7 / layer4) for about EjectSeconds.
+type PassiveHealth struct {
+	MaxFailures  int
+	EjectSeconds int
 }
 
 // SPOATLS is HAProxy's side of mutual TLS with an external authorization
@@ -209,6 +253,14 @@ func (m *Model) Validate() error {
 			bad("admin bind: %v", err)
 		}
 	}
+	if a := m.AdminBindAlso; a != "" {
+		if err := checkHostPort(a); err != nil {
+			bad("second admin bind: %v", err)
+		}
+		if m.AdminBind == "" || a == m.AdminBind {
+			bad("second admin bind %q without a different first one", a)
+		}
+	}
 	if u := m.ProcessMetricsURL; u != "" {
 		hp, ok := strings.CutPrefix(u, "http://")
 		hp, ok2 := strings.CutSuffix(hp, "/metrics")
@@ -225,6 +277,16 @@ func (m *Model) Validate() error {
 	checkAddr(bad, "local service address", in.LocalAddr)
 	checkPort(bad, "local service port", in.LocalPort)
 	checkProtocol(bad, "inbound", in.Protocol)
+	for _, v := range []struct {
+		what string
+		n    int
+	}{{"local connect timeout", in.LocalConnectTimeoutMS}, {"local request timeout", in.LocalRequestTimeoutMS},
+		{"local idle timeout", in.LocalIdleTimeoutMS}, {"handshake timeout", in.HandshakeTimeoutMS},
+		{"max inbound connections", in.MaxConnections}} {
+		if v.n < 0 {
+			bad("%s %d is negative", v.what, v.n)
+		}
+	}
 	ports := map[int]string{in.BindPort: "inbound listener"}
 	sections := map[string]bool{}
 	for _, u := range m.Upstreams {
@@ -253,6 +315,15 @@ func (m *Model) Validate() error {
 			bad("%s port %d is also used by %s", what, u.BindPort, other)
 		}
 		ports[u.BindPort] = what
+		if u.ConnectTimeoutMS < 0 {
+			bad("%s connect timeout %d is negative", what, u.ConnectTimeoutMS)
+		}
+		if l := u.Limits; l != nil && (l.Concurrent < 0 || l.MaxPending < 0) {
+			bad("%s limits %+v: negative", what, *l)
+		}
+		if h := u.PassiveHealth; h != nil && (h.MaxFailures < 1 || h.EjectSeconds < 1) {
+			bad("%s passive health check %+v: max failures and ejection time must be at least 1", what, *h)
+		}
 		if !strings.HasPrefix(u.PeerURI, "spiffe://") || !spiffeChars(u.PeerURI) {
 			bad("%s peer URI %q", what, u.PeerURI)
 		}
@@ -262,6 +333,9 @@ func (m *Model) Validate() error {
 			}
 			checkAddr(bad, what+" instance address", s.Addr)
 			checkPort(bad, what+" instance port", s.Port)
+			if s.MaxConn < 0 {
+				bad("%s slot %s maxconn %d", what, s.Name, s.MaxConn)
+			}
 		}
 	}
 	m.validateExposed(bad, ports)
