@@ -117,9 +117,10 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 			byKey[e.Key()] = e
 		}
 		up := u // as registered, with its peer's identity and its slots
-		up.PeerURI = ""
+		up.PeerURI, up.SNI = "", ""
 		if selfErr == nil {
 			up.PeerURI, _ = peerURI(self, u)
+			up.SNI = upstreamSNI(peerService(self, u))
 		}
 		up.Servers = nil
 		for i, inst := range next[k] {
@@ -196,6 +197,7 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 	if err != nil {
 		return err
 	}
+	s.logSNIs(next.model)
 	return s.execute(ctx, planApply(s.proc != nil, s.applied, next), snap.pendingAt)
 }
 
@@ -219,6 +221,8 @@ type applier struct {
 
 	proc    haproxy.Instance // nil: nothing runs
 	applied appliedState
+	// sniLogged is the SNI last logged for each upstream (logSNIs).
+	sniLogged map[string]string
 	// exposedLogged are the exposed checks' states already logged.
 	exposedLogged map[string]bool
 }

@@ -386,16 +386,23 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 // upstream's name in this sidecar's trust domain, partition and namespace,
 // in the upstream's datacenter (by default this sidecar's).
 func peerURI(self meshid.Service, u render.Upstream) (string, error) {
+	id, err := peerService(self, u).ID()
+	if err != nil {
+		return "", fmt.Errorf("upstream %q: %w", u.Name, err)
+	}
+	return id.String(), nil
+}
+
+// peerService is the identity of an upstream's sidecars: the upstream's
+// name in this sidecar's trust domain, partition and namespace, in the
+// upstream's datacenter (by default this sidecar's).
+func peerService(self meshid.Service, u render.Upstream) meshid.Service {
 	peer := self
 	peer.Name = u.Name
 	if u.Datacenter != "" {
 		peer.Datacenter = u.Datacenter
 	}
-	id, err := peer.ID()
-	if err != nil {
-		return "", fmt.Errorf("upstream %q: %w", u.Name, err)
-	}
-	return id.String(), nil
+	return peer
 }
 
 // writeSPOATLS copies HAProxy's client certificate and key, and the CA of
