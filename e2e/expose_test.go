@@ -1,0 +1,265 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/plugin/nomad"
+)
+
+// exposeApp is a service's app with a health endpoint, a metrics endpoint
+// and something that must stay private; it records the paths it served.
+type exposeApp struct {
+	*httptest.Server
+	port int
+	mu   sync.Mutex
+	seen []string
+}
+
+func newExposeApp(t *testing.T) *exposeApp {
+	a := &exposeApp{}
+	a.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		a.seen = append(a.seen, r.URL.Path)
+		a.mu.Unlock()
+		switch r.URL.Path {
+		case "/health", "/metrics":
+			fmt.Fprintf(w, "ok %s source=%q", r.URL.Path, r.Header.Get("X-Haconnect-Source"))
+		default:
+			fmt.Fprintf(w, "private %s", r.URL.Path)
+		}
+	}))
+	t.Cleanup(a.Close)
+	a.port = a.Listener.Addr().(*net.TCPAddr).Port
+	return a
+}
+
+func (a *exposeApp) served(path string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Contains(a.seen, path)
+}
+
+// nomadExposeRegistrations are the registrations Nomad makes in Consul for
+// group "api" of job "demo" with, on service "api" (port label "8080"):
+//
+//	check { type = "http"  path = "/health"  interval = "1s"  timeout = "1s"  expose = true }
+//	connect { sidecar_service { proxy {
+//	  expose { path { path = "/metrics"  protocol = "http"  local_path_port = <app>  listener_port = "metrics" } }
+//	} } }
+//
+// Shaped as Nomad writes them (github.com/hashicorp/nomad, read at
+// aa026cc99cfb, 2026-08-21):
+//   - nomad/job_endpoint_hook_expose_check.go, jobExposeCheckHook.Mutate and
+//     exposePathForCheck: at submission the exposed check becomes an expose
+//     path {Path: check.Path, Protocol: check.Protocol (empty here),
+//     LocalPathPort: the service's port, ListenerPort: the check's port
+//     label, a generated dynamic port "svc_api_ck_<hash>" with To = -1, i.e.
+//     the same number inside the namespace as on the host};
+//   - command/agent/consul/connect.go, connectProxyExpose and
+//     connectProxyExposePaths: the sidecar registers Proxy.Expose{Checks:
+//     false, Paths: [{ListenerPort: the label's host port, Path,
+//     LocalPathPort, Protocol, ParsedFromCheck: false}]}; connectProxyConfig:
+//     Config bind_address "0.0.0.0" unless the job sets it, bind_port, and
+//     envoy_stats_tags; connectSidecarRegistration: Address/Port are the host
+//     IP and port of the sidecar's mapping, with the checks "Connect Sidecar
+//     Aliasing <service ID>" and "Connect Sidecar Listening" (TCP, 10s);
+//   - command/agent/consul/service_client.go, checkRegs and createCheckReg:
+//     the check is the service's, HTTP = http://<host IP>:<host port of the
+//     check's port label>/health, i.e. the exposed listener.
+//
+// Test-only differences: bind_address is 127.0.0.1 (the sidecar here runs on
+// the host, not in a namespace, and the test listens on loopback only), and
+// LocalServicePort is given (Nomad leaves it 0 unless the job sets
+// local_service_port; the inbound is not what this test is about).
+func nomadExposeRegistrations(allocID string, app, proxyPort, checkPort, metricsPort int) []*consulapi.AgentServiceRegistration {
+	svcID := nomad.ServiceID(allocID, "api", "api", "8080")
+	proxyID := nomad.ProxyID(allocID, "api", "api", "8080")
+	return []*consulapi.AgentServiceRegistration{
+		{ID: svcID, Name: "api", Address: "127.0.0.1", Port: app, Checks: consulapi.AgentServiceChecks{{
+			CheckID: "_nomad-check-exposed-health", Name: "api-health",
+			HTTP: fmt.Sprintf("http://127.0.0.1:%d/health", checkPort), Interval: "1s", Timeout: "1s",
+		}}},
+		{Kind: consulapi.ServiceKindConnectProxy, ID: proxyID, Name: "api-sidecar-proxy", Address: "127.0.0.1", Port: proxyPort,
+			Proxy: &consulapi.AgentServiceConnectProxyConfig{
+				DestinationServiceName: "api", DestinationServiceID: svcID, LocalServicePort: app,
+				Mode: consulapi.ProxyModeDefault,
+				Config: map[string]any{"bind_address": "127.0.0.1", "bind_port": proxyPort, "protocol": "http",
+					"envoy_stats_tags": []string{"nomad.alloc_id=" + allocID, "nomad.group=api", "nomad.job=demo", "nomad.namespace=default"}},
+				Expose: consulapi.ExposeConfig{Checks: false, Paths: []consulapi.ExposePath{
+					{ListenerPort: checkPort, Path: "/health", LocalPathPort: app, Protocol: ""},
+					{ListenerPort: metricsPort, Path: "/metrics", LocalPathPort: app, Protocol: "http"},
+				}},
+			},
+			Checks: consulapi.AgentServiceChecks{
+				{Name: "Connect Sidecar Aliasing " + svcID, AliasService: svcID},
+				{Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", proxyPort), Interval: "10s"},
+			}},
+	}
+}
+
+// TestExposedPathsAsNomadRegistersThem: a service whose HTTP check goes
+// through an exposed path (what Nomad registers for `check { expose = true
+// }`) goes passing in Consul through haconnect; the exposed listeners serve
+// their paths and nothing else; the inbound still demands a client
+// certificate.
+func TestExposedPathsAsNomadRegistersThem(t *testing.T) {
+	m := newMesh(t)
+	app := newExposeApp(t)
+	allocID := fmt.Sprintf("%08x-0000-4000-8000-000000000015", time.Now().UnixNano()&0xffffffff)
+	proxyPort, checkPort, metricsPort := harness.FreePort(t), harness.FreePort(t), harness.FreePort(t)
+	for _, reg := range nomadExposeRegistrations(allocID, app.port, proxyPort, checkPort, metricsPort) {
+		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The check fails while nothing listens on the exposed port.
+	harness.WaitFor(t, 10*time.Second, "the check critical before the sidecar", func() bool {
+		return checkStatus(t, m.consul, "_nomad-check-exposed-health") == consulapi.HealthCritical
+	})
+	dir := harness.TempDir(t)
+	sidecar := harness.Start(t, "sidecar api", harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
+		"-proxy-id", nomad.ProxyID(allocID, "api", "api", "8080"), "-dir", dir, "-stop-grace", "2s", "-log-level", "debug"},
+		m.consul.Flags(m.consul.Addr, ""))...)
+	harness.WaitListening(t, fmt.Sprintf("127.0.0.1:%d", checkPort), 20*time.Second)
+
+	took := harness.WaitFor(t, 15*time.Second, "the exposed check passing in Consul", func() bool {
+		return checkStatus(t, m.consul, "_nomad-check-exposed-health") == consulapi.HealthPassing
+	})
+	t.Logf("check passing %s after the listener came up", took.Round(time.Millisecond))
+	assertExposedOnly(t, app, checkPort, "/health")
+	assertExposedOnly(t, app, metricsPort, "/metrics")
+
+	t.Run("the inbound still requires a client certificate", func(t *testing.T) {
+		roots, _ := m.consul.RootsPEM(t)
+		url := fmt.Sprintf("https://127.0.0.1:%d/health", proxyPort)
+		if code, body, err := getOnce(harness.ClientTLS(nil, roots), url, 3*time.Second); err == nil {
+			t.Fatalf("inbound without a client certificate answered %d %q", code, body)
+		}
+		// Plain HTTP on the inbound is no way around it either.
+		if code, _, err := getOnce(nil, fmt.Sprintf("http://127.0.0.1:%d/health", proxyPort), 3*time.Second); err == nil && code < 400 {
+			t.Fatalf("plain HTTP on the inbound answered %d", code)
+		}
+		code, body, err := getOnce(harness.ClientTLS(m.consul.IssueLeaf(t, "web"), roots), url, 3*time.Second)
+		if err != nil || code != 200 || body != `ok /health source="web"` {
+			t.Fatalf("inbound with a mesh certificate: %d %q %v", code, body, err)
+		}
+	})
+	if strings.Contains(sidecar.Output(), "registration setting refused") {
+		t.Errorf("a setting Nomad writes was refused:\n%s", sidecar.Output())
+	}
+}
+
+// TestExposedChecksFollowTheAgent: with Proxy.Expose.Checks the Consul
+// agent sends the service's HTTP check to the proxy's address on a port of
+// its own choosing (21500 and up); haconnect learns it from the agent and
+// the check goes passing. Only this test uses Consul's default expose
+// range on this machine (harness.FreePort stays above 22000).
+func TestExposedChecksFollowTheAgent(t *testing.T) {
+	m := newMesh(t)
+	app := newExposeApp(t)
+	proxyPort := harness.FreePort(t)
+	reg := &consulapi.AgentServiceRegistration{
+		ID: "api-1", Name: "api", Address: "127.0.0.1", Port: app.port,
+		Checks: consulapi.AgentServiceChecks{{CheckID: "api-health", HTTP: fmt.Sprintf("http://127.0.0.1:%d/health", app.port),
+			Interval: "1s", Timeout: "1s"}},
+		Connect: &consulapi.AgentServiceConnect{SidecarService: &consulapi.AgentServiceRegistration{
+			Port: proxyPort, Address: "127.0.0.1",
+			Proxy: &consulapi.AgentServiceConnectProxyConfig{
+				Config: map[string]any{"protocol": "http", "bind_address": "127.0.0.1"},
+				Expose: consulapi.ExposeConfig{Checks: true},
+			},
+			Checks: listeningCheck(proxyPort),
+		}},
+	}
+	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+		t.Fatal(err)
+	}
+	checks, err := m.consul.Client.Agent().ChecksWithFilter(`CheckID == "api-health"`)
+	if err != nil || checks["api-health"] == nil {
+		t.Fatalf("check: %v", err)
+	}
+	exposed := checks["api-health"].ExposedPort
+	if exposed == 0 {
+		t.Fatal("the agent gave the check no exposed port")
+	}
+	dir := harness.TempDir(t)
+	sidecar := harness.Start(t, "sidecar api-1", harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
+		"-sidecar-for", "api-1", "-dir", dir, "-stop-grace", "2s", "-log-level", "debug"},
+		m.consul.Flags(m.consul.Addr, ""))...)
+	harness.WaitFor(t, 20*time.Second, "the exposed check passing in Consul through the proxy", func() bool {
+		ch, err := m.consul.Client.Agent().ChecksWithFilter(`CheckID == "api-health"`)
+		return err == nil && ch["api-health"] != nil && ch["api-health"].Status == consulapi.HealthPassing &&
+			strings.Contains(ch["api-health"].Output, fmt.Sprintf("http://127.0.0.1:%d/health: 200", exposed))
+	})
+	assertExposedOnly(t, app, exposed, "/health")
+	if !strings.Contains(sidecar.Output(), "Proxy.Expose.Checks: check") || !strings.Contains(sidecar.Output(), "state=exposed") {
+		t.Errorf("the sidecar did not log the exposed check:\n%s", sidecar.Output())
+	}
+
+	// A check added later is exposed too, on its own port.
+	if err := m.consul.Client.Agent().CheckRegister(&consulapi.AgentCheckRegistration{ID: "api-metrics", Name: "metrics",
+		ServiceID: "api-1", AgentServiceCheck: consulapi.AgentServiceCheck{
+			HTTP: fmt.Sprintf("http://127.0.0.1:%d/metrics", app.port), Interval: "1s", Timeout: "1s"}}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 20*time.Second, "the later check passing through the proxy", func() bool {
+		return checkStatus(t, m.consul, "api-metrics") == consulapi.HealthPassing
+	})
+}
+
+func checkStatus(t *testing.T, c *harness.Consul, id string) string {
+	t.Helper()
+	checks, err := c.Client.Agent().ChecksWithFilter(fmt.Sprintf("CheckID == %q", id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ch := checks[id]; ch != nil {
+		return ch.Status
+	}
+	return ""
+}
+
+// assertExposedOnly checks that the plain listener on port serves path and
+// answers 404 to every other path, which the app never sees.
+func assertExposedOnly(t *testing.T, app *exposeApp, port int, path string) {
+	t.Helper()
+	get := func(p string, hdr ...string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d%s", port, p), nil)
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := (&http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}).Do(req)
+		if err != nil {
+			t.Fatalf("GET :%d%s: %v", port, p, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(path, "X-Haconnect-Source", "admin"); code != 200 || body != fmt.Sprintf("ok %s source=\"\"", path) {
+		t.Errorf("exposed %s on %d: %d %q, want 200 from the app without a caller-set identity", path, port, code, body)
+	}
+	for _, other := range []string{"/", "/admin", path + "/x", "/%2e" + path, "/" + path} {
+		if code, body := get(other); code != 404 || !strings.Contains(body, "haconnect: not an exposed path") {
+			t.Errorf("GET :%d%s: %d %q, want haconnect's 404", port, other, code, body)
+		}
+	}
+	for _, p := range []string{"/admin", path + "/x"} {
+		if app.served(p) {
+			t.Errorf("the app served %s through the exposed listener on %d", p, port)
+		}
+	}
+}
