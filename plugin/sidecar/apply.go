@@ -40,6 +40,7 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 			time.Sleep(2 * time.Millisecond)
 		}
 		snap := s.snapshot()
+		s.resolveNames(&snap) // host names to addresses, from DNS answers already in
 		for _, u := range snap.unread {
 			s.log.Warn("upstream instances cannot be read: serving it with no instances (HTTP callers get 503, TCP connections are closed) until Consul answers",
 				"upstream", u.key, "error", u.err)

@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"fmt"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -83,6 +84,13 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 	cfg := p.Config
 	if v, ok := cfg["bind_address"]; ok {
 		c.BindAddr = fmt.Sprint(v)
+		// A listener binds an IP address. Envoy refuses a host name there
+		// too (a listener's socket address must be an IP), so a name is
+		// refused, not resolved: binding whatever a name resolves to
+		// could open the listener on another interface.
+		if _, err := netip.ParseAddr(c.BindAddr); err != nil {
+			return nil, fmt.Errorf("Proxy.Config bind_address %q is not an IP address: a listener binds an IP (use 0.0.0.0 or one of this host's addresses)", c.BindAddr)
+		}
 	}
 	if c.BindPort, err = intOption(cfg, "bind_port", c.BindPort); err != nil {
 		return nil, err
@@ -125,6 +133,10 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 			continue
 		case u.LocalBindSocketPath != "":
 			leftOut("Upstreams.LocalBindSocketPath", u.LocalBindSocketPath)
+			continue
+		case u.LocalBindAddress != "" && !isIP(u.LocalBindAddress):
+			// A listener binds an IP address, as for bind_address.
+			leftOut("Upstreams.LocalBindAddress", u.LocalBindAddress)
 			continue
 		}
 		// Consul copies the proxy's mode into every upstream: that one is
@@ -191,6 +203,11 @@ func (l *refusalLog) read(svc *api.AgentService) (*proxyConfig, error) {
 		}
 	}
 	return c, err
+}
+
+func isIP(s string) bool {
+	_, err := netip.ParseAddr(s)
+	return err == nil
 }
 
 func orString(s, def string) string {

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/haconnect/haconnect/internal/consulflags"
 	"github.com/haconnect/haconnect/internal/consulwatch"
+	"github.com/haconnect/haconnect/internal/dnsresolve"
 	"github.com/haconnect/haconnect/internal/meshid"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
@@ -63,6 +65,11 @@ type Config struct {
 	// StopGrace is how long HAProxy may take to finish its connections on
 	// shutdown (default 10s).
 	StopGrace time.Duration
+	// DNSServer, if set (host:port), resolves the host names of upstream
+	// instances and of the local app instead of /etc/resolv.conf's
+	// nameservers (e.g. Consul's DNS on 127.0.0.1:8600); /etc/hosts is
+	// read first either way.
+	DNSServer string
 	// Launcher runs HAProxy (default: a child process, haproxy.Exec).
 	Launcher   haproxy.Launcher
 	Logger     hclog.Logger
@@ -90,6 +97,11 @@ type Sidecar struct {
 	// spoaTLS is how HAProxy reaches an external SPOA over TCP, with files
 	// in the working directory (set once, before the apply loop starts).
 	spoaTLS *render.SPOATLS
+	// resolver keeps the host names of upstream instances and of the
+	// local app resolved (resolve.go); localAddrs is the local app's last
+	// address by name, the apply loop's alone.
+	resolver   *dnsresolve.Resolver
+	localAddrs map[string]string
 	// watched is what the watches fill (watched.go); applier, what
 	// HAProxy runs and how it is changed, the apply loop's alone
 	// (apply.go).
@@ -135,7 +147,15 @@ func New(cfg Config) (*Sidecar, error) {
 	}
 	cfg.Dir = abs
 	m := newMetrics(cfg.Registerer)
-	return &Sidecar{
+	lookup := dnsresolve.Lookuper(net.DefaultResolver)
+	if cfg.DNSServer != "" {
+		r, err := dnsresolve.NetResolver(cfg.DNSServer)
+		if err != nil {
+			return nil, fmt.Errorf("DNS server %q: %w", cfg.DNSServer, err)
+		}
+		lookup = r
+	}
+	s := &Sidecar{
 		cfg:        cfg,
 		log:        cfg.Logger,
 		client:     client,
@@ -144,7 +164,12 @@ func New(cfg Config) (*Sidecar, error) {
 		watched:    newWatched(),
 		applier: applier{launcher: cfg.Launcher, log: cfg.Logger, metrics: m,
 			haproxy: haproxy.Config{Binary: cfg.HAProxyBinary, Dir: cfg.Dir, Logger: cfg.Logger}},
-	}, nil
+		localAddrs: map[string]string{},
+	}
+	// A changed answer wakes the apply loop like a Consul change does.
+	s.resolver = dnsresolve.New(dnsresolve.Config{Lookuper: lookup, Logger: cfg.Logger.Named("dns"),
+		OnChange: func() { s.update(func() {}) }})
+	return s, nil
 }
 
 func (s *Sidecar) path(name string) string { return filepath.Join(s.cfg.Dir, name) }
@@ -163,6 +188,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer cancel()
 	runCtx := ctx // upstream watches live as long as the sidecar
 
+	go s.resolver.Run(ctx)
 	refusals := newRefusalLog(s.log, proxyID) // unsupported settings, each logged once
 	go consulwatch.Run(ctx, s.client, consulwatch.ProxyRegistration{ProxyID: proxyID}, s.hooks(consulwatch.ProxyRegistration{ProxyID: proxyID}),
 		func(svc *api.AgentService) {
