@@ -70,6 +70,12 @@ func SetServerHealth(backend, server string, h ServerHealth) Command {
 	return Command{text: fmt.Sprintf("set server %s/%s health %s", backend, server, h)}
 }
 
+// SetServerMaxconn sets backend/server's maxconn: its share of an
+// upstream's concurrency limit, which changes with the instance count.
+func SetServerMaxconn(backend, server string, n int) Command {
+	return Command{text: fmt.Sprintf("set maxconn server %s/%s %d", backend, server, n)}
+}
+
 // SetSSLCert opens a transaction that replaces the certificate and key
 // loaded from file with pem; CommitSSLCert makes it live.
 func SetSSLCert(file, pem string) Command {

@@ -91,7 +91,6 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		SPOAAddr:          spoaAddr,
 		SPOATLS:           s.spoaTLS,
 		SelfURI:           snap.leaf.ServiceURI,
-		AdminBind:         s.cfg.AdminBind,
 		ProcessMetricsURL: s.cfg.ProcessMetricsURL,
 		LuaFile:           s.path("haconnect.lua"),
 		PeerMapFile:       s.path("upstream_peers.map"),
@@ -100,6 +99,8 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		Inbound:           reg.Inbound,
 		Exposed:           exposedPaths(reg, snap.exposedChecks),
 	}
+	// -admin-bind, or the registration's envoy_*_bind_addr (settings.go).
+	m.AdminBind, m.AdminBindAlso = adminBinds(s.cfg.AdminBind, reg.MetricsBinds)
 	// The upstreams' identities: this sidecar's own, from its leaf, with
 	// the cluster's trust domain (from the roots) and the upstream's name.
 	// One that cannot be built stays empty, which Validate refuses.
@@ -131,6 +132,9 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 				srv.Addr, srv.Port = e.Addr, e.Port
 			}
 			up.Servers = append(up.Servers, srv)
+		}
+		if up.Limits != nil {
+			limitShares(up.Limits.Concurrent, up.Servers) // settings.go
 		}
 		m.Upstreams = append(m.Upstreams, up)
 	}

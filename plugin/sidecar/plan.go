@@ -141,6 +141,18 @@ func serverCommands(prev, next *render.Model) []haproxy.Command {
 				cmds = append(cmds, haproxy.SetServerState(backend, srv.Name, haproxy.ServerMaint))
 				continue
 			}
+			// A slot's share of the upstream's limit (before it is made
+			// ready, when it is filled now).
+			if srv.MaxConn != old.MaxConn {
+				cmds = append(cmds, haproxy.SetServerMaxconn(backend, srv.Name, srv.MaxConn))
+			}
+			same := old
+			same.MaxConn = srv.MaxConn
+			if same == srv {
+				// Only its share changed: the same instance keeps its
+				// state (a passive health check may have taken it out).
+				continue
+			}
 			// Consul reports the instance passing: take it at its word
 			// ("health up") rather than wait for HAProxy's first check;
 			// HAProxy's own checks still take it out if it fails.

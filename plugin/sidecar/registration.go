@@ -22,6 +22,9 @@ type proxyConfig struct {
 	Upstreams []render.Upstream
 	// Expose is Proxy.Expose (expose.go).
 	Expose exposeConfig
+	// MetricsBinds are the distinct addresses of envoy_prometheus_bind_addr
+	// and envoy_stats_bind_addr (settings.go), for the admin listener.
+	MetricsBinds []string
 	// Refused are the settings this registration asks for that haconnect
 	// does not implement; the rest is served (see refusal).
 	Refused []refusal
@@ -98,10 +101,8 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 	if c.Protocol, err = protocolOption(cfg, render.ProtocolTCP); err != nil {
 		return nil, err
 	}
-	if c.LocalConnectTimeoutMS, err = intOption(cfg, "local_connect_timeout_ms", 0); err != nil {
-		return nil, err
-	}
-	if c.LocalRequestTimeoutMS, err = intOption(cfg, "local_request_timeout_ms", 0); err != nil {
+	// Timeouts, the connection cap, the metrics listener, refused keys.
+	if err := readProxySettings(c, cfg); err != nil {
 		return nil, err
 	}
 	if p.Mode == api.ProxyModeTransparent {
@@ -153,8 +154,9 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		if uc.Protocol, err = protocolOption(u.Config, c.Protocol); err != nil {
 			return nil, fmt.Errorf("upstream %q: %w", u.DestinationName, err)
 		}
-		if uc.ConnectTimeoutMS, err = intOption(u.Config, "connect_timeout_ms", 0); err != nil {
-			return nil, fmt.Errorf("upstream %q: %w", u.DestinationName, err)
+		// connect_timeout_ms, limits, passive_health_check, refused keys.
+		if err := readUpstreamSettings(c, &uc, u.Config); err != nil {
+			return nil, fmt.Errorf("upstream %q: Config %w", u.DestinationName, err)
 		}
 		c.Upstreams = append(c.Upstreams, uc)
 	}
