@@ -146,6 +146,29 @@ func TestUpstreamSNI(t *testing.T) {
 		}
 	}
 
+	// A second instance of api reaches the same-name upstreams through the
+	// runtime API (their backends named with the datacenter), no reload.
+	peer2 := startSNIRecorder(t, m.consul.IssueLeaf(t, "api"), roots)
+	before := strings.Count(web.sidecar.Output(), "reload_reason=")
+	runtimeBefore := strings.Count(web.sidecar.Output(), "method=runtime")
+	if err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		Kind: api.ServiceKindConnectProxy, ID: "fake-api-2-sidecar-proxy", Name: "api-sidecar-proxy",
+		Address: "127.0.0.1", Port: peer2.port,
+		Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api", LocalServicePort: 1},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 20*time.Second, "api@dc1 reaching the second instance", func() bool {
+		code, _, err := web.call("api@dc1")
+		return err == nil && code == http.StatusOK && len(peer2.take()) > 0
+	})
+	if after := strings.Count(web.sidecar.Output(), "reload_reason="); after != before {
+		t.Errorf("a new instance reloaded HAProxy (%d reloads logged, was %d): same-name upstreams must take it through the runtime API", after, before)
+	}
+	if strings.Count(web.sidecar.Output(), "method=runtime") == runtimeBefore {
+		t.Error("no runtime API change logged for the new instance")
+	}
+
 	// Why it is not sent: the same peer behind HAProxy 2.6 server lines
 	// that send the logged names, and one that sends none.
 	dir := harness.TempDir(t)
