@@ -25,7 +25,7 @@ import (
 // sidecars listen on the same port of two loopback addresses (127.0.0.2
 // and 127.0.0.3) and whose registrations carry host names, api-a and
 // api-b, answered by a DNS server the test runs and web's sidecar uses
-// (-dns-server). api-a first resolves to api-1's address, api-b not at
+// (-dns-server); api-1's app is registered by name too. api-a first resolves to api-1's address, api-b not at
 // all:
 //   - web reaches api-1; api-b's failure is logged once, however many
 //     lookups fail;
@@ -47,8 +47,11 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 	m := newMesh(t)
 	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
 	port := harness.FreePort(t) // both api sidecars, on their own address
-	api1 := m.addNamed("api-1", nameA, "127.0.0.2", port)
-	m.addNamed("api-2", nameB, "127.0.0.3", port)
+	// api-1's own app is registered by name too (LocalServiceAddress),
+	// resolved by api-1's sidecar through the same DNS server.
+	dns.Set("app.api-1.mesh.test", "127.0.0.1")
+	api1 := m.addNamed("api-1", nameA, "127.0.0.2", port, "app.api-1.mesh.test", "-dns-server", dns.Addr())
+	m.addNamed("api-2", nameB, "127.0.0.3", port, "")
 	web := m.addInstance(&instance{id: "web-1", args: []string{"-dns-server", dns.Addr()}}, "web", "api")
 
 	served := func(id string) func() bool {
@@ -71,7 +74,7 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 		return true
 	})
 	t.Logf("traffic moved to the new address %s after the DNS change (lookups every 5s)", took)
-	if took > 8*time.Second {
+	if took > 10*time.Second {
 		t.Errorf("traffic took %s to follow DNS, want within the 5s lookup interval and the apply", took)
 	}
 	if pid := workerPid(t, web.dir); pid != worker {
@@ -139,9 +142,10 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 }
 
 // addNamed registers an instance of api whose sidecar listens on
-// bindIP:port and is registered with the host name addr, and starts the
-// sidecar.
-func (m *mesh) addNamed(id, addr, bindIP string, port int) *instance {
+// bindIP:port and is registered with the host name addr, its app at
+// local (LocalServiceAddress; "": the default, 127.0.0.1), and starts the
+// sidecar with args.
+func (m *mesh) addNamed(id, addr, bindIP string, port int, local string, args ...string) *instance {
 	t := m.t
 	t.Helper()
 	in := &instance{id: id, port: port, dir: harness.TempDir(t), upstream: map[string]int{}}
@@ -155,7 +159,8 @@ func (m *mesh) addNamed(id, addr, bindIP string, port int) *instance {
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
 			Address: addr, Port: port,
 			Proxy: &api.AgentServiceConnectProxyConfig{
-				Config: map[string]any{"protocol": "http", "bind_address": bindIP},
+				LocalServiceAddress: local,
+				Config:              map[string]any{"protocol": "http", "bind_address": bindIP},
 			},
 			Checks: api.AgentServiceChecks{{Name: "Connect Sidecar Listening", TCP: listen, Interval: "1s", Timeout: "200ms"}},
 		}},
@@ -165,7 +170,7 @@ func (m *mesh) addNamed(id, addr, bindIP string, port int) *instance {
 	}
 	in.sidecar = harness.Start(t, "sidecar "+id, harness.Binary(t, "haconnect"), append([]string{"sidecar",
 		"-sidecar-for", id, "-dir", in.dir, "-ttl", "300ms", "-stop-grace", "2s", "-log-level", "debug"},
-		m.consul.Flags(m.consul.Addr, "")...)...)
+		append(m.consul.Flags(m.consul.Addr, ""), args...)...)...)
 	harness.WaitListening(t, listen, 20*time.Second)
 	return in
 }
