@@ -215,3 +215,58 @@ func TestUpstreamSNI(t *testing.T) {
 		}
 	}
 }
+
+// TestUpstreamThroughTerminatingGateway: Consul answers the instances of
+// a service linked to a terminating gateway with the gateway, which picks
+// the service by the SNI that HAProxy 2.6 cannot send. The sidecar leaves
+// the gateway out and says so once: legacy's local port answers 503 at
+// once, the gateway (here a TLS server holding legacy's real leaf, as
+// Consul gives a terminating gateway) sees no connection, and the other
+// upstream keeps working.
+func TestUpstreamThroughTerminatingGateway(t *testing.T) {
+	m := newMesh(t)
+	roots, _ := m.consul.RootsPEM(t)
+	gw := startSNIRecorder(t, m.consul.IssueLeaf(t, "legacy"), roots)
+	peer := startSNIRecorder(t, m.consul.IssueLeaf(t, "api"), roots)
+	registerPeer(t, m.consul, "api", peer.port)
+	agent := m.consul.Client.Agent()
+	for _, r := range []*api.AgentServiceRegistration{
+		{Kind: api.ServiceKindTerminatingGateway, ID: "tgw-1", Name: "tgw", Address: "127.0.0.1", Port: gw.port},
+		{ID: "legacy-1", Name: "legacy", Address: "127.0.0.1", Port: 1},
+	} {
+		if err := agent.ServiceRegister(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := m.consul.Client.ConfigEntries().Set(&api.TerminatingGatewayConfigEntry{
+		Kind: api.TerminatingGateway, Name: "tgw", Services: []api.LinkedService{{Name: "legacy"}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 10*time.Second, "Consul answering legacy's instances with the gateway", func() bool {
+		entries, _, err := m.consul.Client.Health().Connect("legacy", "", true, nil)
+		return err == nil && len(entries) == 1 && entries[0].Service.Kind == api.ServiceKindTerminatingGateway
+	})
+
+	web := m.add("web", "web-1", "api", "legacy")
+	harness.WaitFor(t, 20*time.Second, "web reaching api", func() bool {
+		code, body, err := web.call("api")
+		return err == nil && code == http.StatusOK && body == "fake api"
+	})
+	for i := 0; i < 3; i++ {
+		if code, body, err := web.call("legacy"); err != nil || code != http.StatusServiceUnavailable {
+			t.Errorf("legacy's local port: %d %q %v, want 503", code, body, err)
+		}
+	}
+	if seen := gw.take(); len(seen) != 0 {
+		t.Errorf("the gateway saw %d handshakes (server names %q): it cannot route them", len(seen), seen)
+	}
+	n := 0
+	for _, l := range strings.Split(logText(web.sidecar), "\n") {
+		if strings.Contains(l, "upstream served by a terminating gateway") && strings.Contains(l, "upstream=legacy gateway=tgw") {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d log lines naming legacy's terminating gateway, want 1", n)
+	}
+}

@@ -100,6 +100,9 @@ func (d DiscoveryChain) Fetch(c *api.Client, q *api.QueryOptions) (*api.Compiled
 type Endpoint struct {
 	Addr string
 	Port int
+	// Gateway names the terminating gateway this instance is, when Consul
+	// answers with one for a service linked to it ("": a sidecar).
+	Gateway string
 }
 
 // Key is the endpoint as host:port.
@@ -137,7 +140,11 @@ func (u UpstreamHealth) Fetch(c *api.Client, q *api.QueryOptions) ([]Endpoint, R
 		if addr == "" {
 			addr = e.Node.Address
 		}
-		eps = append(eps, Endpoint{Addr: addr, Port: e.Service.Port})
+		ep := Endpoint{Addr: addr, Port: e.Service.Port}
+		if e.Service.Kind == api.ServiceKindTerminatingGateway {
+			ep.Gateway = e.Service.Service
+		}
+		eps = append(eps, ep)
 	}
 	sort.Slice(eps, func(i, j int) bool { return eps[i].Key() < eps[j].Key() })
 	return eps, Result{Index: meta.LastIndex}, nil

@@ -398,7 +398,15 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 			s.update(func() { uw.err = err }) // wakes the apply loop, which stops waiting for it
 		}
 		go s.wakeAfter(wctx, upstreamGrace) // then an upstream that never answers is given up on
+		// The gateways last logged for k (Run calls apply from one goroutine).
+		gateways := ""
 		go consulwatch.Run(wctx, s.client, query, hooks, func(eps []endpoint) {
+			eps, gws := withoutGateways(eps)
+			if gws != gateways && gws != "" {
+				s.log.Error("upstream served by a terminating gateway, which routes on the TLS SNI that HAProxy 2.6 cannot send with Consul leaves (see \"upstream SNI not sent\"): the gateway is left out, so callers get 503 and TCP connections are closed",
+					"upstream", k, "gateway", gws)
+			}
+			gateways = gws
 			s.update(func() {
 				if wctx.Err() == nil {
 					s.endpoints[k] = eps

@@ -1,6 +1,7 @@
 package sidecar
 
 import (
+	"sort"
 	"strings"
 
 	"github.com/haconnect/haconnect/internal/meshid"
@@ -49,4 +50,32 @@ func (a *applier) logSNIs(m *render.Model) {
 		a.log.Info("upstream SNI not sent: HAProxy 2.6 would require it among the peer certificate's DNS names, which Consul leaves do not carry; the chain and the SPIFFE ID are verified, and gateways that route on SNI (mesh, terminating) cannot be reached",
 			"upstream", k, "sni", u.SNI)
 	}
+}
+
+// withoutGateways drops the terminating gateways from an upstream's
+// instances and names them (comma-separated, sorted; "" if none). Consul
+// answers a Connect health query for a service linked to a terminating
+// gateway with the gateway's instances; the gateway picks the linked
+// service by the SNI, which HAProxy 2.6 cannot send (upstreamSNI), so
+// every connection to it would fail after a handshake. Left out, the
+// upstream answers at once, and the log says why.
+func withoutGateways(eps []endpoint) ([]endpoint, string) {
+	var kept []endpoint
+	seen := map[string]bool{}
+	var names []string
+	for _, e := range eps {
+		if e.Gateway == "" {
+			kept = append(kept, e)
+			continue
+		}
+		if !seen[e.Gateway] {
+			seen[e.Gateway] = true
+			names = append(names, e.Gateway)
+		}
+	}
+	if len(names) == 0 {
+		return eps, ""
+	}
+	sort.Strings(names)
+	return kept, strings.Join(names, ",")
 }

@@ -123,3 +123,18 @@ func TestSNILoggedOncePerUpstream(t *testing.T) {
 		t.Errorf("after one SNI changed, logged:\n%s", buf.String())
 	}
 }
+
+// TestWithoutGateways: terminating gateways among an upstream's instances
+// are left out and named once each, sorted; sidecars stay as they are.
+func TestWithoutGateways(t *testing.T) {
+	side := []endpoint{{Addr: "10.0.0.1", Port: 21000}, {Addr: "10.0.0.2", Port: 21000}}
+	if got, gws := withoutGateways(side); gws != "" || len(got) != 2 {
+		t.Errorf("sidecars only: kept %v, gateways %q", got, gws)
+	}
+	mixed := []endpoint{{Addr: "10.0.0.9", Port: 8443, Gateway: "tgw-b"}, side[0], {Addr: "10.0.0.8", Port: 8443, Gateway: "tgw-a"},
+		{Addr: "10.0.0.7", Port: 8443, Gateway: "tgw-b"}}
+	got, gws := withoutGateways(mixed)
+	if gws != "tgw-a,tgw-b" || len(got) != 1 || got[0] != side[0] {
+		t.Errorf("mixed: kept %v, gateways %q; want only %v and tgw-a,tgw-b", got, gws, side[0])
+	}
+}
