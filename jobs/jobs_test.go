@@ -22,9 +22,16 @@ type stanza struct {
 	attrs    []string
 	blocks   map[string]*stanza
 	freeform bool // driver config, env, meta: anything goes
+	// attrsOnly: a map of attributes, nested blocks refused (what Nomad's
+	// jobspec decoder does for map[string]any blocks such as a proxy's or
+	// an upstream's config: hcl's JustAttributes, jobspec2/parse_map.go).
+	attrsOnly bool
 }
 
-var freeform = &stanza{freeform: true}
+var (
+	freeform  = &stanza{freeform: true}
+	attrsOnly = &stanza{attrsOnly: true}
+)
 
 func (s *stanza) schema() *hcl.BodySchema {
 	bs := &hcl.BodySchema{}
@@ -40,14 +47,22 @@ func (s *stanza) schema() *hcl.BodySchema {
 var (
 	resources = &stanza{attrs: []string{"cpu", "cores", "memory", "memory_max"}}
 	check     = &stanza{attrs: []string{"name", "type", "port", "path", "interval", "timeout", "protocol", "expose", "method"}}
-	upstreams = &stanza{attrs: []string{"destination_name", "destination_namespace", "local_bind_port", "local_bind_address", "datacenter", "config"}}
-	proxy     = &stanza{attrs: []string{"local_service_address", "local_service_port", "config"},
-		blocks: map[string]*stanza{"upstreams": upstreams, "config": freeform}}
+	// Nomad's api.ConsulUpstream, api.ConsulProxy, api.ConsulExposeConfig
+	// and api.ConsulExposePath hcl tags: config is a block of attributes.
+	upstreams = &stanza{attrs: []string{"destination_name", "destination_namespace", "destination_peer", "destination_partition",
+		"destination_type", "local_bind_port", "local_bind_address", "local_bind_socket_path", "local_bind_socket_mode", "datacenter"},
+		blocks: map[string]*stanza{"config": attrsOnly, "mesh_gateway": {attrs: []string{"mode"}}}}
+	expose = &stanza{blocks: map[string]*stanza{"path": {attrs: []string{"path", "protocol", "local_path_port", "listener_port"}}}}
+	proxy  = &stanza{attrs: []string{"local_service_address", "local_service_port"},
+		blocks: map[string]*stanza{"upstreams": upstreams, "config": attrsOnly, "expose": expose}}
+	// api.WorkloadIdentity's hcl tags.
+	identity = &stanza{attrs: []string{"name", "aud", "change_mode", "change_signal", "env", "file", "filepath", "service_name", "ttl", "extra_claims"}}
+	// api.SidecarTask's hcl tags: identity yes, lifecycle no.
 	sidecarTask = &stanza{attrs: []string{"name", "driver", "user", "kill_timeout", "shutdown_delay", "kill_signal"},
 		blocks: map[string]*stanza{"config": freeform, "env": freeform, "meta": freeform, "resources": resources,
-			"logs": {attrs: []string{"max_files", "max_file_size"}}}}
+			"logs": {attrs: []string{"max_files", "max_file_size"}}, "identity": identity, "volume_mount": freeform}}
 	connect = &stanza{attrs: []string{"native"}, blocks: map[string]*stanza{
-		"sidecar_service": {attrs: []string{"port", "tags", "disable_default_tcp_check"}, blocks: map[string]*stanza{"proxy": proxy, "check": check}},
+		"sidecar_service": {attrs: []string{"port", "tags", "disable_default_tcp_check"}, blocks: map[string]*stanza{"proxy": proxy, "meta": freeform}},
 		"sidecar_task":    sidecarTask,
 	}}
 	service = &stanza{attrs: []string{"name", "port", "tags", "provider", "address_mode", "task"},
@@ -56,7 +71,7 @@ var (
 		blocks: map[string]*stanza{
 			"config": freeform, "env": freeform, "meta": freeform, "resources": resources, "service": service,
 			"lifecycle": {attrs: []string{"hook", "sidecar"}},
-			"identity":  {attrs: []string{"name", "env", "file", "aud", "ttl"}},
+			"identity":  identity,
 			"template":  {attrs: []string{"data", "destination", "change_mode", "change_signal", "env", "perms", "source"}},
 		}}
 	port    = &stanza{labels: []string{"label"}, attrs: []string{"static", "to", "host_network"}}
@@ -72,6 +87,10 @@ var (
 func walk(body hcl.Body, s *stanza, visit func(path string, b *hcl.Block)) hcl.Diagnostics {
 	if s.freeform {
 		return nil
+	}
+	if s.attrsOnly {
+		_, diags := body.JustAttributes()
+		return diags
 	}
 	content, diags := body.Content(s.schema())
 	for _, b := range content.Blocks {
@@ -166,6 +185,10 @@ func TestSchemaCatchesMistakes(t *testing.T) {
 		"job \"x\" {\n group \"g\" {\n servce {\n name = \"a\"\n }\n }\n}\n",
 		"job \"x\" {\n group \"g\" {\n service {\n connect {\n sidecar_task {\n lifecycle {\n hook = \"prestart\"\n }\n }\n }\n }\n }\n}\n",
 		"job \"x\" {\n group \"g\" {\n task \"t\" {\n driver = \"docker\"\n cpu = 100\n }\n }\n}\n",
+		// Nomad decodes an upstream's config as attributes only: limits
+		// must be written `limits = { ... }`.
+		"job \"x\" {\n group \"g\" {\n service {\n connect {\n sidecar_service {\n proxy {\n upstreams {\n config {\n limits {\n max_connections = 1\n }\n }\n }\n }\n }\n }\n }\n }\n}\n",
+		"job \"x\" {\n group \"g\" {\n service {\n connect {\n sidecar_service {\n proxy {\n expose {\n path {\n port = 1\n }\n }\n }\n }\n }\n }\n }\n}\n",
 	} {
 		parsed, diags := hclparse.NewParser().ParseHCL([]byte(src), "bad.hcl")
 		if diags.HasErrors() {
@@ -174,5 +197,181 @@ func TestSchemaCatchesMistakes(t *testing.T) {
 		if d := walk(parsed.Body, file, nil); !d.HasErrors() {
 			t.Errorf("accepted: %s", src)
 		}
+	}
+}
+
+// blocksAt returns the blocks reached from body by the block types in path
+// (labels ignored).
+func blocksAt(t *testing.T, body hcl.Body, path ...string) []*hcl.Block {
+	t.Helper()
+	content, _, _ := body.PartialContent(&hcl.BodySchema{Blocks: []hcl.BlockHeaderSchema{{Type: path[0], LabelNames: labelsOf(path[0])}}})
+	if len(path) == 1 {
+		return content.Blocks
+	}
+	var out []*hcl.Block
+	for _, b := range content.Blocks {
+		out = append(out, blocksAt(t, b.Body, path[1:]...)...)
+	}
+	return out
+}
+
+func labelsOf(blockType string) []string {
+	switch blockType {
+	case "job", "group", "task":
+		return []string{"name"}
+	case "port":
+		return []string{"label"}
+	}
+	return nil
+}
+
+func parseJob(t *testing.T, f string) hcl.Body {
+	t.Helper()
+	src, err := os.ReadFile(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parsed, diags := hclparse.NewParser().ParseHCL(src, f)
+	if diags.HasErrors() {
+		t.Fatal(diags)
+	}
+	return parsed.Body
+}
+
+// attrValue evaluates an attribute that needs no variables (cty.NilVal if
+// absent).
+func attrValue(t *testing.T, body hcl.Body, name string) cty.Value {
+	t.Helper()
+	attrs, _ := body.JustAttributes()
+	if attrs == nil {
+		content, _, _ := body.PartialContent(&hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: name}}})
+		attrs = content.Attributes
+	}
+	a := attrs[name]
+	if a == nil {
+		return cty.NilVal
+	}
+	v, diags := a.Expr.Value(nil)
+	if diags.HasErrors() {
+		t.Fatalf("%s: %s", a.Range, diags.Error())
+	}
+	return v
+}
+
+// TestSidecarsCanUseTheTaskAPI: Nomad's task API socket answers only
+// requests that carry a token, even with ACLs off
+// (client/allocrunner/taskrunner/api_hook.go; command/agent/http.go,
+// authMiddleware: 401 without a token, 403 unless it is an ACL token or a
+// workload identity). A sidecar that points NOMAD_ADDR at it must expose
+// its workload identity: identity { env = true } gives NOMAD_TOKEN, in a
+// task or in sidecar_task (api.SidecarTask.Identities, merged by
+// nomad/structs/services.go SidecarTask.MergeIntoTask; an unnamed identity
+// becomes the task's default one in Task.Canonicalize, which
+// job_endpoint_hook_connect.go runs after the merge).
+func TestSidecarsCanUseTheTaskAPI(t *testing.T) {
+	files, _ := filepath.Glob("*.nomad.hcl")
+	checked := 0
+	for _, f := range files {
+		body := parseJob(t, f)
+		src, _ := os.ReadFile(f)
+		sidecars := blocksAt(t, body, "job", "group", "service", "connect", "sidecar_task")
+		sidecars = append(sidecars, blocksAt(t, body, "job", "group", "task")...)
+		for _, b := range sidecars {
+			var addr string
+			for _, env := range blocksAt(t, b.Body, "env") {
+				// The value interpolates NOMAD_SECRETS_DIR: read its source.
+				if attrs, _ := env.Body.JustAttributes(); attrs["NOMAD_ADDR"] != nil {
+					addr = string(attrs["NOMAD_ADDR"].Expr.Range().SliceBytes(src))
+				}
+			}
+			if !strings.Contains(addr, "api.sock") {
+				continue
+			}
+			checked++
+			ok := false
+			for _, id := range blocksAt(t, b.Body, "identity") {
+				if name := attrValue(t, id.Body, "name"); name != cty.NilVal && name.AsString() != "default" {
+					continue
+				}
+				if v := attrValue(t, id.Body, "env"); v != cty.NilVal && v.True() {
+					ok = true
+				}
+			}
+			if !ok {
+				t.Errorf("%s: %s uses the task API (%s) without identity { env = true }: it would get 401", f, b.DefRange, addr)
+			}
+		}
+	}
+	if checked < 4 {
+		t.Fatalf("checked %d sidecars using the task API, want those of every mesh job", checked)
+	}
+}
+
+// TestExposeJob: mesh-expose.nomad.hcl has what its comment promises, in
+// the shapes Nomad accepts.
+func TestExposeJob(t *testing.T) {
+	body := parseJob(t, "mesh-expose.nomad.hcl")
+	exposedCheck := false
+	for _, c := range blocksAt(t, body, "job", "group", "service", "check") {
+		if v := attrValue(t, c.Body, "expose"); v != cty.NilVal && v.True() {
+			exposedCheck = true
+			if attrValue(t, c.Body, "type").AsString() != "http" || !strings.HasPrefix(attrValue(t, c.Body, "path").AsString(), "/") {
+				t.Errorf("%s: an exposed check must be http (no gRPC here) with a path", c.DefRange)
+			}
+		}
+	}
+	if !exposedCheck {
+		t.Error("no check with expose = true")
+	}
+	// Each expose path's listener_port is a port of its group's network
+	// with to = -1 (the same number inside the namespace as on the host).
+	paths := 0
+	for _, g := range blocksAt(t, body, "job", "group") {
+		ports := map[string]cty.Value{}
+		for _, p := range blocksAt(t, g.Body, "network", "port") {
+			ports[p.Labels[0]] = attrValue(t, p.Body, "to")
+		}
+		for _, p := range blocksAt(t, g.Body, "service", "connect", "sidecar_service", "proxy", "expose", "path") {
+			paths++
+			label := attrValue(t, p.Body, "listener_port").AsString()
+			to, ok := ports[label]
+			if !ok || to == cty.NilVal || !to.RawEquals(cty.NumberIntVal(-1)) {
+				t.Errorf("%s: listener_port %q is not a network port with to = -1", p.DefRange, label)
+			}
+			if proto := attrValue(t, p.Body, "protocol"); proto != cty.NilVal && proto.AsString() != "http" {
+				t.Errorf("%s: protocol %q (no gRPC here)", p.DefRange, proto.AsString())
+			}
+		}
+	}
+	if paths == 0 {
+		t.Error("no expose { path {...} }")
+	}
+	metrics := false
+	for _, c := range blocksAt(t, body, "job", "group", "service", "connect", "sidecar_service", "proxy", "config") {
+		if v := attrValue(t, c.Body, "envoy_prometheus_bind_addr"); v != cty.NilVal && v.AsString() != "" {
+			metrics = true
+		}
+	}
+	if !metrics {
+		t.Error("no envoy_prometheus_bind_addr in a proxy config")
+	}
+	limits := false
+	for _, c := range blocksAt(t, body, "job", "group", "service", "connect", "sidecar_service", "proxy", "upstreams", "config") {
+		v := attrValue(t, c.Body, "limits")
+		if v == cty.NilVal {
+			continue
+		}
+		limits = true
+		if !v.Type().IsObjectType() {
+			t.Fatalf("limits is %s, want an object", v.Type().FriendlyName())
+		}
+		for _, k := range []string{"max_connections", "max_pending_requests", "max_concurrent_requests"} {
+			if !v.Type().HasAttribute(k) {
+				t.Errorf("limits without %s", k)
+			}
+		}
+	}
+	if !limits {
+		t.Error("no upstream config limits")
 	}
 }

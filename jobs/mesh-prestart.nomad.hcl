@@ -2,7 +2,9 @@
 # `kind = "connect-proxy:api"` tells Nomad this task is the service's
 # proxy, so it injects none, and the prestart lifecycle with sidecar = true
 # keeps it running beside the app. Use this form to set what sidecar_task
-# cannot change (lifecycle, or a task-level identity).
+# cannot change, such as lifecycle (sidecar_task can set identity blocks:
+# nomad/structs/services.go, SidecarTask.MergeIntoTask). With Nomad ACLs on,
+# attach an ACL policy with read-job on the namespace to this job.
 job "mesh-prestart" {
   datacenters = ["dc1"]
 
@@ -16,7 +18,12 @@ job "mesh-prestart" {
       port = "9001"
 
       connect {
-        sidecar_service {}
+        sidecar_service {
+          proxy {
+            # Nomad leaves LocalServicePort 0 unless it is set.
+            local_service_port = 9001
+          }
+        }
       }
     }
 

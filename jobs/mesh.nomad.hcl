@@ -10,6 +10,12 @@
 # intentions web -> api (`consul intention create web api`). The socket is
 # the hook's alone: the HAProxy container mounts only the hook's working
 # directory (${NOMAD_SECRETS_DIR}/haconnect) and runs unprivileged.
+# The hook reads its allocation through Nomad's task API socket, which
+# answers only requests carrying a token, even with ACLs off: each
+# sidecar_task exposes its workload identity (identity { env = true }, as
+# NOMAD_TOKEN). With Nomad ACLs on, attach an ACL policy with read-job on
+# the namespace to this job (`nomad acl policy apply -namespace default
+# -job mesh ...`).
 job "mesh" {
   datacenters = ["dc1"]
 
@@ -26,7 +32,12 @@ job "mesh" {
       port = "9001"
 
       connect {
-        sidecar_service {}
+        sidecar_service {
+          proxy {
+            # Nomad leaves LocalServicePort 0 unless it is set.
+            local_service_port = 9001
+          }
+        }
 
         sidecar_task {
           driver = "docker"
@@ -38,6 +49,9 @@ job "mesh" {
               source = "/var/run/docker.sock"
               target = "/var/run/docker.sock"
             }
+          }
+          identity {
+            env = true # NOMAD_TOKEN for the task API socket
           }
           env {
             # Sidecar tasks get no CONSUL_HTTP_ADDR; the local agent is
@@ -82,6 +96,7 @@ job "mesh" {
       connect {
         sidecar_service {
           proxy {
+            local_service_port = 9002
             upstreams {
               destination_name = "api"
               local_bind_port  = 8080
@@ -99,6 +114,9 @@ job "mesh" {
               source = "/var/run/docker.sock"
               target = "/var/run/docker.sock"
             }
+          }
+          identity {
+            env = true # NOMAD_TOKEN for the task API socket
           }
           env {
             CONSUL_HTTP_ADDR = "http://${attr.unique.network.ip-address}:8500"
