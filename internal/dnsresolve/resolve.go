@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Lookuper looks a host name up; *net.Resolver is one.
@@ -50,6 +51,10 @@ type Config struct {
 	// held) after any name's addresses changed.
 	OnChange func()
 	Logger   hclog.Logger
+	// Registerer, if set, gets the lookup metrics
+	// (haconnect_sidecar_dns_lookups_total{result},
+	// haconnect_sidecar_dns_names_unresolved).
+	Registerer prometheus.Registerer
 }
 
 // NetResolver returns a Go resolver that sends every query to server
@@ -67,8 +72,9 @@ func NetResolver(server string) (*net.Resolver, error) {
 
 // Resolver keeps the wanted names resolved. Create it with New, start Run.
 type Resolver struct {
-	cfg  Config
-	kick chan struct{}
+	cfg     Config
+	kick    chan struct{}
+	lookups *prometheus.CounterVec
 
 	mu    sync.Mutex
 	names map[string]*entry
@@ -103,7 +109,41 @@ func New(cfg Config) *Resolver {
 	if cfg.OnChange == nil {
 		cfg.OnChange = func() {}
 	}
-	return &Resolver{cfg: cfg, kick: make(chan struct{}, 1), names: map[string]*entry{}}
+	r := &Resolver{cfg: cfg, kick: make(chan struct{}, 1), names: map[string]*entry{},
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "haconnect", Subsystem: "sidecar", Name: "dns_lookups_total",
+			Help: "Host name lookups, by result: ok, not_found (DNS says the name has no address), error (no answer: a timeout, SERVFAIL; the last addresses are kept).",
+		}, []string{"result"})}
+	for _, res := range []string{resultOK, resultNotFound, resultError} {
+		r.lookups.WithLabelValues(res)
+	}
+	if cfg.Registerer != nil {
+		cfg.Registerer.MustRegister(r.lookups, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "haconnect", Subsystem: "sidecar", Name: "dns_names_unresolved",
+			Help: "Host names in use that have no address now (no answer yet, or none in the last one): their instances have no server.",
+		}, r.unresolved))
+	}
+	return r
+}
+
+// Lookup results, as the lookups metric labels them.
+const (
+	resultOK       = "ok"
+	resultNotFound = "not_found"
+	resultError    = "error"
+)
+
+// unresolved counts the wanted names with no address.
+func (r *Resolver) unresolved() float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, e := range r.names {
+		if len(e.addrs) == 0 {
+			n++
+		}
+	}
+	return float64(n)
 }
 
 // IsName reports whether host needs resolving (it is not an IP address).
@@ -244,6 +284,7 @@ func (r *Resolver) lookup(ctx context.Context, name string) bool {
 	old := e.addrs
 	switch {
 	case err == nil:
+		r.lookups.WithLabelValues(resultOK).Inc()
 		if e.failing {
 			r.cfg.Logger.Info("host name resolves again", "name", name, "addresses", addrs)
 		}
@@ -256,6 +297,7 @@ func (r *Resolver) lookup(ctx context.Context, name string) bool {
 	case notFound:
 		// DNS answered: the name has no address (NXDOMAIN or no
 		// records). Its instances have none either; DNS is the authority.
+		r.lookups.WithLabelValues(resultNotFound).Inc()
 		if !e.failing {
 			r.cfg.Logger.Warn("host name does not resolve: no server for it until it does (looked up again every interval)",
 				"name", name, "interval", r.cfg.Interval, "error", err)
@@ -265,6 +307,7 @@ func (r *Resolver) lookup(ctx context.Context, name string) bool {
 		// No answer (a timeout, SERVFAIL, no nameserver): keep the last
 		// addresses, as Envoy keeps a DNS cluster's hosts when a
 		// resolution fails.
+		r.lookups.WithLabelValues(resultError).Inc()
 		if !e.failing {
 			r.cfg.Logger.Warn("host name lookup failing: keeping its last addresses and retrying every interval",
 				"name", name, "addresses", e.addrs, "interval", r.cfg.Interval, "error", err)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/haconnect/haconnect/internal/testkit/dnstest"
 )
@@ -31,6 +32,16 @@ func (l *logBuf) count(s string) int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return strings.Count(l.b.String(), s)
+}
+
+// counted is the lookups counter for result.
+func counted(t *testing.T, r *Resolver, result string) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := r.lookups.WithLabelValues(result).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }
 
 // start runs a Resolver against a real DNS server the test controls, with
@@ -119,8 +130,17 @@ func TestResolverNotFoundThenFound(t *testing.T) {
 	if c := logs.count("host name does not resolve"); c != 1 {
 		t.Fatalf("%d log lines for a name that does not resolve, want 1:\n%s", c, logs.b.String())
 	}
+	if got := counted(t, r, resultNotFound); got < 2 {
+		t.Fatalf("not_found lookups counted %v, want one per failed lookup (2 or more)", got)
+	}
+	if got := r.unresolved(); got != 1 {
+		t.Fatalf("unresolved names %v, want 1", got)
+	}
 	srv.Set("db.mesh.test", "10.0.0.8")
 	waitAddrs(t, r, "db.mesh.test", "10.0.0.8")
+	if got := r.unresolved(); got != 0 {
+		t.Fatalf("unresolved names %v after it resolves, want 0", got)
+	}
 	if logs.count("host name resolves again") != 1 {
 		t.Fatalf("recovery not logged once:\n%s", logs.b.String())
 	}
@@ -139,6 +159,9 @@ func TestResolverKeepsLastAddressesWhenDNSFails(t *testing.T) {
 		}
 		if got, _ := r.Addrs("web.mesh.test"); fmt.Sprint(got) != "[10.0.1.1]" {
 			t.Fatalf("a failing lookup dropped the last addresses: %v", got)
+		}
+		if counted(t, r, resultError) == 0 {
+			t.Fatal("failed lookups not counted")
 		}
 		srv.Set("web.mesh.test", "10.0.1.1")
 		time.Sleep(150 * time.Millisecond)

@@ -168,7 +168,7 @@ func New(cfg Config) (*Sidecar, error) {
 	}
 	// A changed answer wakes the apply loop like a Consul change does.
 	s.resolver = dnsresolve.New(dnsresolve.Config{Lookuper: lookup, Logger: cfg.Logger.Named("dns"),
-		OnChange: func() { s.update(func() {}) }})
+		OnChange: func() { s.update(func() {}) }, Registerer: cfg.Registerer})
 	return s, nil
 }
 
