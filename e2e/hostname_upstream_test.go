@@ -7,6 +7,7 @@ package e2e
 import (
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -52,7 +53,23 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 	dns.Set("app.api-1.mesh.test", "127.0.0.1")
 	api1 := m.addNamed("api-1", nameA, "127.0.0.2", port, "app.api-1.mesh.test", "-dns-server", dns.Addr())
 	m.addNamed("api-2", nameB, "127.0.0.3", port, "")
-	web := m.addInstance(&instance{id: "web-1", args: []string{"-dns-server", dns.Addr()}}, "web", "api")
+	metrics := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
+	web := m.addInstance(&instance{id: "web-1", args: []string{"-dns-server", dns.Addr(), "-metrics-listen", metrics}}, "web", "api")
+	metric := func(name string) string { // the sample's value, "" if absent
+		resp, err := http.Get("http://" + metrics + "/metrics")
+		if err != nil {
+			t.Fatalf("web's metrics: %v", err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, name+" "); ok {
+				return v
+			}
+		}
+		return ""
+	}
+	const reloads = `haconnect_sidecar_applies_total{method="reload",result="ok"}`
 
 	served := func(id string) func() bool {
 		return func() bool {
@@ -61,7 +78,10 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 		}
 	}
 	harness.WaitFor(t, 20*time.Second, "web reaching api-1 through "+nameA, served("api-1"))
-	worker := workerPid(t, web.dir)
+	worker, reloadsBefore := workerPid(t, web.dir), metric(reloads)
+	if got := metric("haconnect_sidecar_dns_names_unresolved"); got != "1" {
+		t.Fatalf("names unresolved: %q, want 1 (%s)", got, nameB)
+	}
 
 	// DNS moves api-a to api-2's address: traffic follows, no reload.
 	dns.Set(nameA, "127.0.0.3")
@@ -77,8 +97,8 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 	if took > 10*time.Second {
 		t.Errorf("traffic took %s to follow DNS, want within the 5s lookup interval and the apply", took)
 	}
-	if pid := workerPid(t, web.dir); pid != worker {
-		t.Fatalf("HAProxy's worker changed (%d -> %d): the DNS change was a reload, want the runtime API", worker, pid)
+	if pid, n := workerPid(t, web.dir), metric(reloads); pid != worker || n != reloadsBefore {
+		t.Fatalf("HAProxy's worker %d -> %d, reloads %q -> %q: the DNS change was a reload, want the runtime API", worker, pid, reloadsBefore, n)
 	}
 	if !strings.Contains(web.sidecar.Output(), "method=runtime") {
 		t.Fatalf("no runtime apply logged:\n%s", web.sidecar.Output())
@@ -139,6 +159,9 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 		}
 		return seen["api-1"] && seen["api-2"]
 	})
+	if got := metric("haconnect_sidecar_dns_names_unresolved"); got != "0" {
+		t.Fatalf("names unresolved: %q, want 0", got)
+	}
 }
 
 // addNamed registers an instance of api whose sidecar listens on
