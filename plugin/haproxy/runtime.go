@@ -76,6 +76,58 @@ func SetServerMaxconn(backend, server string, n int) Command {
 	return Command{text: fmt.Sprintf("set maxconn server %s/%s %d", backend, server, n)}
 }
 
+// ServerStat is one server's row of `show stat`: its state and the
+// counters a passive health check reads.
+type ServerStat struct {
+	Backend, Server string
+	Status          string // UP, DOWN, MAINT, "UP 1/2", ...
+	// Retries are the requests retried away from this server (failed
+	// connections, and answers matching retry-on: those never reach the
+	// observe layer7 error count). Responses5xx and ResponsesOK count the
+	// answers it gave that went on to the caller (1xx-4xx are OK).
+	Retries, Responses5xx, ResponsesOK int64
+}
+
+// ShowServerStats reads every server's row of `show stat`.
+func (c CLI) ShowServerStats() ([]ServerStat, error) {
+	out, err := c.Command("show stat -1 4 -1")
+	if err != nil {
+		return nil, err
+	}
+	return parseServerStats(out)
+}
+
+func parseServerStats(out string) ([]ServerStat, error) {
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) == 0 || !strings.HasPrefix(lines[0], "# ") {
+		return nil, fmt.Errorf("show stat: unexpected answer %q", firstLine(out))
+	}
+	col := map[string]int{}
+	for i, name := range strings.Split(strings.TrimPrefix(lines[0], "# "), ",") {
+		col[name] = i
+	}
+	for _, name := range []string{"pxname", "svname", "status", "wretr", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx"} {
+		if _, ok := col[name]; !ok {
+			return nil, fmt.Errorf("show stat: no %s column", name)
+		}
+	}
+	var stats []ServerStat
+	for _, line := range lines[1:] {
+		f := strings.Split(line, ",")
+		if len(f) < len(col) {
+			continue
+		}
+		n := func(name string) int64 {
+			v, _ := strconv.ParseInt(f[col[name]], 10, 64)
+			return v
+		}
+		stats = append(stats, ServerStat{Backend: f[col["pxname"]], Server: f[col["svname"]], Status: f[col["status"]],
+			Retries: n("wretr"), Responses5xx: n("hrsp_5xx"),
+			ResponsesOK: n("hrsp_1xx") + n("hrsp_2xx") + n("hrsp_3xx") + n("hrsp_4xx")})
+	}
+	return stats, nil
+}
+
 // SetSSLCert opens a transaction that replaces the certificate and key
 // loaded from file with pem; CommitSSLCert makes it live.
 func SetSSLCert(file, pem string) Command {

@@ -21,6 +21,8 @@ import (
 func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 	waitingLogged := ""
 	startBackoff := time.Second
+	sweep := time.NewTicker(outlierSweep)
+	defer sweep.Stop()
 	for {
 		var died <-chan struct{}
 		if s.proc != nil {
@@ -38,6 +40,9 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 			// Let a burst of changes (e.g. a rotation touching roots and
 			// leaf) arrive before rendering.
 			time.Sleep(2 * time.Millisecond)
+		case <-sweep.C:
+			s.sweepOutliers() // outlier.go; nothing to render
+			continue
 		}
 		snap := s.snapshot()
 		s.resolveNames(&snap) // host names to addresses, from DNS answers already in
@@ -230,6 +235,9 @@ type applier struct {
 	sniLogged map[string]string
 	// exposedLogged are the exposed checks' states already logged.
 	exposedLogged map[string]bool
+	// outliers are the passive health check's counters at its last sweep
+	// (outlier.go).
+	outliers map[string]outlierCounts
 }
 
 // execute carries p out. since is when the change was first seen (zero:

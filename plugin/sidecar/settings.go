@@ -284,7 +284,10 @@ func readLimits(c *proxyConfig, uc *render.Upstream, v any) (*render.Limits, err
 // Retries: an HTTP upstream with the check retries 500, 502, 503 and 504
 // answers of idempotent requests on another instance (retry-on,
 // redispatch), so the failures that take an instance out do not reach
-// callers; Envoy needs a retry policy (service-router) for that.
+// callers; Envoy needs a retry policy (service-router) for that. HAProxy
+// 2.6 decides such a retry before it observes the answer, so retried
+// failures never reach error-limit: the sidecar counts them itself every
+// second (outlier.go) and marks the instance down the same way.
 func readPassiveHealth(c *proxyConfig, uc *render.Upstream, v any) (*render.PassiveHealth, error) {
 	m, err := blockOption("passive_health_check", v)
 	if m == nil || err != nil {

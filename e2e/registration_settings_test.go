@@ -1,0 +1,252 @@
+// Proxy and upstream settings written for Envoy, served by haconnect
+// through real Consul and HAProxy: the metrics listener of
+// envoy_prometheus_bind_addr, upstream limits, the passive health check,
+// and refused envoy_* keys logged once by name.
+
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+)
+
+// TestMetricsOnEnvoyPrometheusBindAddr registers web with
+// envoy_prometheus_bind_addr and an unknown envoy_* key, and runs its
+// sidecar without -admin-bind: /metrics must be served there (haconnect's
+// and HAProxy's metrics). The registration then moves the address and adds
+// envoy_stats_bind_addr: the next render serves /metrics at the new
+// address and /stats at the second one, the old address no longer answers,
+// and the unknown key has been logged once by name.
+func TestMetricsOnEnvoyPrometheusBindAddr(t *testing.T) {
+	m := newMesh(t)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "web") }))
+	t.Cleanup(app.Close)
+	web := &instance{id: "web-1", port: harness.FreePort(t), dir: harness.TempDir(t)}
+	prom1, prom2, stats := harness.FreePort(t), harness.FreePort(t), harness.FreePort(t)
+	register := func(cfg map[string]any) {
+		t.Helper()
+		cfg["protocol"], cfg["bind_address"] = "http", "127.0.0.1"
+		cfg["envoy_made_up_setting"] = `{"cluster":"x"}`
+		reg := &api.AgentServiceRegistration{
+			ID: web.id, Name: "web", Address: "127.0.0.1", Port: app.Listener.Addr().(*net.TCPAddr).Port,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+				Port: web.port, Proxy: &api.AgentServiceConnectProxyConfig{Config: cfg}, Checks: listeningCheck(web.port),
+			}},
+		}
+		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+			t.Fatalf("register web: %v", err)
+		}
+	}
+	register(map[string]any{"envoy_prometheus_bind_addr": fmt.Sprintf("127.0.0.1:%d", prom1)})
+	web.sidecar = harness.Start(t, "sidecar web-1", harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
+		"-sidecar-for", web.id, "-dir", web.dir, "-ttl", "300ms", "-stop-grace", "2s", "-log-level", "debug"},
+		m.consul.Flags(m.consul.Addr, ""))...)
+
+	get := func(addr string) (int, string) {
+		c := &http.Client{Timeout: 3 * time.Second}
+		resp, err := c.Get("http://" + addr)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	metricsAt := func(port int) bool {
+		code, body := get(fmt.Sprintf("127.0.0.1:%d/metrics", port))
+		return code == 200 && strings.Contains(body, "haproxy_frontend_") && strings.Contains(body, "haconnect_")
+	}
+	harness.WaitFor(t, 30*time.Second, "/metrics on envoy_prometheus_bind_addr", func() bool { return metricsAt(prom1) })
+
+	register(map[string]any{"envoy_prometheus_bind_addr": fmt.Sprintf("127.0.0.1:%d", prom2),
+		"envoy_stats_bind_addr": fmt.Sprintf("127.0.0.1:%d", stats)})
+	harness.WaitFor(t, 30*time.Second, "/metrics on the new envoy_prometheus_bind_addr", func() bool { return metricsAt(prom2) })
+	if code, body := get(fmt.Sprintf("127.0.0.1:%d/stats", stats)); code != 200 || !strings.Contains(body, "public_listener") {
+		t.Errorf("/stats on envoy_stats_bind_addr: %d %.200s", code, body)
+	}
+	harness.WaitFor(t, 10*time.Second, "the old address closed", func() bool {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", prom1), time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	if n := strings.Count(web.sidecar.Output(), "registration setting refused (not supported): Proxy.Config.envoy_made_up_setting"); n != 1 {
+		t.Errorf("the unknown envoy_* key was logged %d times, want once", n)
+	}
+}
+
+// slowApp answers after delay, counting requests in flight and the most
+// seen at once.
+type slowApp struct {
+	*httptest.Server
+	mu            sync.Mutex
+	inFlight, max int
+}
+
+func startSlowApp(t *testing.T, delay time.Duration) *slowApp {
+	a := &slowApp{}
+	a.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		a.inFlight++
+		a.max = max(a.max, a.inFlight)
+		a.mu.Unlock()
+		time.Sleep(delay)
+		a.mu.Lock()
+		a.inFlight--
+		a.mu.Unlock()
+		fmt.Fprint(w, "slow")
+	}))
+	t.Cleanup(a.Close)
+	return a
+}
+
+func (a *slowApp) port() int { return a.Listener.Addr().(*net.TCPAddr).Port }
+
+// TestUpstreamLimitsHold gives web's upstream api limits of 2 concurrent
+// requests and 1 pending, with connect_timeout_ms 1000, in front of an app
+// that answers in 3s. Two requests go through; the third queues and gets
+// a 503 when the queue timeout (the connect timeout) ends; a fourth, sent
+// while the third waits, is refused at once (the pending limit); the app
+// never sees more than 2 at once.
+func TestUpstreamLimitsHold(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	slow := startSlowApp(t, 3*time.Second)
+	m.register(&instance{id: "api-1"}, "api", "http", slow.port())
+	web := m.addWithUpstreams(&instance{id: "web-1"}, "web", api.Upstream{DestinationName: "api", Config: map[string]any{
+		"protocol": "http", "connect_timeout_ms": 1000,
+		"limits": map[string]any{"max_concurrent_requests": 2, "max_pending_requests": 1},
+	}})
+	harness.WaitFor(t, 30*time.Second, "web reaching api", func() bool {
+		code, _, err := web.call("api")
+		return err == nil && code == http.StatusOK
+	})
+
+	type result struct {
+		code int
+		body string
+		took time.Duration
+	}
+	call := func() result {
+		start := time.Now()
+		code, body, err := web.call("api")
+		if err != nil {
+			body = err.Error()
+		}
+		return result{code, body, time.Since(start)}
+	}
+	results := make([]result, 4)
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); results[i] = call() }()
+	}
+	harness.WaitFor(t, 5*time.Second, "two requests at the app", func() bool {
+		slow.mu.Lock()
+		defer slow.mu.Unlock()
+		return slow.inFlight == 2
+	})
+	wg.Add(1)
+	go func() { defer wg.Done(); results[2] = call() }()
+	harness.WaitFor(t, 2*time.Second, "the third request queued", func() bool {
+		return strings.Contains(web.admin(t, "show stat upstream_api 2 -1"), "upstream_api,BACKEND,1,") // qcur
+	})
+	results[3] = call()
+	wg.Wait()
+
+	for i := 0; i < 2; i++ {
+		if results[i].code != 200 {
+			t.Errorf("request %d within the limit: %+v", i+1, results[i])
+		}
+	}
+	if r := results[2]; r.code != 503 || r.took < 900*time.Millisecond || r.took > 2500*time.Millisecond {
+		t.Errorf("the queued request: %+v, want a 503 after the 1s queue timeout", r)
+	}
+	if r := results[3]; r.code != 503 || !strings.Contains(r.body, "max_pending_requests") || r.took > 500*time.Millisecond {
+		t.Errorf("the request past the pending limit: %+v, want an immediate 503 naming max_pending_requests", r)
+	}
+	if slow.max > 2 {
+		t.Errorf("the app saw %d requests at once, the limit is 2", slow.max)
+	}
+	t.Logf("within the limit: %v %v; queued: %v; past the pending limit: %v", results[0].took, results[1].took, results[2].took, results[3].took)
+}
+
+// TestPassiveHealthCheckTakesAFailingInstanceOut runs api-1 (healthy) and
+// api-2 (its app answers 500 to everything; Consul still sees it healthy).
+// web's upstream api has passive_health_check max_failures 2: under load
+// of GET requests no request fails (each 500 is retried on api-1), and
+// api-2 is marked down in web's HAProxy and stays down (base_ejection_time
+// 30s), though its health checks pass.
+func TestPassiveHealthCheckTakesAFailingInstanceOut(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	m.add("api", "api-1")
+	failing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "api-2 broken", http.StatusInternalServerError)
+	}))
+	t.Cleanup(failing.Close)
+	api2 := m.register(&instance{id: "api-2"}, "api", "http", failing.Listener.Addr().(*net.TCPAddr).Port)
+	web := m.addWithUpstreams(&instance{id: "web-1"}, "web", api.Upstream{DestinationName: "api", Config: map[string]any{
+		"protocol": "http", "passive_health_check": map[string]any{"max_failures": 2, "interval": "10s", "base_ejection_time": "30s"},
+	}})
+	harness.WaitFor(t, 30*time.Second, "both api instances in web's pool", func() bool {
+		return web.inPool(t, api2.port) && web.inPool(t, m.consulPort(t, "api-1"))
+	})
+
+	l := startLoad(web, "api", 4)
+	time.Sleep(3 * time.Second)
+	l.finish()
+	l.check(t, "GET load while api-2 answers 500")
+	// "DOWN", or "DOWN 3/30" while its checks pass on the way back.
+	down := func() bool {
+		return strings.HasPrefix(serverStatus(web.admin(t, "show stat upstream_api 4 -1"), api2.port), "DOWN")
+	}
+	if !down() {
+		t.Fatalf("api-2 is not marked down: %q", serverStatus(web.admin(t, "show stat upstream_api 4 -1"), api2.port))
+	}
+	// Its health checks pass (the sidecar answers TLS), yet it stays out:
+	// rise is the ejection time.
+	time.Sleep(4 * time.Second)
+	if !down() {
+		t.Fatal("api-2 came back within seconds: the ejection did not hold")
+	}
+	if l.byBody["api-2"] != 0 {
+		t.Errorf("api-2 answered %d requests successfully", l.byBody["api-2"])
+	}
+}
+
+// serverStatus is the status (UP, DOWN, MAINT, ...) of the server at port
+// in a `show stat` answer.
+func serverStatus(stat string, port int) string {
+	for _, line := range strings.Split(stat, "\n") {
+		f := strings.Split(line, ",")
+		if len(f) > 73 && strings.HasSuffix(f[73], fmt.Sprintf(":%d", port)) {
+			return f[17]
+		}
+	}
+	return ""
+}
+
+// consulPort is the public port of the sidecar registered for service ID
+// id.
+func (m *mesh) consulPort(t *testing.T, id string) int {
+	t.Helper()
+	svc, _, err := m.consul.Client.Agent().Service(id+"-sidecar-proxy", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc.Port
+}
