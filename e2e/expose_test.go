@@ -1,18 +1,23 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/go-connections/nat"
 	consulapi "github.com/hashicorp/consul/api"
+	nomadapi "github.com/hashicorp/nomad/api"
 
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/plugin/nomad"
@@ -261,5 +266,110 @@ func assertExposedOnly(t *testing.T, app *exposeApp, port int, path string) {
 		if app.served(p) {
 			t.Errorf("the app served %s through the exposed listener on %d", p, port)
 		}
+	}
+}
+
+// exposeAlloc is connectAlloc as the fake Nomad serves it after Nomad's
+// job mutation for `check { type = "http" path = "/health" expose = true }`
+// on service api (nomad/job_endpoint_hook_expose_check.go,
+// exposePathForCheck): the check gets a generated port label
+// "svc_<service>_ck_<6 hex of the check's hash>", added to the group's
+// dynamic ports with To = -1, and the sidecar's proxy an expose path with
+// that label as ListenerPort and the service's port as LocalPathPort. The
+// allocation maps the label to checkPort (To = -1: the same number inside
+// the namespace).
+func exposeAlloc(id string, checkPort int) *nomadapi.Allocation {
+	const label = "svc_api_ck_3c9f1a"
+	a := connectAlloc(id)
+	tg := a.Job.TaskGroups[0]
+	tg.Networks[0].DynamicPorts = append(tg.Networks[0].DynamicPorts, nomadapi.Port{Label: label, To: -1, HostNetwork: "default"})
+	svc := tg.Services[0]
+	svc.Checks = []nomadapi.ServiceCheck{{Name: "api-health", Type: "http", Path: "/health", Expose: true, PortLabel: label,
+		Interval: time.Second, Timeout: time.Second}}
+	svc.Connect.SidecarService.Proxy = &nomadapi.ConsulProxy{Expose: &nomadapi.ConsulExposeConfig{Paths: []*nomadapi.ConsulExposePath{
+		{Path: "/health", LocalPathPort: 8080, ListenerPort: label}}}}
+	a.AllocatedResources = &nomadapi.AllocatedResources{Shared: nomadapi.AllocatedSharedResources{
+		Ports: []nomadapi.PortMapping{{Label: label, Value: checkPort, To: checkPort, HostIP: "127.0.0.1"}}}}
+	return a
+}
+
+// TestNomadHookExposedCheck runs the Nomad path end to end: the fake Nomad
+// serves the allocation of a job with `check { expose = true }`, Consul has
+// the registrations Nomad makes for it (nomadExposeRegistrations, with
+// Nomad's bind_address 0.0.0.0 inside the namespace), and `haconnect
+// nomad-hook` runs HAProxy in a container in the allocation's network
+// namespace: the Consul agent's check through the published port goes
+// passing, and that port serves nothing but /health.
+func TestNomadHookExposedCheck(t *testing.T) {
+	cli := harness.Docker(t)
+	harness.Images(t)
+	c := harness.StartConsul(t)
+	fn := newFakeNomad(t)
+	ctx := context.Background()
+	a := &allocation{id: fmt.Sprintf("%08x-0000-4000-8000-%012x", time.Now().UnixNano()&0xffffffff, os.Getpid()+15),
+		hostPort: harness.FreePort(t), hookDir: harness.TempDir(t)}
+	checkPort := harness.FreePort(t)
+	harness.RemoveContainers(t, cli, "nomad_init_"+a.id, "app-"+a.id, "haconnect-"+a.id+"-api")
+	pause, err := cli.ContainerCreate(ctx, &container.Config{
+		Image: "haconnect/haproxy:latest", Entrypoint: []string{"sleep", "infinity"},
+		Labels:       map[string]string{"com.hashicorp.nomad.alloc_id": a.id},
+		ExposedPorts: nat.PortSet{"21000/tcp": {}, nat.Port(fmt.Sprintf("%d/tcp", checkPort)): {}},
+	}, &container.HostConfig{PortBindings: nat.PortMap{
+		"21000/tcp": {{HostIP: "127.0.0.1", HostPort: fmt.Sprint(a.hostPort)}},
+		nat.Port(fmt.Sprintf("%d/tcp", checkPort)): {{HostIP: "127.0.0.1", HostPort: fmt.Sprint(checkPort)}},
+	}}, nil, nil, "nomad_init_"+a.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.pause = pause.ID
+	if err := cli.ContainerStart(ctx, pause.ID, container.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	appDir := harness.TempDir(t)
+	harness.WriteFile(t, appDir, "app.cfg", "defaults\n    mode http\n    timeout client 10s\nfrontend app\n    bind 127.0.0.1:8080\n"+
+		"    http-request return status 200 content-type text/plain lf-string \"app %[path] source=%[req.hdr(x-haconnect-source)]\"\n")
+	app, err := cli.ContainerCreate(ctx, &container.Config{Image: "haconnect/haproxy:latest", Cmd: []string{"-f", appDir + "/app.cfg"}},
+		&container.HostConfig{NetworkMode: container.NetworkMode("container:" + pause.ID), Binds: []string{appDir + ":" + appDir}},
+		nil, nil, "app-"+a.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.ContainerStart(ctx, app.ID, container.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Nomad's registrations, with the sidecar binding 0.0.0.0:21000 inside
+	// the namespace and the exposed check on checkPort (To = -1).
+	regs := nomadExposeRegistrations(a.id, 8080, a.hostPort, checkPort, harness.FreePort(t))
+	regs[1].Proxy.Config["bind_address"], regs[1].Proxy.Config["bind_port"] = "0.0.0.0", 21000
+	regs[1].Proxy.Expose.Paths = regs[1].Proxy.Expose.Paths[:1] // the check's path only: one port published here
+	regs[1].Checks[1].TCP = fmt.Sprintf("127.0.0.1:%d", a.hostPort)
+	for _, reg := range regs {
+		if err := c.Client.Agent().ServiceRegister(reg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fn.set(a.id, exposeAlloc(a.id, checkPort))
+	a.hookEnv = append(hookEnv(a.id, fn.URL), "CONSUL_HTTP_ADDR="+c.Addr)
+	a.startHook(t)
+
+	harness.WaitFor(t, 60*time.Second, "the exposed check passing through the HAProxy container", func() bool {
+		return checkStatus(t, c, "_nomad-check-exposed-health") == consulapi.HealthPassing
+	})
+	get := func(path string) (int, string) {
+		code, body, err := getOnce(nil, fmt.Sprintf("http://127.0.0.1:%d%s", checkPort, path), 3*time.Second)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		return code, body
+	}
+	if code, body := get("/health"); code != 200 || body != "app /health source=" {
+		t.Fatalf("exposed /health: %d %q", code, body)
+	}
+	if code, body := get("/admin"); code != 404 || !strings.Contains(body, "haconnect: not an exposed path") {
+		t.Fatalf("exposed port, /admin: %d %q, want haconnect's 404", code, body)
+	}
+	roots, _ := c.RootsPEM(t)
+	if code, body, err := getOnce(harness.ClientTLS(nil, roots), fmt.Sprintf("https://127.0.0.1:%d/health", a.hostPort), 3*time.Second); err == nil {
+		t.Fatalf("the inbound answered a caller without a certificate: %d %q", code, body)
 	}
 }
