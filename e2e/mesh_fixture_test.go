@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -47,6 +48,7 @@ type instance struct {
 	dir      string
 	sidecar  *harness.Process
 	upstream map[string]int // destination -> local port
+	config   map[string]any // extra Proxy.Config keys of its registration
 }
 
 func newMesh(t *testing.T) *mesh {
@@ -124,12 +126,14 @@ func (m *mesh) registerProxy(in *instance, service, protocol string, appPort int
 			u.Config = map[string]any{"protocol": "http"}
 		}
 	}
+	config := map[string]any{"protocol": protocol, "bind_address": "127.0.0.1"}
+	maps.Copy(config, in.config)
 	reg := &api.AgentServiceRegistration{
 		ID: id, Name: service, Address: "127.0.0.1", Port: appPort,
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
 			Port: in.port,
 			Proxy: &api.AgentServiceConnectProxyConfig{
-				Config:    map[string]any{"protocol": protocol, "bind_address": "127.0.0.1"},
+				Config:    config,
 				Upstreams: ups,
 			},
 			Checks: listeningCheck(in.port),

@@ -250,3 +250,68 @@ func (m *mesh) consulPort(t *testing.T, id string) int {
 	}
 	return svc.Port
 }
+
+// TestInboundTimeoutsReachHAProxy registers api with
+// local_request_timeout_ms 1000 in front of an app that answers in 3s,
+// handshake_timeout_ms 500 and max_inbound_connections 2: web's call gets
+// the 504 of api's sidecar after about a second; a caller that connects to
+// api's public port and never starts its TLS handshake is closed after
+// about half a second (the default would wait a minute); the listener's
+// maxconn is 2.
+func TestInboundTimeoutsReachHAProxy(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	slow := startSlowApp(t, 3*time.Second)
+	api1 := m.register(&instance{id: "api-1", config: map[string]any{
+		"local_request_timeout_ms": 1000, "handshake_timeout_ms": 500, "max_inbound_connections": 2,
+	}}, "api", "http", slow.port())
+	web := m.add("web", "web-1", "api")
+
+	harness.WaitFor(t, 30*time.Second, "web reaching api's sidecar", func() bool {
+		code, _, err := web.call("api")
+		return err == nil && code == http.StatusGatewayTimeout
+	})
+	start := time.Now()
+	code, body, err := web.call("api")
+	if took := time.Since(start); err != nil || code != http.StatusGatewayTimeout || took < 900*time.Millisecond || took > 2500*time.Millisecond {
+		t.Errorf("call past local_request_timeout_ms: %d %q %v after %v, want 504 after about 1s", code, body, err, took)
+	}
+
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", api1.port), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start = time.Now()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if took := time.Since(start); err == nil || took < 400*time.Millisecond || took > 2*time.Second {
+		t.Errorf("a silent caller was closed after %v (%v), want about 500ms (handshake_timeout_ms)", took, err)
+	}
+
+	info := api1.admin(t, "show stat public_listener 1 -1")
+	if !strings.Contains(info, "public_listener,FRONTEND,") {
+		t.Fatalf("no public_listener row: %s", info)
+	}
+	if slim := statField(t, info, "slim"); slim != "2" {
+		t.Errorf("public_listener's session limit %q, want 2 (max_inbound_connections)", slim)
+	}
+}
+
+// statField is the named column of the first row of a `show stat` answer.
+func statField(t *testing.T, stat, name string) string {
+	t.Helper()
+	lines := strings.Split(strings.TrimSpace(stat), "\n")
+	if len(lines) < 2 {
+		t.Fatalf("show stat: %q", stat)
+	}
+	head := strings.Split(strings.TrimPrefix(lines[0], "# "), ",")
+	row := strings.Split(lines[1], ",")
+	for i, h := range head {
+		if h == name && i < len(row) {
+			return row[i]
+		}
+	}
+	t.Fatalf("show stat: no %s column", name)
+	return ""
+}
