@@ -208,6 +208,7 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 		return err
 	}
 	s.logSNIs(next.model)
+	s.logAdminOverride(snap.reg.MetricsBinds) // settings.go
 	return s.execute(ctx, planApply(s.proc != nil, s.applied, next), snap.pendingAt)
 }
 
@@ -238,6 +239,9 @@ type applier struct {
 	// outliers are the passive health check's counters at its last sweep
 	// (outlier.go).
 	outliers map[string]outlierCounts
+	// adminOverridden are the registration's metrics addresses last
+	// logged as overridden by -admin-bind.
+	adminOverridden string
 }
 
 // execute carries p out. since is when the change was first seen (zero:

@@ -178,6 +178,18 @@ func adminBinds(flag string, fromRegistration []string) (string, string) {
 	return fromRegistration[0], fromRegistration[1]
 }
 
+// logAdminOverride says once (again when they change) that -admin-bind
+// serves the metrics instead of the registration's addresses.
+func (s *Sidecar) logAdminOverride(fromRegistration []string) {
+	addrs := strings.Join(fromRegistration, ",")
+	if s.cfg.AdminBind == "" || addrs == "" || addrs == s.adminOverridden {
+		return
+	}
+	s.adminOverridden = addrs
+	s.log.Info("-admin-bind takes precedence: the metrics listener is not served at the registration's envoy_prometheus_bind_addr/envoy_stats_bind_addr",
+		"admin_bind", s.cfg.AdminBind, "registration", addrs)
+}
+
 // readUpstreamSettings reads an upstream's limits and passive health
 // check into uc.
 func readUpstreamSettings(c *proxyConfig, uc *render.Upstream, cfg map[string]any) error {

@@ -234,3 +234,20 @@ func TestPlanSetsLimitSharesThroughTheRuntimeAPI(t *testing.T) {
 		t.Fatalf("plan %s %v, want runtime %v", p.method, p.runtime, want)
 	}
 }
+
+func TestAdminBindOverrideLoggedOnce(t *testing.T) {
+	var buf bytes.Buffer
+	s, err := New(Config{ProxyID: "web-sidecar-proxy", Dir: t.TempDir(), AdminBind: "127.0.0.1:19000",
+		Logger: hclog.New(&hclog.LoggerOptions{Output: &buf})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		s.logAdminOverride([]string{"0.0.0.0:9102"})
+	}
+	s.logAdminOverride(nil)
+	s.logAdminOverride([]string{"0.0.0.0:9103"})
+	if n := strings.Count(buf.String(), "-admin-bind takes precedence"); n != 2 {
+		t.Errorf("logged %d times, want 2 (once per distinct address):\n%s", n, buf.String())
+	}
+}
