@@ -315,3 +315,40 @@ func statField(t *testing.T, stat, name string) string {
 	t.Fatalf("show stat: no %s column", name)
 	return ""
 }
+
+// TestLimitSharesFollowInstances gives web's upstream api max_connections
+// 4 over two instances: each slot's maxconn is 2. When api-2 leaves, api-1
+// gets the whole 4 through the runtime API, without a reload.
+func TestLimitSharesFollowInstances(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	api1 := m.add("api", "api-1")
+	api2 := m.add("api", "api-2")
+	web := m.addWithUpstreams(&instance{id: "web-1"}, "web", api.Upstream{DestinationName: "api", Config: map[string]any{
+		"protocol": "http", "limits": map[string]any{"max_connections": 4},
+	}})
+	slim := func(port int) string {
+		for _, line := range strings.Split(web.admin(t, "show stat upstream_api 4 -1"), "\n") {
+			if f := strings.Split(line, ","); len(f) > 73 && strings.HasSuffix(f[73], fmt.Sprintf(":%d", port)) {
+				return f[6] // slim: the server's maxconn
+			}
+		}
+		return ""
+	}
+	harness.WaitFor(t, 30*time.Second, "both api instances with a share of 2", func() bool {
+		return web.inPool(t, api1.port) && web.inPool(t, api2.port) && slim(api1.port) == "2" && slim(api2.port) == "2"
+	})
+	reloads := strings.Count(web.sidecar.Output(), "reload_reason=")
+	if err := m.consul.Client.Agent().ServiceDeregister("api-2"); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 30*time.Second, "api-1 with the whole limit", func() bool {
+		return !web.inPool(t, api2.port) && slim(api1.port) == "4"
+	})
+	if n := strings.Count(web.sidecar.Output(), "reload_reason="); n != reloads {
+		t.Errorf("%d reloads to move the shares, want none (runtime API)", n-reloads)
+	}
+	if code, _, err := web.call("api"); err != nil || code != http.StatusOK {
+		t.Fatalf("web to api-1: %d %v", code, err)
+	}
+}
