@@ -161,8 +161,8 @@ func TestExposedPathsAsNomadRegistersThem(t *testing.T) {
 			t.Fatalf("inbound with a mesh certificate: %d %q %v", code, body, err)
 		}
 	})
-	if strings.Contains(sidecar.Output(), "registration setting refused") {
-		t.Errorf("a setting Nomad writes was refused:\n%s", sidecar.Output())
+	if strings.Contains(sidecar.Output(), "setting=Proxy.Expose") {
+		t.Errorf("an expose setting Nomad writes was refused:\n%s", sidecar.Output())
 	}
 }
 
@@ -172,7 +172,30 @@ func TestExposedPathsAsNomadRegistersThem(t *testing.T) {
 // the check goes passing. Only this test uses Consul's default expose
 // range on this machine (harness.FreePort stays above 22000).
 func TestExposedChecksFollowTheAgent(t *testing.T) {
-	m := newMesh(t)
+	exposedChecksScenario(t, newMesh(t), "")
+}
+
+// TestSecureExposedChecks is the same with ACLs (default deny) and TLS, the
+// sidecar holding only docs/acl/sidecar.hcl's rules for its service: the
+// token cannot read /v1/agent/self (agent:read), so the agent's address is
+// unknown, and the checks are still served (to loopback and the proxy's
+// address, where the agent's calls come from on its host).
+func TestSecureExposedChecks(t *testing.T) {
+	m := &mesh{t: t, consul: harness.StartSecureConsul(t)}
+	_, apiPolicy := sidecarPolicies(t)
+	tok := m.consul.CreateToken(t, "sidecar-api", apiPolicy)
+	out := exposedChecksScenario(t, m, tok.SecretID)
+	if strings.Contains(out, tok.SecretID) {
+		t.Error("the sidecar logged its token")
+	}
+}
+
+// exposedChecksScenario registers api-1 with an HTTP check and a sidecar
+// with Expose.Checks, runs `haconnect sidecar` with token, and checks that
+// the check goes passing through the port the agent chose, that the port
+// serves nothing else, and that a check added later follows. It returns
+// the sidecar's output.
+func exposedChecksScenario(t *testing.T, m *mesh, token string) string {
 	app := newExposeApp(t)
 	proxyPort := harness.FreePort(t)
 	reg := &consulapi.AgentServiceRegistration{
@@ -202,7 +225,7 @@ func TestExposedChecksFollowTheAgent(t *testing.T) {
 	dir := harness.TempDir(t)
 	sidecar := harness.Start(t, "sidecar api-1", harness.Binary(t, "haconnect"), slices.Concat([]string{"sidecar",
 		"-sidecar-for", "api-1", "-dir", dir, "-stop-grace", "2s", "-log-level", "debug"},
-		m.consul.Flags(m.consul.Addr, ""))...)
+		m.consul.Flags(m.consul.Addr, token))...)
 	harness.WaitFor(t, 20*time.Second, "the exposed check passing in Consul through the proxy", func() bool {
 		ch, err := m.consul.Client.Agent().ChecksWithFilter(`CheckID == "api-health"`)
 		return err == nil && ch["api-health"] != nil && ch["api-health"].Status == consulapi.HealthPassing &&
@@ -222,6 +245,7 @@ func TestExposedChecksFollowTheAgent(t *testing.T) {
 	harness.WaitFor(t, 20*time.Second, "the later check passing through the proxy", func() bool {
 		return checkStatus(t, m.consul, "api-metrics") == consulapi.HealthPassing
 	})
+	return sidecar.Output()
 }
 
 func checkStatus(t *testing.T, c *harness.Consul, id string) string {

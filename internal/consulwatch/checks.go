@@ -51,8 +51,9 @@ type ExposedCheck struct {
 // ExposedChecks is the answer of an ExposedChecksQuery.
 type ExposedChecks struct {
 	Checks []ExposedCheck // by CheckID
-	// AgentAddr is the agent's LAN address: besides loopback, the only
-	// source a check listener admits (as Envoy's).
+	// AgentAddr is the agent's LAN address, a source a check listener
+	// admits besides loopback (as Envoy's); "" while /v1/agent/self is not
+	// readable (it needs agent:read, which a service's token may lack).
 	AgentAddr string
 }
 
@@ -66,6 +67,7 @@ type ExposedChecksQuery struct {
 
 	mu        sync.Mutex
 	agentAddr string
+	selfAt    time.Time         // last attempt to read agentAddr
 	paths     map[string]string // "<check ID>|<exposed port>" -> path
 }
 
@@ -90,12 +92,14 @@ func (q *ExposedChecksQuery) Fetch(c *api.Client, o *api.QueryOptions) (*Exposed
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.agentAddr == "" {
-		addr, err := agentLANAddr(c)
-		if err != nil {
-			return nil, Result{}, err
+	// The agent's address narrows who may call the checks' listeners; not
+	// knowing it (a token without agent:read) must not stop the checks
+	// from being served, so it is asked again at most every 30s.
+	if q.agentAddr == "" && time.Since(q.selfAt) >= 30*time.Second {
+		q.selfAt = time.Now()
+		if addr, err := agentLANAddr(c); err == nil {
+			q.agentAddr = addr
 		}
-		q.agentAddr = addr
 	}
 	checks, err := c.Agent().ChecksWithFilterOpts(fmt.Sprintf("ServiceID == %q", q.ServiceID),
 		(&api.QueryOptions{}).WithContext(ctx))

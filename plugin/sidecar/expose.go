@@ -3,6 +3,8 @@ package sidecar
 import (
 	"context"
 	"fmt"
+	"net"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -23,14 +25,19 @@ type exposeConfig struct {
 	Checks    bool
 	ServiceID string
 	LocalPort int
+	// ProxyAddr is the proxy's registered address, where the agent sends
+	// the checks: from the same host it is also their source address.
+	ProxyAddr string
 }
 
 const outcomePathLeftOut = "path not exposed: its listener port is not bound"
 
 // readExpose reads p.Expose into c. A path that cannot be served safely is
 // left out and refused by name; the rest of the registration is served.
-func readExpose(c *proxyConfig, p *api.AgentServiceConnectProxyConfig) {
-	c.Expose = exposeConfig{Checks: p.Expose.Checks, ServiceID: p.DestinationServiceID, LocalPort: p.LocalServicePort}
+func readExpose(c *proxyConfig, svc *api.AgentService) {
+	p := svc.Proxy
+	c.Expose = exposeConfig{Checks: p.Expose.Checks, ServiceID: p.DestinationServiceID, LocalPort: p.LocalServicePort,
+		ProxyAddr: svc.Address}
 	if c.Expose.Checks && p.DestinationServiceID == "" {
 		c.Refused = append(c.Refused, refusal{Setting: "Proxy.Expose.Checks", Value: "true",
 			Outcome: "checks not exposed: the proxy names no DestinationServiceID whose checks the agent reroutes"})
@@ -106,12 +113,13 @@ func exposedPaths(reg *proxyConfig, checks *consulwatch.ExposedChecks) []render.
 		return paths
 	}
 	taken := portsTaken(reg)
+	sources := checkSources(reg, checks)
 	for _, ch := range checks.Checks {
 		if ch.Path == "" || taken[ch.ExposedPort] != "" {
 			continue
 		}
 		p := render.ExposedPath{Path: ch.Path, ListenerPort: ch.ExposedPort, LocalPathPort: reg.Expose.LocalPort,
-			Protocol: render.ExposeHTTP, CheckID: ch.CheckID, AllowSources: []string{checks.AgentAddr}}
+			Protocol: render.ExposeHTTP, CheckID: ch.CheckID, AllowSources: sources}
 		if ch.Type == "grpc" {
 			p.Protocol = render.ExposeHTTP2
 		}
@@ -122,6 +130,20 @@ func exposedPaths(reg *proxyConfig, checks *consulwatch.ExposedChecks) []render.
 		paths = append(paths, p)
 	}
 	return paths
+}
+
+// checkSources are the addresses besides loopback that may call a check's
+// listener: the agent's LAN address (Envoy's rule) and the proxy's
+// registered address (the agent's source when it calls that address on
+// its own host), each if it is an IP address.
+func checkSources(reg *proxyConfig, checks *consulwatch.ExposedChecks) []string {
+	var out []string
+	for _, a := range []string{checks.AgentAddr, reg.Expose.ProxyAddr} {
+		if net.ParseIP(a) != nil && !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // portsTaken are the listener ports of reg, by what has them.
@@ -146,7 +168,7 @@ func (s *Sidecar) logExposedChecks(reg *proxyConfig, checks *consulwatch.Exposed
 	taken := portsTaken(reg)
 	for _, ch := range checks.Checks {
 		p := render.ExposedPath{Path: ch.Path, ListenerPort: ch.ExposedPort, LocalPathPort: reg.Expose.LocalPort,
-			Protocol: render.ExposeHTTP, AllowSources: []string{checks.AgentAddr}}
+			Protocol: render.ExposeHTTP, AllowSources: checkSources(reg, checks)}
 		var state string
 		var args []any
 		switch err := render.CheckExposedPath(p); {

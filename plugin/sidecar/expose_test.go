@@ -17,7 +17,7 @@ import (
 // wrote it, possibly empty), plus paths Consul itself would refuse.
 func exposeRegistration() *api.AgentService {
 	return &api.AgentService{
-		ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: 21000,
+		ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: 21000, Address: "10.0.0.5",
 		Proxy: &api.AgentServiceConnectProxyConfig{
 			DestinationServiceName: "web", DestinationServiceID: "web-1", LocalServicePort: 8080,
 			Upstreams: []api.Upstream{{DestinationName: "api", LocalBindPort: 9191}},
@@ -38,7 +38,7 @@ func TestReadRegistrationExposePaths(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the registration was rejected whole: %v", err)
 	}
-	want := exposeConfig{ServiceID: "web-1", LocalPort: 8080, Paths: []render.ExposedPath{
+	want := exposeConfig{ServiceID: "web-1", LocalPort: 8080, ProxyAddr: "10.0.0.5", Paths: []render.ExposedPath{
 		{Path: "/health", ListenerPort: 23456, LocalPathPort: 8080, Protocol: render.ExposeHTTP},
 		{Path: "/metrics", ListenerPort: 23457, LocalPathPort: 9102, Protocol: render.ExposeHTTP},
 		{Path: "/grpc.health.v1.Health/Check", ListenerPort: 23458, LocalPathPort: 9090, Protocol: render.ExposeHTTP2},
@@ -76,9 +76,9 @@ func TestExposedPathsAddTheAgentsChecks(t *testing.T) {
 	got := exposedPaths(reg, checks)
 	want := append(append([]render.ExposedPath(nil), reg.Expose.Paths...),
 		render.ExposedPath{Path: "/ready", ListenerPort: 21500, LocalPathPort: 8080, Protocol: render.ExposeHTTP,
-			CheckID: "service:web-1", AllowSources: []string{"192.0.2.10"}},
+			CheckID: "service:web-1", AllowSources: []string{"192.0.2.10", "10.0.0.5"}},
 		render.ExposedPath{Path: consulwatch.GRPCHealthPath, ListenerPort: 21501, LocalPathPort: 8080, Protocol: render.ExposeHTTP2,
-			CheckID: "grpc", AllowSources: []string{"192.0.2.10"}},
+			CheckID: "grpc", AllowSources: []string{"192.0.2.10", "10.0.0.5"}},
 	)
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("exposed\n%+v\nwant\n%+v", got, want)
@@ -96,5 +96,25 @@ func TestExposedPathsAddTheAgentsChecks(t *testing.T) {
 	reg, _ = readRegistration(svc)
 	if got := exposedPaths(reg, checks); len(got) != 3 {
 		t.Fatalf("checks exposed without Expose.Checks: %+v", got)
+	}
+}
+
+// TestCheckSourcesWithoutTheAgentAddress: a token without agent:read
+// cannot read the agent's address; the checks are still served, to
+// loopback and the proxy's own address (the agent's source on its host).
+func TestCheckSourcesWithoutTheAgentAddress(t *testing.T) {
+	svc := exposeRegistration()
+	svc.Proxy.Expose.Checks = true
+	reg, _ := readRegistration(svc)
+	checks := &consulwatch.ExposedChecks{Checks: []consulwatch.ExposedCheck{{CheckID: "c", Type: "http", ExposedPort: 21500, Path: "/ready"}}}
+	got := exposedPaths(reg, checks)
+	if last := got[len(got)-1]; last.CheckID != "c" || !reflect.DeepEqual(last.AllowSources, []string{"10.0.0.5"}) {
+		t.Fatalf("check listener %+v, want it with the proxy's address only", last)
+	}
+	svc.Address = "api.service.consul" // not an IP: loopback only
+	reg, _ = readRegistration(svc)
+	got = exposedPaths(reg, checks)
+	if last := got[len(got)-1]; last.CheckID != "c" || last.AllowSources != nil {
+		t.Fatalf("check listener %+v, want loopback only", last)
 	}
 }

@@ -160,7 +160,7 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		}
 		c.Upstreams = append(c.Upstreams, uc)
 	}
-	readExpose(c, p)
+	readExpose(c, svc)
 	return c, nil
 }
 
