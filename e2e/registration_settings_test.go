@@ -352,3 +352,45 @@ func TestLimitSharesFollowInstances(t *testing.T) {
 		t.Fatalf("web to api-1: %d %v", code, err)
 	}
 }
+
+// TestTCPStreamOutlivesTheHandshakeTimeout registers a TCP echo service
+// with handshake_timeout_ms 300 and local_idle_timeout_ms 1500: the
+// handshake bound (HAProxy 2.6's timeout client) must not cut an
+// established stream that is quiet for a second, while a stream quiet
+// longer than the idle timeout is closed.
+func TestTCPStreamOutlivesTheHandshakeTimeout(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "echo", harness.Source("web", allow))
+	m.register(&instance{id: "echo-1", config: map[string]any{"handshake_timeout_ms": 300, "local_idle_timeout_ms": 1500}},
+		"echo", "tcp", startEcho(t))
+	web := m.add("web", "web-1", "echo:tcp")
+	harness.WaitFor(t, 20*time.Second, "echo through the mesh", func() bool {
+		got, err := web.echo("echo", "ping")
+		return err == nil && got == "ping"
+	})
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", web.upstream["echo"]), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip := func(line string) error {
+		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := io.WriteString(c, line+"\n"); err != nil {
+			return err
+		}
+		buf := make([]byte, len(line)+1)
+		_, err := io.ReadFull(c, buf)
+		return err
+	}
+	if err := roundTrip("one"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // quiet: past the handshake timeout, within the idle one
+	if err := roundTrip("two"); err != nil {
+		t.Fatalf("a stream quiet for 1s was cut (handshake_timeout_ms must only bound the handshake): %v", err)
+	}
+	time.Sleep(2500 * time.Millisecond) // quiet past local_idle_timeout_ms
+	if err := roundTrip("three"); err == nil {
+		t.Fatal("a stream quiet past local_idle_timeout_ms was still open")
+	}
+}
