@@ -80,37 +80,56 @@ func (a *exposeApp) served(path string) bool {
 //     envoy_stats_tags; connectSidecarRegistration: Address/Port are the host
 //     IP and port of the sidecar's mapping, with the checks "Connect Sidecar
 //     Aliasing <service ID>" and "Connect Sidecar Listening" (TCP, 10s);
+//   - command/agent/consul/connect.go, newConnect: the sidecar is not a
+//     service of its own but the service's Connect.SidecarService, so Consul
+//     fills in the rest (agent/sidecar_service.go: ID "<service ID>-sidecar-
+//     proxy", DestinationServiceName/ID, LocalServiceAddress 127.0.0.1 and
+//     LocalServicePort = the service's port when not given);
 //   - command/agent/consul/service_client.go, checkRegs and createCheckReg:
-//     the check is the service's, HTTP = http://<host IP>:<host port of the
-//     check's port label>/health, i.e. the exposed listener.
+//     the check is registered on its own for the service, HTTP =
+//     http://<host IP>:<host port of the check's port label>/health, i.e.
+//     the exposed listener.
 //
-// Test-only differences: bind_address is 127.0.0.1 (the sidecar here runs on
-// the host, not in a namespace, and the test listens on loopback only), and
-// LocalServicePort is given (Nomad leaves it 0 unless the job sets
-// local_service_port; the inbound is not what this test is about).
-func nomadExposeRegistrations(allocID string, app, proxyPort, checkPort, metricsPort int) []*consulapi.AgentServiceRegistration {
+// Test-only difference: bind_address is 127.0.0.1 (the sidecar here runs on
+// the host, not in a namespace, and the test listens on loopback only).
+type nomadExposeRegs struct {
+	service *consulapi.AgentServiceRegistration
+	check   *consulapi.AgentCheckRegistration
+}
+
+func nomadExposeRegistrations(allocID string, app, proxyPort, checkPort, metricsPort int) nomadExposeRegs {
 	svcID := nomad.ServiceID(allocID, "api", "api", "8080")
-	proxyID := nomad.ProxyID(allocID, "api", "api", "8080")
-	return []*consulapi.AgentServiceRegistration{
-		{ID: svcID, Name: "api", Address: "127.0.0.1", Port: app, Checks: consulapi.AgentServiceChecks{{
-			CheckID: "_nomad-check-exposed-health", Name: "api-health",
-			HTTP: fmt.Sprintf("http://127.0.0.1:%d/health", checkPort), Interval: "1s", Timeout: "1s",
-		}}},
-		{Kind: consulapi.ServiceKindConnectProxy, ID: proxyID, Name: "api-sidecar-proxy", Address: "127.0.0.1", Port: proxyPort,
-			Proxy: &consulapi.AgentServiceConnectProxyConfig{
-				DestinationServiceName: "api", DestinationServiceID: svcID, LocalServicePort: app,
-				Mode: consulapi.ProxyModeDefault,
-				Config: map[string]any{"bind_address": "127.0.0.1", "bind_port": proxyPort, "protocol": "http",
-					"envoy_stats_tags": []string{"nomad.alloc_id=" + allocID, "nomad.group=api", "nomad.job=demo", "nomad.namespace=default"}},
-				Expose: consulapi.ExposeConfig{Checks: false, Paths: []consulapi.ExposePath{
-					{ListenerPort: checkPort, Path: "/health", LocalPathPort: app, Protocol: ""},
-					{ListenerPort: metricsPort, Path: "/metrics", LocalPathPort: app, Protocol: "http"},
-				}},
-			},
-			Checks: consulapi.AgentServiceChecks{
-				{Name: "Connect Sidecar Aliasing " + svcID, AliasService: svcID},
-				{Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", proxyPort), Interval: "10s"},
-			}},
+	return nomadExposeRegs{
+		service: &consulapi.AgentServiceRegistration{ID: svcID, Name: "api", Address: "127.0.0.1", Port: app,
+			Connect: &consulapi.AgentServiceConnect{SidecarService: &consulapi.AgentServiceRegistration{
+				Address: "127.0.0.1", Port: proxyPort,
+				Proxy: &consulapi.AgentServiceConnectProxyConfig{
+					Mode: consulapi.ProxyModeDefault,
+					Config: map[string]any{"bind_address": "127.0.0.1", "bind_port": proxyPort, "protocol": "http",
+						"envoy_stats_tags": []string{"nomad.alloc_id=" + allocID, "nomad.group=api", "nomad.job=demo", "nomad.namespace=default"}},
+					Expose: consulapi.ExposeConfig{Checks: false, Paths: []consulapi.ExposePath{
+						{ListenerPort: checkPort, Path: "/health", LocalPathPort: app, Protocol: "", ParsedFromCheck: false},
+						{ListenerPort: metricsPort, Path: "/metrics", LocalPathPort: app, Protocol: "http", ParsedFromCheck: false},
+					}},
+				},
+				Checks: consulapi.AgentServiceChecks{
+					{Name: "Connect Sidecar Aliasing " + svcID, AliasService: svcID},
+					{Name: "Connect Sidecar Listening", TCP: fmt.Sprintf("127.0.0.1:%d", proxyPort), Interval: "10s"},
+				},
+			}}},
+		check: &consulapi.AgentCheckRegistration{ID: "_nomad-check-exposed-health", Name: "api-health", ServiceID: svcID,
+			AgentServiceCheck: consulapi.AgentServiceCheck{HTTP: fmt.Sprintf("http://127.0.0.1:%d/health", checkPort),
+				Interval: "1s", Timeout: "1s"}},
+	}
+}
+
+func (r nomadExposeRegs) register(t *testing.T, c *harness.Consul) {
+	t.Helper()
+	if err := c.Client.Agent().ServiceRegister(r.service); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Client.Agent().CheckRegister(r.check); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -124,10 +143,12 @@ func TestExposedPathsAsNomadRegistersThem(t *testing.T) {
 	app := newExposeApp(t)
 	allocID := fmt.Sprintf("%08x-0000-4000-8000-000000000015", time.Now().UnixNano()&0xffffffff)
 	proxyPort, checkPort, metricsPort := harness.FreePort(t), harness.FreePort(t), harness.FreePort(t)
-	for _, reg := range nomadExposeRegistrations(allocID, app.port, proxyPort, checkPort, metricsPort) {
-		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
-			t.Fatal(err)
-		}
+	regs := nomadExposeRegistrations(allocID, app.port, proxyPort, checkPort, metricsPort)
+	regs.register(t, m.consul)
+	// Consul filled the sidecar in as it does for Nomad's registrations.
+	if svc, _, err := m.consul.Client.Agent().Service(nomad.ProxyID(allocID, "api", "api", "8080"), nil); err != nil ||
+		svc.Proxy.LocalServicePort != app.port || svc.Proxy.DestinationServiceID != regs.service.ID {
+		t.Fatalf("the sidecar registration: %+v %v", svc, err)
 	}
 	// The check fails while nothing listens on the exposed port.
 	harness.WaitFor(t, 10*time.Second, "the check critical before the sidecar", func() bool {
@@ -364,14 +385,10 @@ func TestNomadHookExposedCheck(t *testing.T) {
 	// Nomad's registrations, with the sidecar binding 0.0.0.0:21000 inside
 	// the namespace and the exposed check on checkPort (To = -1).
 	regs := nomadExposeRegistrations(a.id, 8080, a.hostPort, checkPort, harness.FreePort(t))
-	regs[1].Proxy.Config["bind_address"], regs[1].Proxy.Config["bind_port"] = "0.0.0.0", 21000
-	regs[1].Proxy.Expose.Paths = regs[1].Proxy.Expose.Paths[:1] // the check's path only: one port published here
-	regs[1].Checks[1].TCP = fmt.Sprintf("127.0.0.1:%d", a.hostPort)
-	for _, reg := range regs {
-		if err := c.Client.Agent().ServiceRegister(reg); err != nil {
-			t.Fatal(err)
-		}
-	}
+	sidecar := regs.service.Connect.SidecarService
+	sidecar.Proxy.Config["bind_address"], sidecar.Proxy.Config["bind_port"] = "0.0.0.0", 21000
+	sidecar.Proxy.Expose.Paths = sidecar.Proxy.Expose.Paths[:1] // the check's path only: one port published here
+	regs.register(t, c)
 	fn.set(a.id, exposeAlloc(a.id, checkPort))
 	a.hookEnv = append(hookEnv(a.id, fn.URL), "CONSUL_HTTP_ADDR="+c.Addr)
 	a.startHook(t)

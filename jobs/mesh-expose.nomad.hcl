@@ -46,8 +46,6 @@ job "mesh-expose" {
       connect {
         sidecar_service {
           proxy {
-            # Nomad leaves LocalServicePort 0 unless it is set.
-            local_service_port = 9001
             config {
               envoy_prometheus_bind_addr = "0.0.0.0:9102"
             }
@@ -123,8 +121,6 @@ job "mesh-expose" {
       connect {
         sidecar_service {
           proxy {
-            local_service_port = 9002
-
             expose {
               path {
                 path            = "/healthz"

@@ -18,12 +18,7 @@ job "mesh-prestart" {
       port = "9001"
 
       connect {
-        sidecar_service {
-          proxy {
-            # Nomad leaves LocalServicePort 0 unless it is set.
-            local_service_port = 9001
-          }
-        }
+        sidecar_service {}
       }
     }
 

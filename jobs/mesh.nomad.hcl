@@ -32,12 +32,7 @@ job "mesh" {
       port = "9001"
 
       connect {
-        sidecar_service {
-          proxy {
-            # Nomad leaves LocalServicePort 0 unless it is set.
-            local_service_port = 9001
-          }
-        }
+        sidecar_service {}
 
         sidecar_task {
           driver = "docker"
@@ -96,7 +91,6 @@ job "mesh" {
       connect {
         sidecar_service {
           proxy {
-            local_service_port = 9002
             upstreams {
               destination_name = "api"
               local_bind_port  = 8080
