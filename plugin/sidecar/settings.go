@@ -146,7 +146,7 @@ func bindAddrOption(v any) (string, error) {
 	ap, err := netip.ParseAddrPort(strings.TrimSpace(s))
 	if err != nil {
 		if i := strings.LastIndex(s, ":"); i > 0 {
-			if host := strings.Trim(s[:i], "[]"); !isIPAddr(host) {
+			if host := strings.Trim(s[:i], "[]"); !isIP(host) {
 				return "", fmt.Errorf("%q is not <IP>:<port>: %q is a host name, and a listener binds an IP address", s, host)
 			}
 		}
@@ -156,11 +156,6 @@ func bindAddrOption(v any) (string, error) {
 		return "", fmt.Errorf("%q: port 0", s)
 	}
 	return ap.String(), nil
-}
-
-func isIPAddr(s string) bool {
-	_, err := netip.ParseAddr(s)
-	return err == nil
 }
 
 // adminBinds is where the admin listener is served: -admin-bind when
