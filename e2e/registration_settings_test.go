@@ -394,3 +394,39 @@ func TestTCPStreamOutlivesTheHandshakeTimeout(t *testing.T) {
 		t.Fatal("a stream quiet past local_idle_timeout_ms was still open")
 	}
 }
+
+// TestPassiveHealthCheckEjectsAtMostMaxEjectionPercent runs api-1 healthy
+// and api-2, api-3 answering 500, with Envoy's default
+// max_ejection_percent (10%, at least one instance): under load exactly
+// one of the failing instances is taken out, and the other one is logged
+// as spared.
+func TestPassiveHealthCheckEjectsAtMostMaxEjectionPercent(t *testing.T) {
+	m := newMesh(t)
+	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
+	api1 := m.add("api", "api-1")
+	failing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "broken", http.StatusInternalServerError)
+	}))
+	t.Cleanup(failing.Close)
+	port := failing.Listener.Addr().(*net.TCPAddr).Port
+	api2 := m.register(&instance{id: "api-2"}, "api", "http", port)
+	api3 := m.register(&instance{id: "api-3"}, "api", "http", port)
+	web := m.addWithUpstreams(&instance{id: "web-1"}, "web", api.Upstream{DestinationName: "api", Config: map[string]any{
+		"protocol": "http", "passive_health_check": map[string]any{"max_failures": 2},
+	}})
+	harness.WaitFor(t, 30*time.Second, "three api instances in web's pool", func() bool {
+		return web.inPool(t, api1.port) && web.inPool(t, api2.port) && web.inPool(t, api3.port)
+	})
+	l := startLoad(web, "api", 4)
+	time.Sleep(3 * time.Second)
+	l.finish()
+	t.Logf("load: %d ok, %d failed (retries may land on the spared instance)", l.ok.Load(), l.failed.Load())
+	stat := web.admin(t, "show stat upstream_api 4 -1")
+	s2, s3 := serverStatus(stat, api2.port), serverStatus(stat, api3.port)
+	if strings.HasPrefix(s2, "DOWN") == strings.HasPrefix(s3, "DOWN") {
+		t.Fatalf("api-2 %q, api-3 %q: want exactly one taken out", s2, s3)
+	}
+	if !strings.Contains(web.sidecar.Output(), "failing but not taken out: max_ejection_percent") {
+		t.Error("the spared instance was not logged")
+	}
+}

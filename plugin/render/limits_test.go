@@ -20,7 +20,7 @@ func limitedModel(proto string) *Model {
 	u := &m.Upstreams[0]
 	u.Protocol, u.ConnectTimeoutMS = proto, 1500
 	u.Limits = &Limits{Concurrent: 5, LimitPending: true, MaxPending: 3}
-	u.PassiveHealth = &PassiveHealth{MaxFailures: 4, EjectSeconds: 30}
+	u.PassiveHealth = &PassiveHealth{MaxFailures: 4, EjectSeconds: 30, MaxEjectionPercent: 10}
 	u.Servers[0].MaxConn = 5
 	return m
 }
@@ -56,13 +56,14 @@ func TestRegistrationSettingsRenderAndPassHAProxyCheck(t *testing.T) {
 			// limits
 			"{ queue(upstream_api) ge 3 }", "\n    timeout queue 1500ms\n", "server s1 10.0.0.1:21000 maxconn 5\n",
 			// passive health check
-			"rise 30 observe layer", " error-limit 4 on-error mark-down\n",
+			"fall 2 rise 30",
 		}
 		if proto == ProtocolHTTP {
-			want = append(want, "http-request return status 503", "observe layer7",
+			want = append(want, "http-request return status 503", "verify required check inter 1s fall 2 rise 30\n",
 				"retry-on conn-failure empty-response response-timeout 500 502 503 504\n")
 		} else {
-			want = append(want, "tcp-request content reject if { queue(upstream_api) ge 3 }", "observe layer4")
+			want = append(want, "tcp-request content reject if { queue(upstream_api) ge 3 }",
+				"rise 30 observe layer4 error-limit 4 on-error mark-down\n")
 		}
 		for _, w := range want {
 			if !strings.Contains(cfg, w) {

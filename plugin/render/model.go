@@ -200,11 +200,15 @@ type Limits struct {
 	MaxPending   int
 }
 
-// PassiveHealth marks an instance down after MaxFailures consecutive
-// errors (observe layer7 / layer4) for about EjectSeconds.
+// PassiveHealth takes an instance out after MaxFailures consecutive
+// errors, for about EjectSeconds, and at most MaxEjectionPercent of the
+// upstream's instances at once (at least one). For HTTP the sidecar
+// counts the errors (plugin/sidecar/outlier.go); for TCP HAProxy does
+// (observe layer4).
 type PassiveHealth struct {
-	MaxFailures  int
-	EjectSeconds int
+	MaxFailures        int
+	EjectSeconds       int
+	MaxEjectionPercent int
 }
 
 // SPOATLS is HAProxy's side of mutual TLS with an external authorization
@@ -321,7 +325,7 @@ func (m *Model) Validate() error {
 		if l := u.Limits; l != nil && (l.Concurrent < 0 || l.MaxPending < 0) {
 			bad("%s limits %+v: negative", what, *l)
 		}
-		if h := u.PassiveHealth; h != nil && (h.MaxFailures < 1 || h.EjectSeconds < 1) {
+		if h := u.PassiveHealth; h != nil && (h.MaxFailures < 1 || h.EjectSeconds < 1 || h.MaxEjectionPercent < 0 || h.MaxEjectionPercent > 100) {
 			bad("%s passive health check %+v: max failures and ejection time must be at least 1", what, *h)
 		}
 		if !strings.HasPrefix(u.PeerURI, "spiffe://") || !spiffeChars(u.PeerURI) {

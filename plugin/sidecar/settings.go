@@ -59,7 +59,7 @@ var settings = []setting{
 	{"protocol", true, true, "tcp, http, http2, grpc", "mode tcp or mode http"},
 	{"connect_timeout_ms", true, true, "cluster connect_timeout (5s)", "backend timeout connect (5s), also the most a stream waits in the limits' queue"},
 	{"limits", true, true, "circuit breakers of the upstream cluster (1024 each by default)", "see readLimits: the concurrency limit split over the instances (server maxconn), the pending limit on the backend's queue; no limit without the key"},
-	{"passive_health_check", true, true, "outlier detection: eject after consecutive 5xx; Consul enables it with Envoy's defaults even without the key", "see readPassiveHealth: observe layer7 (layer4 for tcp) error-limit on-error mark-down; only with the key"},
+	{"passive_health_check", true, true, "outlier detection: eject after consecutive 5xx; Consul enables it with Envoy's defaults even without the key", "see readPassiveHealth: the sidecar counts failures (HTTP; observe layer4 for tcp) and marks the instance down until rise = base_ejection_time checks pass; only with the key"},
 	{"envoy_listener_json", true, false, "replaces the upstream's listener", "refused: the upstream's listener is haconnect's"},
 	{"envoy_cluster_json", true, false, "replaces the upstream's cluster", "refused: the upstream's backend is haconnect's (mTLS, identity check)"},
 	{"balance_outbound_connections", true, false, "exact_balance over Envoy's worker threads", "refused: HAProxy spreads connections over its threads itself"},
@@ -269,32 +269,37 @@ func readLimits(c *proxyConfig, uc *render.Upstream, v any) (*render.Limits, err
 	return l, nil
 }
 
-// readPassiveHealth maps Envoy's outlier detection (consecutive 5xx) onto
-// HAProxy's observed errors:
-//   - max_failures (Envoy's consecutive_5xx, default 5): error-limit. For
-//     HTTP, observe layer7 counts 500, 502-504 and 506+ answers and
-//     connection failures (501 and 505 are not errors to HAProxy; Envoy
-//     counts every 5xx); for TCP, observe layer4 counts failed connections.
-//   - on the limit the instance is marked down at once, as Envoy ejects at
-//     once. Envoy re-adds it after base_ejection_time (30s, multiplied by
-//     the times it was ejected), at the first interval sweep (10s) past
-//     that; HAProxy has no sweep and no multiplier: the instance needs
-//     base_ejection_time passing health checks in a row (one a second,
-//     rise), so it is back about base_ejection_time later if it answers.
-//     interval is checked but has no HAProxy counterpart.
+// readPassiveHealth maps Envoy's outlier detection (consecutive 5xx):
+//   - HTTP: HAProxy 2.6 decides a retry (retry-on) before it observes the
+//     answer, so the failures the retries hide from callers never reach
+//     observe layer7's error-limit. The sidecar counts them instead
+//     (outlier.go): every second it reads each server's retried and 5xx
+//     answers and its other answers (show stat); max_failures failures
+//     with no other answer in between (across sweeps) take the instance
+//     out (set server health down), within a second of the Nth failure
+//     where Envoy ejects at once. Envoy counts every 5xx and local
+//     connection failures; so does the sidecar (5xx answers, and retries,
+//     which are failed connections and 500/502/503/504 answers).
+//   - TCP: HAProxy's own observe layer4 error-limit on-error mark-down
+//     (failed connections), at once.
+//   - The return: Envoy re-adds a host after base_ejection_time (30s,
+//     multiplied by the times it was ejected), at the first interval sweep
+//     (10s) past that. HAProxy has no sweep and no multiplier: the
+//     instance needs base_ejection_time passing health checks in a row
+//     (one a second, rise), so it is back about base_ejection_time later
+//     if it answers. interval is checked but has no HAProxy counterpart.
 //   - enforcing_consecutive_5xx (the % chance of ejecting, 100): 0 turns
 //     ejection off (nothing is rendered); 1-99 is served as 100, and
-//     logged: HAProxy ejects always or never.
-//   - max_ejection_percent (10%, at least one host): HAProxy has no cap,
-//     every failing instance is taken out; logged when given.
+//     logged: this ejects always or never.
+//   - max_ejection_percent (10, at least one instance): honoured for HTTP
+//     by the sidecar (instances down for any reason count); for TCP
+//     HAProxy has no cap: every failing instance is taken out, logged
+//     when given.
 //
 // Retries: an HTTP upstream with the check retries 500, 502, 503 and 504
 // answers of idempotent requests on another instance (retry-on,
 // redispatch), so the failures that take an instance out do not reach
-// callers; Envoy needs a retry policy (service-router) for that. HAProxy
-// 2.6 decides such a retry before it observes the answer, so retried
-// failures never reach error-limit: the sidecar counts them itself every
-// second (outlier.go) and marks the instance down the same way.
+// callers; Envoy needs a retry policy (service-router) for that.
 func readPassiveHealth(c *proxyConfig, uc *render.Upstream, v any) (*render.PassiveHealth, error) {
 	m, err := blockOption("passive_health_check", v)
 	if m == nil || err != nil {
@@ -324,6 +329,12 @@ func readPassiveHealth(c *proxyConfig, uc *render.Upstream, v any) (*render.Pass
 	if err != nil {
 		return nil, fmt.Errorf(key+"%w", err)
 	}
+	if h.MaxEjectionPercent, err = countOption(m, "max_ejection_percent", 10); err != nil {
+		return nil, fmt.Errorf(key+"%w", err)
+	}
+	if h.MaxEjectionPercent > 100 {
+		return nil, fmt.Errorf(key+"max_ejection_percent: %d is not a percentage", h.MaxEjectionPercent)
+	}
 	switch {
 	case enforcing > 100:
 		return nil, fmt.Errorf(key+"enforcing_consecutive_5xx: %d is not a percentage", enforcing)
@@ -337,8 +348,11 @@ func readPassiveHealth(c *proxyConfig, uc *render.Upstream, v any) (*render.Pass
 		switch k {
 		case "max_failures", "consecutive_5xx", "interval", "base_ejection_time", "enforcing_consecutive_5xx":
 		case "max_ejection_percent":
+			if uc.Protocol != render.ProtocolTCP {
+				continue
+			}
 			c.Refused = append(c.Refused, refusal{Setting: "Upstreams.Config." + key + k, Value: shortValue(m[k]),
-				Upstream: uc.Name, Outcome: "not applied: HAProxy takes every failing instance out"})
+				Upstream: uc.Name, Outcome: "not applied to a tcp upstream: HAProxy takes every failing instance out"})
 		default:
 			c.Refused = append(c.Refused, refusal{Setting: "Upstreams.Config." + key + k, Value: shortValue(m[k]),
 				Upstream: uc.Name, Outcome: "not applied: only consecutive 5xx are observed"})

@@ -106,12 +106,13 @@ func TestReadRegistrationReadsUpstreamLimitsAndPassiveHealth(t *testing.T) {
 	if want := (render.Limits{Concurrent: 4, LimitPending: true, MaxPending: 0}); u.Limits == nil || *u.Limits != want {
 		t.Errorf("limits %+v, want %+v", u.Limits, want)
 	}
-	if want := (render.PassiveHealth{MaxFailures: 3, EjectSeconds: 10}); u.PassiveHealth == nil || *u.PassiveHealth != want {
+	if want := (render.PassiveHealth{MaxFailures: 3, EjectSeconds: 10, MaxEjectionPercent: 10}); u.PassiveHealth == nil || *u.PassiveHealth != want {
 		t.Errorf("passive health %+v, want %+v", u.PassiveHealth, want)
 	}
 
 	// Envoy's defaults for what a block leaves out; enforcing 0 ejects
-	// nothing; enforcing 1-99 and max_ejection_percent are logged.
+	// nothing; enforcing 1-99 is logged, and so is max_ejection_percent
+	// on a tcp upstream (the default protocol here).
 	c, err = readRegistration(settingsRegistration(nil, map[string]any{
 		"limits":               map[string]any{"max_connections": float64(2)},
 		"passive_health_check": map[string]any{"enforcing_consecutive_5xx": float64(50), "max_ejection_percent": float64(10)},
@@ -123,11 +124,11 @@ func TestReadRegistrationReadsUpstreamLimitsAndPassiveHealth(t *testing.T) {
 	if want := (render.Limits{Concurrent: 2, LimitPending: true, MaxPending: 1024}); *u.Limits != want {
 		t.Errorf("limits %+v, want %+v", *u.Limits, want)
 	}
-	if want := (render.PassiveHealth{MaxFailures: 5, EjectSeconds: 30}); *u.PassiveHealth != want {
+	if want := (render.PassiveHealth{MaxFailures: 5, EjectSeconds: 30, MaxEjectionPercent: 10}); *u.PassiveHealth != want {
 		t.Errorf("passive health %+v, want %+v", *u.PassiveHealth, want)
 	}
 	if len(c.Refused) != 2 {
-		t.Errorf("refused %+v, want enforcing_consecutive_5xx and max_ejection_percent", c.Refused)
+		t.Errorf("refused %+v, want enforcing_consecutive_5xx and max_ejection_percent (tcp)", c.Refused)
 	}
 	c, _ = readRegistration(settingsRegistration(nil, map[string]any{"passive_health_check": map[string]any{"enforcing_consecutive_5xx": float64(0)}}))
 	if c.Upstreams[0].PassiveHealth != nil {
