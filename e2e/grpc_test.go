@@ -25,7 +25,7 @@ import (
 // grpcApp serves gRPC's standard health service in h2c on a loopback
 // port: Check is a unary call, Watch a server stream that sends the
 // service's status on every change.
-func grpcApp(t *testing.T) (int, *health.Server) {
+func grpcApp(t testing.TB) (int, *health.Server) {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -41,7 +41,7 @@ func grpcApp(t *testing.T) (int, *health.Server) {
 
 // grpcClient is one gRPC client connection (one HTTP/2 connection, in
 // h2c) to a local upstream port.
-func grpcClient(t *testing.T, port int) healthpb.HealthClient {
+func grpcClient(t testing.TB, port int) healthpb.HealthClient {
 	t.Helper()
 	cc, err := grpc.NewClient(fmt.Sprintf("127.0.0.1:%d", port), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -307,4 +307,35 @@ func typedStat(out, name string) int {
 		return n
 	}
 	return -1
+}
+
+// TestMixedProtocols: one sidecar, of a TCP service, with a grpc, an http
+// and a tcp upstream at once, each served at its own layer.
+func TestMixedProtocols(t *testing.T) {
+	m := newMesh(t)
+	for _, dest := range []string{"api", "hello", "echo"} {
+		m.consul.SetIntentions(t, dest, harness.Source("front", allow))
+	}
+	grpcPort, _ := grpcApp(t)
+	m.register(&instance{id: "api-1"}, "api", "grpc", grpcPort)
+	m.add("hello", "hello-1")
+	m.register(&instance{id: "echo-1"}, "echo", "tcp", startEcho(t))
+	front := m.register(&instance{id: "front-1"}, "front", "tcp", startEcho(t), "api:grpc", "hello:http", "echo:tcp")
+
+	client := grpcClient(t, front.upstream["api"])
+	harness.WaitFor(t, 10*time.Second, "the grpc upstream", func() bool { return check(client) == nil })
+	harness.WaitFor(t, 10*time.Second, "the http upstream", func() bool {
+		code, body, _ := front.call("hello")
+		return code == 200 && body == "hello-1 source=front"
+	})
+	harness.WaitFor(t, 10*time.Second, "the tcp upstream", func() bool {
+		got, err := front.echo("echo", "ping")
+		return err == nil && got == "ping"
+	})
+	cfg := readFile(t, front.dir+"/haproxy.cfg")
+	for _, want := range []string{"backend upstream_api\n    mode http", "backend upstream_hello\n    mode http", "backend upstream_echo\n    mode tcp"} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("the rendered configuration lacks %q", want)
+		}
+	}
 }
