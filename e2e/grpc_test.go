@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/haconnect/haconnect/internal/testkit/harness"
@@ -26,17 +27,29 @@ import (
 // port: Check is a unary call, Watch a server stream that sends the
 // service's status on every change.
 func grpcApp(t testing.TB) (int, *health.Server) {
+	port, hs, _ := grpcAppSeeing(t)
+	return port, hs
+}
+
+// grpcAppSeeing is grpcApp that also keeps the x-haconnect-source
+// metadata of the last unary call it served.
+func grpcAppSeeing(t testing.TB) (int, *health.Server, *atomic.Value) {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := grpc.NewServer()
+	var source atomic.Value
+	s := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		source.Store(strings.Join(md.Get("x-haconnect-source"), ","))
+		return h(ctx, req)
+	}))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(s, hs)
 	go func() { _ = s.Serve(l) }()
 	t.Cleanup(s.Stop)
-	return l.Addr().(*net.TCPAddr).Port, hs
+	return l.Addr().(*net.TCPAddr).Port, hs, &source
 }
 
 // grpcClient is one gRPC client connection (one HTTP/2 connection, in
@@ -68,17 +81,27 @@ func TestGRPC(t *testing.T) {
 	m := newMesh(t)
 	m.consul.SetProtocol(t, "api", "grpc")
 	m.consul.SetIntentions(t, "api", harness.Source("web", allow))
-	appPort, hs := grpcApp(t)
-	apiIn := m.register(&instance{id: "api-1"}, "api", "grpc", appPort)
+	appPort, hs, source := grpcAppSeeing(t)
+	admin := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
+	apiIn := m.register(&instance{id: "api-1", args: []string{"-admin-bind", admin}}, "api", "grpc", appPort)
 	web := m.add("web", "web-1", "api:grpc")
 	client := grpcClient(t, web.upstream["api"])
 	harness.WaitFor(t, 10*time.Second, "a first gRPC call", func() bool { return check(client) == nil })
 
-	t.Run("unary calls", func(t *testing.T) {
+	t.Run("unary calls, tagged and counted per call", func(t *testing.T) {
+		pair := map[string]string{"source": "web", "destination": "api", "code_class": "2xx"}
+		before := find(scrape(t, admin)["haconnect_requests_total"], pair).GetCounter().GetValue()
 		for i := 0; i < 20; i++ {
 			if err := check(client); err != nil {
 				t.Fatalf("call %d: %v", i, err)
 			}
+		}
+		if got := source.Load(); got != "web" {
+			t.Errorf("the app saw x-haconnect-source %q, want web", got)
+		}
+		after := find(scrape(t, admin)["haconnect_requests_total"], pair).GetCounter().GetValue()
+		if after-before != 20 {
+			t.Errorf("haconnect_requests_total{web,api,2xx} grew by %v over 20 calls", after-before)
 		}
 	})
 
