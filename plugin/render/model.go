@@ -98,6 +98,11 @@ type Model struct {
 	// HAProxy's exporter at /metrics, the exporter alone at
 	// /metrics/haproxy, the stats page at /stats.
 	AdminBind string
+	// AdminBindAlso, if set, is a second address of the same admin
+	// listener: Proxy.Config envoy_stats_bind_addr beside a different
+	// envoy_prometheus_bind_addr (Envoy serves /metrics on one and /stats
+	// on the other; both paths are served on both here).
+	AdminBindAlso string
 	// ProcessMetricsURL, if set with AdminBind, is the sidecar process's
 	// own /metrics (sidecar and embedded SPOA), appended to the admin
 	// listener's /metrics so that one scrape target has all of them.
@@ -116,6 +121,8 @@ type Model struct {
 	AccessLog bool
 	Inbound   Inbound
 	Upstreams []Upstream
+	// Exposed are the plain-HTTP listeners of Proxy.Expose (expose.go).
+	Exposed []ExposedPath
 }
 
 // Inbound is the public mTLS listener in front of the local app.
@@ -129,6 +136,16 @@ type Inbound struct {
 	LocalConnectTimeoutMS int
 	// LocalRequestTimeoutMS bounds an HTTP request to the app (0: 30s).
 	LocalRequestTimeoutMS int
+	// LocalIdleTimeoutMS bounds an idle TCP stream or upgraded HTTP stream
+	// (timeout tunnel; 0: the 1m client/server timeouts).
+	LocalIdleTimeoutMS int
+	// HandshakeTimeoutMS bounds a caller's TLS handshake (0: 1m). HAProxy
+	// 2.6 has no timeout client-hs: the handshake is bounded by the
+	// frontend's timeout client, so that is what it sets.
+	HandshakeTimeoutMS int
+	// MaxConnections caps the listener's concurrent connections (frontend
+	// maxconn; 0: HAProxy's default).
+	MaxConnections int
 }
 
 // Upstream is a local listener that reaches a destination through the
@@ -139,13 +156,43 @@ type Upstream struct {
 	BindAddr   string
 	BindPort   int
 	Protocol   string
-	// ConnectTimeoutMS bounds a connection to an upstream instance.
+	// ConnectTimeoutMS bounds a connection to an upstream instance, and a
+	// request's wait in the queue when Limits are set.
 	ConnectTimeoutMS int
+	// Limits are Consul's upstream limits (circuit breakers); nil: none.
+	Limits *Limits
+	// PassiveHealth is Consul's passive_health_check; nil: off.
+	PassiveHealth *PassiveHealth
 	// PeerURI is the SPIFFE ID the upstream's certificate must carry.
 	PeerURI string
+	// SNI is the server name Consul gives this upstream's target (what an
+	// Envoy sidecar sends, and what mesh and terminating gateways route
+	// on). It is rendered as a comment only, not sent: HAProxy 2.6 checks
+	// a server name it sends against the peer certificate's DNS SANs and
+	// CN, and a Consul leaf carries neither (only its SPIFFE ID, as a URI
+	// SAN), so every handshake would fail (README, "SNI").
+	SNI string
 	// Servers are slots, filled or empty; a slot keeps its name while the
 	// instance in it lives, so changes can go through the runtime API.
 	Servers []Server
+}
+
+// Frontend and Backend name the upstream's sections, which the runtime
+// API also uses. Two upstreams may share a destination name in different
+// datacenters, so an explicit datacenter is part of the name, after a ':'
+// (in no service or datacenter name, so names cannot collide). An upstream
+// without one keeps the bare name, as before datacenters were named. Both
+// depend only on the registration: they are the same on every render.
+func (u Upstream) Frontend() string { return "upstream_listener_" + u.id() }
+
+// Backend: see Frontend.
+func (u Upstream) Backend() string { return "upstream_" + u.id() }
+
+func (u Upstream) id() string {
+	if u.Datacenter == "" {
+		return u.Name
+	}
+	return u.Name + ":" + u.Datacenter
 }
 
 // Server is one upstream slot. An empty Addr is a free (disabled) slot.
@@ -153,6 +200,30 @@ type Server struct {
 	Name string
 	Addr string
 	Port int
+	// MaxConn is this slot's share of the upstream's concurrency limit
+	// (0: none); like the address it changes through the runtime API.
+	MaxConn int
+}
+
+// Limits are an upstream's circuit breakers, Envoy's per-cluster limits
+// turned into what HAProxy counts (see plugin/sidecar/settings.go).
+type Limits struct {
+	// Concurrent is the most streams (TCP connections, HTTP requests) in
+	// flight to the upstream at once; it is split over the filled slots
+	// (Server.MaxConn), and a stream past it waits in the backend's queue.
+	// 0: no limit.
+	Concurrent int
+	// MaxPending is how many may wait in that queue; a stream beyond is
+	// refused at once (HTTP 503, TCP closed). Only with LimitPending.
+	LimitPending bool
+	MaxPending   int
+}
+
+// PassiveHealth marks an instance down after MaxFailures consecutive
+// errors (observe layer7 / layer4) for about EjectSeconds.
+type PassiveHealth struct {
+	MaxFailures  int
+	EjectSeconds int
 }
 
 // SPOATLS is HAProxy's side of mutual TLS with an external authorization
@@ -201,6 +272,14 @@ func (m *Model) Validate() error {
 			bad("admin bind: %v", err)
 		}
 	}
+	if a := m.AdminBindAlso; a != "" {
+		if err := checkHostPort(a); err != nil {
+			bad("second admin bind: %v", err)
+		}
+		if m.AdminBind == "" || a == m.AdminBind {
+			bad("second admin bind %q without a different first one", a)
+		}
+	}
 	if u := m.ProcessMetricsURL; u != "" {
 		hp, ok := strings.CutPrefix(u, "http://")
 		hp, ok2 := strings.CutSuffix(hp, "/metrics")
@@ -217,12 +296,37 @@ func (m *Model) Validate() error {
 	checkAddr(bad, "local service address", in.LocalAddr)
 	checkPort(bad, "local service port", in.LocalPort)
 	checkProtocol(bad, "inbound", in.Protocol)
+	for _, v := range []struct {
+		what string
+		n    int
+	}{{"local connect timeout", in.LocalConnectTimeoutMS}, {"local request timeout", in.LocalRequestTimeoutMS},
+		{"local idle timeout", in.LocalIdleTimeoutMS}, {"handshake timeout", in.HandshakeTimeoutMS},
+		{"max inbound connections", in.MaxConnections}} {
+		if v.n < 0 {
+			bad("%s %d is negative", v.what, v.n)
+		}
+	}
 	ports := map[int]string{in.BindPort: "inbound listener"}
+	sections := map[string]bool{}
 	for _, u := range m.Upstreams {
 		if !validName(u.Name) {
 			bad("upstream name %q", u.Name)
 		}
 		what := "upstream " + u.Name
+		if u.Datacenter != "" {
+			// Part of section names (Frontend, Backend).
+			if !validName(u.Datacenter) {
+				bad("%s datacenter %q", what, u.Datacenter)
+			}
+			what += " (datacenter " + u.Datacenter + ")"
+		}
+		if sections[u.Backend()] {
+			bad("%s is listed twice", what)
+		}
+		sections[u.Backend()] = true
+		if u.SNI != "" && !validSNI(u.SNI) {
+			bad("%s SNI %q", what, u.SNI)
+		}
 		checkAddr(bad, what+" bind address", u.BindAddr)
 		checkPort(bad, what+" port", u.BindPort)
 		checkProtocol(bad, what, u.Protocol)
@@ -230,6 +334,15 @@ func (m *Model) Validate() error {
 			bad("%s port %d is also used by %s", what, u.BindPort, other)
 		}
 		ports[u.BindPort] = what
+		if u.ConnectTimeoutMS < 0 {
+			bad("%s connect timeout %d is negative", what, u.ConnectTimeoutMS)
+		}
+		if l := u.Limits; l != nil && (l.Concurrent < 0 || l.MaxPending < 0) {
+			bad("%s limits %+v: negative", what, *l)
+		}
+		if h := u.PassiveHealth; h != nil && (h.MaxFailures < 1 || h.EjectSeconds < 1) {
+			bad("%s passive health check %+v: max failures and ejection time must be at least 1", what, *h)
+		}
 		if !strings.HasPrefix(u.PeerURI, "spiffe://") || !spiffeChars(u.PeerURI) {
 			bad("%s peer URI %q", what, u.PeerURI)
 		}
@@ -239,8 +352,12 @@ func (m *Model) Validate() error {
 			}
 			checkAddr(bad, what+" instance address", s.Addr)
 			checkPort(bad, what+" instance port", s.Port)
+			if s.MaxConn < 0 {
+				bad("%s slot %s maxconn %d", what, s.Name, s.MaxConn)
+			}
 		}
 	}
+	m.validateExposed(bad, ports)
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid sidecar configuration: %s", strings.Join(errs, "; "))
 	}
@@ -249,6 +366,21 @@ func (m *Model) Validate() error {
 
 func validName(s string) bool {
 	if s == "" || len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// validSNI reports whether s is a host name TLS may carry (RFC 6066: at
+// most 253 characters; here letters, digits, '-', '_' and '.'): it is
+// written into the configuration.
+func validSNI(s string) bool {
+	if len(s) > 253 {
 		return false
 	}
 	for _, r := range s {

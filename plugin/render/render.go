@@ -15,11 +15,11 @@ var cfgTemplate string
 var spoeTemplate string
 
 var funcs = template.FuncMap{
-	"hostport": hostPort,
-	"backend":  BackendName,
-	"isHTTP":   IsHTTP,
-	"isH2":     IsH2,
-	"mode":     Mode,
+	"hostport":    hostPort,
+	"exposedName": ExposedName,
+	"isHTTP":      IsHTTP,
+	"isH2":        IsH2,
+	"mode":        Mode,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
 			return def
@@ -78,7 +78,3 @@ func execute(t *template.Template, m *Model, tel telemetry, shape bool) (string,
 
 // ServerName is the configuration name of an upstream's slot.
 func ServerName(i int) string { return "s" + strconv.Itoa(i+1) }
-
-// BackendName is the backend of an upstream (the template's and the
-// runtime commands' name for it).
-func BackendName(upstream string) string { return "upstream_" + upstream }

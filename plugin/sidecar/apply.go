@@ -97,6 +97,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		Threads:           s.cfg.Threads,
 		AccessLog:         s.cfg.AccessLog,
 		Inbound:           reg.Inbound,
+		Exposed:           exposedPaths(reg, snap.exposedChecks),
 	}
 	// The upstreams' identities: this sidecar's own, from its leaf, with
 	// the cluster's trust domain (from the roots) and the upstream's name.
@@ -190,6 +191,7 @@ func rootsPEM(snap snapshot) string {
 // apply brings HAProxy to the snapshot: it plans the change from what
 // HAProxy runs, then carries the plan out.
 func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) error {
+	s.logExposedChecks(snap.reg, snap.exposedChecks)
 	next, err := s.target(snap, spoaAddr)
 	if err != nil {
 		return err
@@ -217,6 +219,8 @@ type applier struct {
 
 	proc    haproxy.Instance // nil: nothing runs
 	applied appliedState
+	// exposedLogged are the exposed checks' states already logged.
+	exposedLogged map[string]bool
 }
 
 // execute carries p out. since is when the change was first seen (zero:

@@ -131,7 +131,7 @@ func planApply(running bool, prev, next appliedState) plan {
 func serverCommands(prev, next *render.Model) []haproxy.Command {
 	var cmds []haproxy.Command
 	for ui, u := range next.Upstreams {
-		backend := render.BackendName(u.Name)
+		backend := u.Backend()
 		for si, srv := range u.Servers {
 			old := prev.Upstreams[ui].Servers[si]
 			if old == srv {

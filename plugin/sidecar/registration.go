@@ -19,6 +19,8 @@ type proxyConfig struct {
 	Service string // destination service name
 	render.Inbound
 	Upstreams []render.Upstream
+	// Expose is Proxy.Expose (expose.go).
+	Expose exposeConfig
 	// Refused are the settings this registration asks for that haconnect
 	// does not implement; the rest is served (see refusal).
 	Refused []refusal
@@ -144,6 +146,7 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		}
 		c.Upstreams = append(c.Upstreams, uc)
 	}
+	readExpose(c, p)
 	return c, nil
 }
 

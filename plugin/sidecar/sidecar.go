@@ -171,6 +171,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 				s.reg, s.regErr = reg, rerr
 				if reg != nil {
 					s.syncUpstreamWatchesLocked(runCtx, reg)
+					s.syncExposedChecksWatchLocked(runCtx, reg)
 				}
 			})
 			if rerr != nil {

@@ -26,7 +26,11 @@ type watched struct {
 	// Each slice is replaced whole, never changed in place.
 	endpoints map[string][]endpoint
 	watching  map[string]*upstreamWatch
-	pendingAt time.Time // first change not yet applied
+	// exposedChecks are the checks the agent reroutes to the proxy while
+	// the registration asks for Expose.Checks (expose.go); nil: none yet.
+	exposedChecks *consulwatch.ExposedChecks
+	checksWatch   *exposedChecksWatch
+	pendingAt     time.Time // first change not yet applied
 }
 
 // upstreamGrace is how long an upstream's first answer is waited for
@@ -98,8 +102,10 @@ type snapshot struct {
 	leaf      *api.LeafCert
 	roots     *api.CARootList
 	endpoints map[string][]endpoint
-	pendingAt time.Time
-	missing   []string
+	// exposedChecks: see watched.
+	exposedChecks *consulwatch.ExposedChecks
+	pendingAt     time.Time
+	missing       []string
 	// unread are the upstreams given up on in this snapshot for the first
 	// time (each is logged once), with why.
 	unread []unreadUpstream
@@ -116,7 +122,7 @@ func (w *watched) snapshot() snapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots,
-		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt}
+		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt, exposedChecks: w.exposedChecks}
 	w.pendingAt = time.Time{}
 	now := time.Now()
 	if snap.reg != nil {
