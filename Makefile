@@ -57,7 +57,7 @@ bench: tools
 ## writes docs/benchmarks.md and docs/benchmarks.png
 bench-mesh: tools
 	mkdir -p docs
-	HACONNECT_BENCH_REPORT=$(CURDIR)/docs/benchmarks.md $(GO) test -run '^$$' -bench '^BenchmarkMesh$$' -benchtime 1x -timeout 30m -v ./e2e/
+	HACONNECT_BENCH_REPORT=$(CURDIR)/docs/benchmarks.md $(GO) test -run '^$$' -bench '^BenchmarkMesh(GRPC)?$$' -benchtime 1x -timeout 30m -v ./e2e/
 
 ## images: build haconnect's images offline (debootstrap base, FROM scratch)
 images:

@@ -239,17 +239,31 @@ type consulProxy struct {
 // consulProxies runs Consul's built-in proxy for capi (in front of the app)
 // and cweb (with capi as its upstream), the baseline every Consul user has.
 func consulProxies(b *testing.B, m *mesh, appPort int) (capi, cweb consulProxy) {
+	return consulProxyPair(b, m, "c", appPort, func(port int) bool {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+}
+
+// consulProxyPair runs Consul's built-in proxy for <prefix>api (in front
+// of the app on appPort) and <prefix>web (with <prefix>api as its
+// upstream), and waits until answers(the upstream's local port) is true.
+func consulProxyPair(b *testing.B, m *mesh, prefix string, appPort int, answers func(port int) bool) (capi, cweb consulProxy) {
+	apiName, webName := prefix+"api", prefix+"web"
 	apiPort, webPort := harness.FreePort(b), harness.FreePort(b)
 	cweb.upstream = harness.FreePort(b)
 	for _, reg := range []*api.AgentServiceRegistration{
-		{ID: "capi-1", Name: "capi", Address: "127.0.0.1", Port: appPort,
+		{ID: apiName + "-1", Name: apiName, Address: "127.0.0.1", Port: appPort,
 			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: apiPort,
 				Proxy:  &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"}},
 				Checks: listeningCheck(apiPort)}}},
-		{ID: "cweb-1", Name: "cweb", Address: "127.0.0.1", Port: 1,
+		{ID: webName + "-1", Name: webName, Address: "127.0.0.1", Port: 1,
 			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: webPort,
 				Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"bind_address": "127.0.0.1"},
-					Upstreams: []api.Upstream{{DestinationName: "capi", LocalBindPort: cweb.upstream}}},
+					Upstreams: []api.Upstream{{DestinationName: apiName, LocalBindPort: cweb.upstream}}},
 				Checks: listeningCheck(webPort)}}},
 	} {
 		if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
@@ -257,17 +271,11 @@ func consulProxies(b *testing.B, m *mesh, appPort int) (capi, cweb consulProxy) 
 		}
 	}
 	bin := harness.ConsulBinary(b)
-	pa := harness.Start(b, "consul proxy capi", bin, "connect", "proxy", "-sidecar-for", "capi-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
-	pw := harness.Start(b, "consul proxy cweb", bin, "connect", "proxy", "-sidecar-for", "cweb-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
+	pa := harness.Start(b, "consul proxy "+apiName, bin, "connect", "proxy", "-sidecar-for", apiName+"-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
+	pw := harness.Start(b, "consul proxy "+webName, bin, "connect", "proxy", "-sidecar-for", webName+"-1", "-http-addr", m.consul.Addr, "-log-level", "warn")
 	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", apiPort), 20*time.Second)
 	harness.WaitListening(b, fmt.Sprintf("127.0.0.1:%d", cweb.upstream), 20*time.Second)
-	harness.WaitFor(b, 20*time.Second, "cweb -> capi through the consul proxies", func() bool {
-		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(fmt.Sprintf("http://127.0.0.1:%d/", cweb.upstream))
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == 200
-	})
+	harness.WaitFor(b, 20*time.Second, webName+" -> "+apiName+" through the consul proxies", func() bool { return answers(cweb.upstream) })
 	return consulProxy{pid: pa.Cmd.Process.Pid}, consulProxy{pid: pw.Cmd.Process.Pid, upstream: cweb.upstream}
 }
 

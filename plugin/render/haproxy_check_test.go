@@ -18,7 +18,7 @@ import (
 	"github.com/haconnect/haconnect/lua"
 )
 
-// TestRenderedConfigsPassHAProxyCheck renders HTTP and TCP sidecars and
+// TestRenderedConfigsPassHAProxyCheck renders HTTP, HTTP/2, gRPC and TCP sidecars and
 // has the real HAProxy validate them.
 func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 	bin := harness.HAProxyBinary(t)
@@ -34,7 +34,7 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 
 	harness.WriteFile(t, dir, "haconnect.lua", string(lua.Telemetry))
 	harness.WriteFile(t, dir, "upstream_peers.map", "")
-	for _, proto := range []string{ProtocolHTTP, ProtocolTCP, ProtocolHTTP + " without telemetry"} {
+	for _, proto := range []string{ProtocolHTTP, ProtocolTCP, ProtocolHTTP2, ProtocolGRPC, ProtocolHTTP + " without telemetry"} {
 		m := model()
 		m.LeafFile, m.RootsFile = filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem")
 		m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")

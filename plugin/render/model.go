@@ -9,11 +9,30 @@ import (
 	"strings"
 )
 
-// Protocols a listener may speak.
+// Protocols a listener may speak, as Consul names them. http2 and grpc
+// are HTTP with HTTP/2 on every hop: h2 over mTLS between sidecars (ALPN),
+// h2c to the app and from it, as Envoy does for them.
 const (
-	ProtocolTCP  = "tcp"
-	ProtocolHTTP = "http"
+	ProtocolTCP   = "tcp"
+	ProtocolHTTP  = "http"
+	ProtocolHTTP2 = "http2"
+	ProtocolGRPC  = "grpc"
 )
+
+// IsHTTP reports whether a listener of protocol p works at L7 (HAProxy's
+// mode http): every protocol but tcp.
+func IsHTTP(p string) bool { return p != ProtocolTCP }
+
+// IsH2 reports whether p speaks HTTP/2 on every hop.
+func IsH2(p string) bool { return p == ProtocolHTTP2 || p == ProtocolGRPC }
+
+// Mode is HAProxy's mode for a listener of protocol p.
+func Mode(p string) string {
+	if IsHTTP(p) {
+		return "http"
+	}
+	return "tcp"
+}
 
 // Names in the rendered configuration that the runtime side relies on.
 const (
@@ -401,8 +420,10 @@ func checkAddr(bad func(string, ...any), what, a string) {
 }
 
 func checkProtocol(bad func(string, ...any), what, p string) {
-	if p != ProtocolTCP && p != ProtocolHTTP {
-		bad("%s protocol %q (want tcp or http)", what, p)
+	switch p {
+	case ProtocolTCP, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC:
+	default:
+		bad("%s protocol %q (want tcp, http, http2 or grpc)", what, p)
 	}
 }
 

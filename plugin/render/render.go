@@ -17,6 +17,9 @@ var spoeTemplate string
 var funcs = template.FuncMap{
 	"hostport":    hostPort,
 	"exposedName": ExposedName,
+	"isHTTP":      IsHTTP,
+	"isH2":        IsH2,
+	"mode":        Mode,
 	"msOr": func(ms, def int) int {
 		if ms <= 0 {
 			return def

@@ -54,7 +54,7 @@ func TestValidateRefusesBrokenValues(t *testing.T) {
 		{"port out of range", func(m *Model) { m.Inbound.BindPort = 70000 }, "inbound port 70000 is out of range"},
 		{"zero local port", func(m *Model) { m.Inbound.LocalPort = 0 }, "local service port 0"},
 		{"hostname as address", func(m *Model) { m.Inbound.LocalAddr = "app.local" }, "not an IP address"},
-		{"protocol", func(m *Model) { m.Upstreams[0].Protocol = "grpc" }, "protocol \"grpc\""},
+		{"protocol", func(m *Model) { m.Upstreams[0].Protocol = "thrift" }, "protocol \"thrift\""},
 		{"port clash", func(m *Model) { m.Upstreams[0].BindPort = 21000 }, "also used by inbound listener"},
 		{"injection in a name", func(m *Model) { m.Upstreams[0].Name = "api\n    server evil 1.2.3.4:80" }, "upstream name"},
 		{"path with a space", func(m *Model) { m.LeafFile = "/d/my leaf.pem" }, "leaf file"},

@@ -41,7 +41,7 @@ func (a *applier) sweepOutliers() {
 	}
 	watched := map[string]*render.PassiveHealth{}
 	for _, u := range m.Upstreams {
-		if u.PassiveHealth != nil && u.Protocol == render.ProtocolHTTP {
+		if u.PassiveHealth != nil && render.IsHTTP(u.Protocol) {
 			watched[u.Backend()] = u.PassiveHealth
 		}
 	}

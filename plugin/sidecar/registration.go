@@ -244,8 +244,7 @@ func intOption(cfg map[string]any, key string, def int) (int, error) {
 	return 0, fmt.Errorf("%s: %v (%T) is not an integer", key, v, v)
 }
 
-// protocolOption maps Consul's protocols onto what HAProxy serves here:
-// http, http2 and grpc are handled as HTTP, tcp as TCP.
+// protocolOption reads Consul's protocol names: tcp, http, http2, grpc.
 func protocolOption(cfg map[string]any, def string) (string, error) {
 	v, ok := cfg["protocol"]
 	if !ok || v == nil || v == "" {
@@ -256,7 +255,11 @@ func protocolOption(cfg map[string]any, def string) (string, error) {
 		return render.ProtocolTCP, nil
 	case "http":
 		return render.ProtocolHTTP, nil
+	case "http2":
+		return render.ProtocolHTTP2, nil
+	case "grpc":
+		return render.ProtocolGRPC, nil
 	default:
-		return "", fmt.Errorf("protocol %q is not supported (tcp or http)", p)
+		return "", fmt.Errorf("protocol %q is not supported (tcp, http, http2 or grpc)", p)
 	}
 }

@@ -30,7 +30,7 @@ var settings = []setting{
 	// Proxy.Config
 	{"bind_address", false, true, "public listener address", "the inbound listener's address (an IP; a host name is refused)"},
 	{"bind_port", false, true, "public listener port", "the inbound listener's port"},
-	{"protocol", false, true, "tcp, http, http2, grpc", "mode tcp or mode http"},
+	{"protocol", false, true, "tcp, http, http2, grpc", "tcp: mode tcp; http: mode http; http2 and grpc: mode http with h2 on every hop (ALPN h2 between sidecars, h2c to and from the app)"},
 	{"local_connect_timeout_ms", false, true, "local app cluster connect_timeout (5s)", "local_app timeout connect (5s)"},
 	{"local_request_timeout_ms", false, true, "local app route timeout: whole response (15s)", "local_app timeout server (30s): inactivity, HAProxy has no whole-response timeout"},
 	{"local_idle_timeout_ms", false, true, "local app route idle_timeout: stream idle (5m)", "local_app timeout tunnel: an idle TCP or upgraded stream (1m)"},
@@ -56,7 +56,7 @@ var settings = []setting{
 	{"envoy_stats_flush_interval", false, false, "push interval of the sinks", "refused: nothing is pushed"},
 	{"envoy_telemetry_collector_bind_socket_dir", false, false, "Consul telemetry collector", "refused: no collector"},
 	// Upstreams[].Config
-	{"protocol", true, true, "tcp, http, http2, grpc", "mode tcp or mode http"},
+	{"protocol", true, true, "tcp, http, http2, grpc", "as the proxy's protocol, for this upstream's listener and backend"},
 	{"connect_timeout_ms", true, true, "cluster connect_timeout (5s)", "backend timeout connect (5s), also the most a stream waits in the limits' queue"},
 	{"limits", true, true, "circuit breakers of the upstream cluster (1024 each by default)", "see readLimits: the concurrency limit split over the instances (server maxconn), the pending limit on the backend's queue; no limit without the key"},
 	{"passive_health_check", true, true, "outlier detection: eject after consecutive 5xx; Consul enables it with Envoy's defaults even without the key", "see readPassiveHealth: the sidecar counts failures (HTTP; observe layer4 for tcp) and marks the instance down until rise = base_ejection_time checks pass; only with the key"},

@@ -97,6 +97,13 @@ func Run(ctx context.Context, cfg Config) Result {
 			res.FirstError = w.firstError
 		}
 	}
+	res.summarize(lat, elapsed)
+	return res
+}
+
+// summarize sets the rate and the latency percentiles from the successful
+// requests' latencies over elapsed.
+func (res *Result) summarize(lat []time.Duration, elapsed time.Duration) {
 	res.RPS = float64(res.Requests) / elapsed.Seconds()
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	pct := func(p float64) time.Duration {
@@ -106,7 +113,6 @@ func Run(ctx context.Context, cfg Config) Result {
 		return lat[min(len(lat)-1, int(float64(len(lat))*p))]
 	}
 	res.P50, res.P90, res.P99 = pct(0.50), pct(0.90), pct(0.99)
-	return res
 }
 
 type worker struct {
