@@ -198,9 +198,14 @@ func (l *refusalLog) read(svc *api.AgentService) (*proxyConfig, error) {
 		}
 		args = append(args, "outcome", r.Outcome)
 		msg := "registration setting refused (not supported): " + r.Setting
-		if r.Outcome == outcomeUpstreamLeftOut {
+		switch {
+		case r.Outcome == outcomeUpstreamLeftOut:
 			l.log.Error(msg, args...) // a configured upstream does not work
-		} else {
+		case strings.HasPrefix(r.Outcome, "not applicable: "):
+			// Nothing a request meets depends on it (where metrics
+			// are pushed, tracing): said once, not warned about.
+			l.log.Info("registration setting not applicable: "+r.Setting, args...)
+		default:
 			l.log.Warn(msg, args...)
 		}
 	}

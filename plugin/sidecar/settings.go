@@ -17,7 +17,11 @@ import (
 // readProxySettings and readUpstreamSettings follow it: an honoured key is
 // read (a wrong type or a negative number rejects the registration, which
 // keeps the running configuration, logged and counted); a refused key, and
-// any envoy_* key not listed, is logged once by name and not applied.
+// any envoy_* key not listed, is logged once by name and not applied. A
+// key that changes nothing a user could miss (Envoy's thread balancing,
+// xDS timing, metric tags and flushing) is "not applicable": logged once
+// at Info, not warned about, since Nomad writes envoy_stats_tags on every
+// sidecar. A feature not provided (tracing, pushed metrics) is refused.
 type setting struct {
 	Key      string
 	Upstream bool // an upstream's Config key; false: Proxy.Config
@@ -25,6 +29,9 @@ type setting struct {
 	Envoy    string // what Envoy does with it
 	Here     string // what haconnect does instead, or why it is refused
 }
+
+// notApplicable reports whether the key, not honoured, changes no traffic.
+func (s setting) notApplicable() bool { return strings.HasPrefix(s.Here, "not applicable: ") }
 
 var settings = []setting{
 	// Proxy.Config
@@ -38,9 +45,9 @@ var settings = []setting{
 	{"max_inbound_connections", false, true, "public listener connection limit: excess connections closed", "public_listener maxconn: excess connections wait in the kernel's accept queue"},
 	{"envoy_prometheus_bind_addr", false, true, "a listener serving /metrics", "the admin listener (/metrics, /metrics/haproxy, /stats) there; -admin-bind takes precedence"},
 	{"envoy_stats_bind_addr", false, true, "a listener serving /stats", "the same admin listener, on this address too (a second bind line when it differs)"},
-	{"balance_inbound_connections", false, false, "exact_balance of connections over Envoy's worker threads", "refused: HAProxy spreads accepted connections over its threads itself"},
+	{"balance_inbound_connections", false, false, "exact_balance of connections over Envoy's worker threads", "not applicable: HAProxy spreads accepted connections over its threads itself"},
 	{"max_request_headers_kb", false, false, "largest request headers accepted", "refused: HAProxy's limit is tune.bufsize for the whole process"},
-	{"xds_fetch_timeout_ms", false, false, "wait for xDS resources", "refused: there is no xDS"},
+	{"xds_fetch_timeout_ms", false, false, "wait for xDS resources", "not applicable: there is no xDS"},
 	{"envoy_public_listener_json", false, false, "replaces the public listener", "refused: the inbound listener is haconnect's (mTLS and intentions)"},
 	{"envoy_local_cluster_json", false, false, "replaces the local app cluster", "refused: local_app is haconnect's"},
 	{"envoy_listener_tracing_json", false, false, "tracing on the public listener", "refused: traceparent is propagated, no spans are sent"},
@@ -52,8 +59,8 @@ var settings = []setting{
 	{"envoy_dogstatsd_url", false, false, "dogstatsd sink", "refused: metrics are pulled from the admin listener"},
 	{"envoy_extra_stats_sinks_json", false, false, "extra stats sinks", "refused: metrics are pulled from the admin listener"},
 	{"envoy_stats_config_json", false, false, "stats configuration", "refused: HAProxy's exporter names its own metrics"},
-	{"envoy_stats_tags", false, false, "tags on every metric", "refused: HAProxy's exporter labels by proxy and server"},
-	{"envoy_stats_flush_interval", false, false, "push interval of the sinks", "refused: nothing is pushed"},
+	{"envoy_stats_tags", false, false, "tags on every metric", "not applicable: HAProxy's exporter labels by proxy and server"},
+	{"envoy_stats_flush_interval", false, false, "push interval of the sinks", "not applicable: nothing is pushed"},
 	{"envoy_telemetry_collector_bind_socket_dir", false, false, "Consul telemetry collector", "refused: no collector"},
 	// Upstreams[].Config
 	{"protocol", true, true, "tcp, http, http2, grpc", "as the proxy's protocol, for this upstream's listener and backend"},
@@ -62,7 +69,7 @@ var settings = []setting{
 	{"passive_health_check", true, true, "outlier detection: eject after consecutive 5xx; Consul enables it with Envoy's defaults even without the key", "see readPassiveHealth: the sidecar counts failures (HTTP; observe layer4 for tcp) and marks the instance down until rise = base_ejection_time checks pass; only with the key"},
 	{"envoy_listener_json", true, false, "replaces the upstream's listener", "refused: the upstream's listener is haconnect's"},
 	{"envoy_cluster_json", true, false, "replaces the upstream's cluster", "refused: the upstream's backend is haconnect's (mTLS, identity check)"},
-	{"balance_outbound_connections", true, false, "exact_balance over Envoy's worker threads", "refused: HAProxy spreads connections over its threads itself"},
+	{"balance_outbound_connections", true, false, "exact_balance over Envoy's worker threads", "not applicable: HAProxy spreads connections over its threads itself"},
 }
 
 // envoyDefaultLimit is Envoy's default for each circuit breaker Consul
@@ -88,6 +95,8 @@ func refusedKeys(cfg map[string]any, upstream string) []refusal {
 		switch {
 		case ok && s.Honoured:
 			continue
+		case ok && s.notApplicable():
+			out = append(out, refusal{Setting: prefix + k, Value: shortValue(cfg[k]), Upstream: upstream, Outcome: s.Here})
 		case ok:
 			out = append(out, refusal{Setting: prefix + k, Value: shortValue(cfg[k]), Upstream: upstream, Outcome: "not applied: " + strings.TrimPrefix(s.Here, "refused: ")})
 		case strings.HasPrefix(k, "envoy_"):

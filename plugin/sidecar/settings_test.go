@@ -176,6 +176,26 @@ func TestUnknownEnvoyKeyLoggedOnceByName(t *testing.T) {
 	}
 }
 
+// Nomad writes envoy_stats_tags on every sidecar (injectNomadInfo): it
+// changes no traffic, so it is said once at Info, never warned about.
+func TestNotApplicableKeyIsInfoOnce(t *testing.T) {
+	var buf bytes.Buffer
+	l := newRefusalLog(hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Info}), "web-sidecar-proxy")
+	tags := map[string]any{"envoy_stats_tags": []any{"nomad.alloc_id=1", "nomad.group=api"}}
+	for i := 0; i < 3; i++ {
+		if _, err := l.read(settingsRegistration(tags, nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := buf.String()
+	if n := strings.Count(out, "[INFO]  registration setting not applicable: Proxy.Config.envoy_stats_tags:"); n != 1 {
+		t.Errorf("logged %d times at Info, want once:\n%s", n, out)
+	}
+	if strings.Contains(out, "[WARN]") {
+		t.Errorf("a not applicable key is warned about:\n%s", out)
+	}
+}
+
 func TestLimitShares(t *testing.T) {
 	srv := func(addrs ...string) []render.Server {
 		var s []render.Server
