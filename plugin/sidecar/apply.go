@@ -100,7 +100,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		LuaFile:           s.path("haconnect.lua"),
 		PeerMapFile:       s.path("upstream_peers.map"),
 		Threads:           s.cfg.Threads,
-		AccessLog:         s.cfg.AccessLog,
+		AccessLog:         s.cfg.AccessLog || reg.AccessLogs,
 		Inbound:           reg.Inbound,
 		Exposed:           exposedPaths(reg, snap.exposedChecks),
 	}

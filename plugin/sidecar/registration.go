@@ -25,6 +25,10 @@ type proxyConfig struct {
 	// MetricsBinds are the distinct addresses of envoy_prometheus_bind_addr
 	// and envoy_stats_bind_addr (settings.go), for the admin listener.
 	MetricsBinds []string
+	// AccessLogs is Proxy.AccessLogs.Enabled (proxy-defaults' or the
+	// registration's): HAProxy's log line per request or connection, on
+	// stderr, as -access-log.
+	AccessLogs bool
 	// Refused are the settings this registration asks for that haconnect
 	// does not implement; the rest is served (see refusal).
 	Refused []refusal
@@ -121,6 +125,7 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		}
 	}
 	c.Refused = append(c.Refused, meshGatewayRefused("Proxy.MeshGateway.Mode", "", p.MeshGateway)...)
+	c.Refused = append(c.Refused, readProxyFields(c, p)...)
 	for _, u := range p.Upstreams {
 		leftOut := func(setting, value string) {
 			c.Refused = append(c.Refused, refusal{Setting: setting, Value: value, Upstream: u.DestinationName, Outcome: outcomeUpstreamLeftOut})
@@ -138,6 +143,18 @@ func readRegistration(svc *api.AgentService) (*proxyConfig, error) {
 		case u.LocalBindAddress != "" && !isIP(u.LocalBindAddress):
 			// A listener binds an IP address, as for bind_address.
 			leftOut("Upstreams.LocalBindAddress", u.LocalBindAddress)
+			continue
+		case u.DestinationNamespace != "" && u.DestinationNamespace != "default":
+			// Namespaces and partitions are Consul Enterprise's; the
+			// peer identity and the health query would name the wrong one.
+			leftOut("Upstreams.DestinationNamespace", u.DestinationNamespace)
+			continue
+		case u.DestinationPartition != "" && u.DestinationPartition != "default":
+			leftOut("Upstreams.DestinationPartition", u.DestinationPartition)
+			continue
+		case u.DestinationPort != "":
+			// A named port of a multi-port service (Consul 1.18+).
+			leftOut("Upstreams.DestinationPort", u.DestinationPort)
 			continue
 		}
 		// Consul copies the proxy's mode into every upstream: that one is
@@ -267,4 +284,40 @@ func protocolOption(cfg map[string]any, def string) (string, error) {
 	default:
 		return "", fmt.Errorf("protocol %q is not supported (tcp, http, http2 or grpc)", p)
 	}
+}
+
+// readProxyFields reads the registration's Proxy fields beyond the
+// listener, the mode and the upstreams: access logs are honoured where
+// HAProxy can (on, to stderr), the rest is refused by name.
+func readProxyFields(c *proxyConfig, p *api.AgentServiceConnectProxyConfig) []refusal {
+	var out []refusal
+	refuse := func(setting, value, outcome string) {
+		out = append(out, refusal{Setting: setting, Value: value, Outcome: outcome})
+	}
+	if p.LocalServiceSocketPath != "" {
+		// HAProxy's container (nomad-hook) sees only its working
+		// directory, so the app's socket is not reachable from it.
+		refuse("Proxy.LocalServiceSocketPath", p.LocalServiceSocketPath,
+			"not applied: the local app is reached at LocalServiceAddress:LocalServicePort")
+	}
+	if len(p.LocalServicePorts) > 0 {
+		refuse("Proxy.LocalServicePorts", fmt.Sprint(len(p.LocalServicePorts)),
+			"not applied: one local app port, LocalServicePort, is served")
+	}
+	for _, e := range p.EnvoyExtensions {
+		refuse("Proxy.EnvoyExtensions", e.Name, "not applied: Envoy extensions have no HAProxy equivalent")
+	}
+	if a := p.AccessLogs; a != nil && a.Enabled {
+		c.AccessLogs = true
+		if a.Type != "" && a.Type != api.StdErrLogSinkType {
+			refuse("Proxy.AccessLogs.Type", string(a.Type), "not applied: HAProxy logs to the sidecar's stderr")
+		}
+		if a.Path != "" {
+			refuse("Proxy.AccessLogs.Path", a.Path, "not applied: HAProxy logs to the sidecar's stderr")
+		}
+		if a.JSONFormat != "" || a.TextFormat != "" {
+			refuse("Proxy.AccessLogs.Format", a.JSONFormat+a.TextFormat, "not applied: HAProxy's httplog and tcplog formats")
+		}
+	}
+	return out
 }

@@ -8,6 +8,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
 // refusedRegistration asks for every setting haconnect refuses, beside one
@@ -107,5 +109,56 @@ func TestRefusalsLoggedOnce(t *testing.T) {
 	}
 	if n := strings.Count(buf.String(), "refused (not supported): Proxy.MeshGateway.Mode:"); n != 2 {
 		t.Errorf("a changed mesh gateway mode was logged %d times in all, want 2", n)
+	}
+}
+
+// The registration fields beyond the listener and the upstreams: access
+// logs on (from proxy-defaults, as the agent merges them into the
+// registration it answers) are served; what cannot be is refused by name.
+func TestReadRegistrationProxyFields(t *testing.T) {
+	c := harness.StartConsul(t)
+	entry := &api.ProxyConfigEntry{Kind: api.ProxyDefaults, Name: api.ProxyConfigGlobal,
+		AccessLogs: &api.AccessLogsConfig{Enabled: true, Type: api.FileLogSinkType, Path: "/var/log/envoy.log"}}
+	if _, _, err := c.Client.ConfigEntries().Set(entry, nil); err != nil {
+		t.Fatal(err)
+	}
+	err := c.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		Kind: api.ServiceKindConnectProxy, ID: "web-sidecar-proxy", Name: "web-sidecar-proxy", Port: 21000,
+		Proxy: &api.AgentServiceConnectProxyConfig{
+			DestinationServiceName: "web", LocalServicePort: 8080, LocalServiceSocketPath: "/run/web.sock",
+			Upstreams: []api.Upstream{
+				{DestinationName: "api", LocalBindPort: 9191},
+				{DestinationName: "ledger", DestinationNamespace: "finance", LocalBindPort: 9192},
+			},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, _, err := c.Client.Agent().Service("web-sidecar-proxy", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := readRegistration(svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pc.AccessLogs {
+		t.Errorf("proxy-defaults AccessLogs.Enabled not served: %+v", svc.Proxy.AccessLogs)
+	}
+	got := map[string]string{}
+	for _, r := range pc.Refused {
+		got[r.Setting] = r.Value
+	}
+	for setting, value := range map[string]string{
+		"Proxy.AccessLogs.Type": "file", "Proxy.AccessLogs.Path": "/var/log/envoy.log",
+		"Proxy.LocalServiceSocketPath": "/run/web.sock", "Upstreams.DestinationNamespace": "finance",
+	} {
+		if got[setting] != value {
+			t.Errorf("%s = %q not refused by name (refused: %v)", setting, value, got)
+		}
+	}
+	if len(pc.Upstreams) != 1 || pc.Upstreams[0].Name != "api" {
+		t.Errorf("served upstreams %+v, want api only", pc.Upstreams)
 	}
 }
