@@ -362,3 +362,52 @@ func TestMixedProtocols(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCCheckThroughExposedPath: a gRPC service whose Consul gRPC health
+// check the agent reroutes through the proxy (Proxy.Expose.Checks, as
+// Envoy's exposed check listener): haconnect serves it in h2c on the
+// check's port, and the check goes passing, then critical when the app
+// reports NOT_SERVING.
+func TestGRPCCheckThroughExposedPath(t *testing.T) {
+	m := newMesh(t)
+	appPort, hs := grpcApp(t)
+	proxyPort := harness.FreePort(t)
+	reg := &api.AgentServiceRegistration{
+		ID: "api-1", Name: "api", Address: "127.0.0.1", Port: appPort,
+		Checks: api.AgentServiceChecks{{CheckID: "api-grpc", GRPC: fmt.Sprintf("127.0.0.1:%d", appPort),
+			Interval: "1s", Timeout: "1s"}},
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: proxyPort, Address: "127.0.0.1",
+			Proxy: &api.AgentServiceConnectProxyConfig{
+				Config: map[string]any{"protocol": "grpc", "bind_address": "127.0.0.1"},
+				Expose: api.ExposeConfig{Checks: true},
+			},
+			Checks: listeningCheck(proxyPort),
+		}},
+	}
+	if err := m.consul.Client.Agent().ServiceRegister(reg); err != nil {
+		t.Fatal(err)
+	}
+	checks, err := m.consul.Client.Agent().ChecksWithFilter(`CheckID == "api-grpc"`)
+	if err != nil || checks["api-grpc"] == nil || checks["api-grpc"].ExposedPort == 0 {
+		t.Fatalf("the agent gave the gRPC check no exposed port: %v %+v", err, checks)
+	}
+	exposed := checks["api-grpc"].ExposedPort
+	harness.Start(t, "sidecar api-1", harness.Binary(t, "haconnect"), append([]string{"sidecar",
+		"-sidecar-for", "api-1", "-dir", harness.TempDir(t), "-stop-grace", "2s"}, m.consul.Flags(m.consul.Addr, "")...)...)
+	status := func() string {
+		ch, err := m.consul.Client.Agent().ChecksWithFilter(`CheckID == "api-grpc"`)
+		if err != nil || ch["api-grpc"] == nil {
+			return ""
+		}
+		return ch["api-grpc"].Status + " " + ch["api-grpc"].Output
+	}
+	harness.WaitFor(t, 20*time.Second, "the gRPC check passing through the proxy", func() bool {
+		return strings.HasPrefix(status(), api.HealthPassing) && strings.Contains(status(), fmt.Sprintf(":%d", exposed))
+	})
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	harness.WaitFor(t, 20*time.Second, "the check critical once the app is NOT_SERVING", func() bool {
+		return strings.HasPrefix(status(), api.HealthCritical)
+	})
+	t.Logf("check output: %s", status())
+}
