@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"strings"
+
+	"github.com/haconnect/haconnect/plugin/chain"
 )
 
 // Protocols a listener may speak, as Consul names them. http2 and grpc
@@ -175,7 +177,56 @@ type Upstream struct {
 	// Servers are slots, filled or empty; a slot keeps its name while the
 	// instance in it lives, so changes can go through the runtime API.
 	Servers []Server
+	// Routes, when set, route the upstream's requests (HTTP) or
+	// connections (TCP: one route, one split) as its discovery chain says
+	// (Consul's service-router, -splitter and -resolver, compiled by
+	// Consul, read by plugin/chain), to the backends of Targets; Servers
+	// is then unused. Empty: the upstream's one backend, as without a
+	// chain (Consul's default chain).
+	Routes []Route
+	// Targets are the chain's targets, one backend each.
+	Targets []Target
 }
+
+// Route is one route of an upstream's discovery chain, in order; the last
+// matches every request.
+type Route struct {
+	Match *chain.Match // nil: every request
+	// PrefixRewrite replaces RewriteFrom at the start of the path.
+	PrefixRewrite, RewriteFrom string
+	// RequestTimeoutMS and IdleTimeoutMS bound the route's requests in
+	// the target backend (0: the backend's own).
+	RequestTimeoutMS, IdleTimeoutMS int
+	Retry                           chain.Retry
+	RequestHeaders, ResponseHeaders chain.HeaderModifiers
+	Splits                          []Split
+}
+
+// Split is one weighted share of a route's requests.
+type Split struct {
+	Weight int // out of chain.TotalWeight
+	// Targets are Target.IDs in failover order: a request goes to the
+	// first whose backend has a usable server (all down: the first, 503).
+	Targets                         []string
+	RequestHeaders, ResponseHeaders chain.HeaderModifiers
+}
+
+// Target is one target of a discovery chain (a service, a subset of one,
+// in a datacenter): a backend of its own, with its own slots and its own
+// peer identity.
+type Target struct {
+	ID               string // Consul's target ID, e.g. "v1.api.default.default.dc1"
+	PeerURI          string // the SPIFFE ID its instances must carry
+	SNI              string // Consul's server name for it (a comment, see Upstream.SNI)
+	ConnectTimeoutMS int
+	Balance          chain.Balance
+	Servers          []Server
+}
+
+// TargetBackend names the backend of an upstream's chain target: the
+// upstream's backend, "::", the target's ID (which holds dots, never
+// "::"), stable across renders.
+func (u Upstream) TargetBackend(id string) string { return u.Backend() + "::" + id }
 
 // Frontend and Backend name the upstream's sections, which the runtime
 // API also uses. Two upstreams may share a destination name in different
