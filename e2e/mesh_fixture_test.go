@@ -49,6 +49,9 @@ type instance struct {
 	sidecar  *harness.Process
 	upstream map[string]int // destination -> local port
 	config   map[string]any // extra Proxy.Config keys of its registration
+	// meta is the service's Meta (its sidecar inherits it when it has
+	// none of its own, which is what a resolver subset's filter reads).
+	meta map[string]string
 }
 
 func newMesh(t *testing.T) *mesh {
@@ -129,7 +132,7 @@ func (m *mesh) registerProxy(in *instance, service, protocol string, appPort int
 	config := map[string]any{"protocol": protocol, "bind_address": "127.0.0.1"}
 	maps.Copy(config, in.config)
 	reg := &api.AgentServiceRegistration{
-		ID: id, Name: service, Address: "127.0.0.1", Port: appPort,
+		ID: id, Name: service, Address: "127.0.0.1", Port: appPort, Meta: in.meta,
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
 			Port: in.port,
 			Proxy: &api.AgentServiceConnectProxyConfig{
