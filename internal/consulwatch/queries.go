@@ -110,21 +110,35 @@ func (e Endpoint) Key() string { return fmt.Sprintf("%s:%d", e.Addr, e.Port) }
 
 // UpstreamHealth are the healthy Connect-capable instances of a service
 // (its sidecars), in a datacenter ("": the local one), sorted.
-type UpstreamHealth struct{ Service, Datacenter string }
+type UpstreamHealth struct {
+	Service, Datacenter string
+	// Filter keeps the instances a discovery chain target's subset selects
+	// (Consul's filter expression; "": all).
+	Filter string
+	// WarningHealthy counts an instance whose checks warn as healthy, as
+	// Envoy does for a chain target whose subset does not set
+	// OnlyPassing; false: passing instances only.
+	WarningHealthy bool
+}
 
 // healthEndpoint is the prefix of the upstream instances' endpoint.
 const healthEndpoint = "/v1/health/connect/"
 
 func (u UpstreamHealth) Name() string {
-	if u.Datacenter == "" {
-		return "instances of " + u.Service
+	n := "instances of " + u.Service
+	if u.Datacenter != "" {
+		n += "@" + u.Datacenter
 	}
-	return "instances of " + u.Service + "@" + u.Datacenter
+	if u.Filter != "" {
+		n += " where " + u.Filter
+	}
+	return n
 }
 func (u UpstreamHealth) Endpoint() string { return healthEndpoint + u.Service }
 func (u UpstreamHealth) Fetch(c *api.Client, q *api.QueryOptions) ([]Endpoint, Result, error) {
 	q.Datacenter = u.Datacenter
-	entries, meta, err := c.Health().Connect(u.Service, "", true, q)
+	q.Filter = u.Filter
+	entries, meta, err := c.Health().Connect(u.Service, "", !u.WarningHealthy, q)
 	if err != nil {
 		return nil, Result{}, err
 	}
@@ -136,6 +150,9 @@ func (u UpstreamHealth) Fetch(c *api.Client, q *api.QueryOptions) ([]Endpoint, R
 	}
 	eps := make([]Endpoint, 0, len(entries))
 	for _, e := range entries {
+		if st := e.Checks.AggregatedStatus(); u.WarningHealthy && st != api.HealthPassing && st != api.HealthWarning {
+			continue // asked for every instance: critical (and maintenance) ones are not healthy
+		}
 		addr := e.Service.Address
 		if addr == "" {
 			addr = e.Node.Address

@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/haconnect/haconnect/internal/meshid"
+	"github.com/haconnect/haconnect/plugin/chain"
 	"github.com/haconnect/haconnect/plugin/haproxy"
 	"github.com/haconnect/haconnect/plugin/render"
 )
@@ -47,6 +48,11 @@ func (s *Sidecar) applyLoop(ctx context.Context, spoaAddr string) error {
 		snap := s.snapshot()
 		s.resolveNames(&snap) // host names to addresses, from DNS answers already in
 		for _, u := range snap.unread {
+			if u.chain {
+				s.log.Warn("upstream discovery chain cannot be read: serving the upstream from its own instances, as with no service-resolver, -splitter or -router, until Consul answers",
+					"upstream", u.key, "error", u.err)
+				continue
+			}
 			s.log.Warn("upstream instances cannot be read: serving it with no instances (HTTP callers get 503, TCP connections are closed) until Consul answers",
 				"upstream", u.key, "error", u.err)
 		}
@@ -118,7 +124,12 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 	next := map[string][]string{}
 	for _, u := range reg.Upstreams {
 		k := upstreamKey(u)
-		next[k] = assignSlots(slots[k], snap.endpoints[k])
+		use := snap.use[k]
+		eps := snap.endpoints[k]
+		if use.closed {
+			eps = nil // a refused chain with nothing before it: no instances
+		}
+		next[k] = assignSlots(slots[k], eps)
 		byKey := map[string]endpoint{}
 		for _, e := range snap.endpoints[k] {
 			byKey[e.Key()] = e
@@ -141,9 +152,50 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		if up.Limits != nil {
 			limitShares(up.Limits.Concurrent, up.Servers) // settings.go
 		}
+		if use.plan != nil {
+			// Routed by its discovery chain (chain.go): the targets'
+			// backends are served, the upstream's own slots are kept
+			// for when the chain goes back to the default.
+			up.Servers = nil
+			up.Routes, up.Targets, _ = convertPlan(use.plan)
+			for i := range up.Targets {
+				t := &up.Targets[i]
+				ct := use.plan.Targets[t.ID]
+				if selfErr == nil {
+					t.PeerURI, _ = chainIdentity(self, ct)
+				}
+				sk := targetSlotKey(k, t.ID)
+				teps := snap.targetEndpoints[targetKey(ct)]
+				next[sk] = assignSlots(slots[sk], teps)
+				t.Servers = slotServers(next[sk], teps)
+				if up.Limits != nil {
+					// Envoy applies an upstream's limits to each cluster
+					// of its chain: here each target backend.
+					limitShares(up.Limits.Concurrent, t.Servers)
+				}
+			}
+		}
 		m.Upstreams = append(m.Upstreams, up)
 	}
 	return m, next
+}
+
+// slotServers are the servers of slots, filled from eps.
+func slotServers(slots []string, eps []endpoint) []render.Server {
+	byKey := map[string]endpoint{}
+	for _, e := range eps {
+		byKey[e.Key()] = e
+	}
+	out := make([]render.Server, 0, len(slots))
+	for i, inst := range slots {
+		srv := render.Server{Name: render.ServerName(i)}
+		if inst != "" {
+			e := byKey[inst]
+			srv.Addr, srv.Port = e.Addr, e.Port
+		}
+		out = append(out, srv)
+	}
+	return out
 }
 
 // assignSlots keeps instances that are still there in their slot, frees the
@@ -207,19 +259,108 @@ func (s *Sidecar) apply(ctx context.Context, snap snapshot, spoaAddr string) err
 	if err != nil {
 		return err
 	}
+	s.logChains(snap, next.chains)
 	s.logSNIs(next.model)
 	s.logAdminOverride(snap.reg.MetricsBinds) // settings.go
-	return s.execute(ctx, planApply(s.proc != nil, s.applied, next), snap.pendingAt)
+	if err := s.execute(ctx, planApply(s.proc != nil, s.applied, next), snap.pendingAt); err != nil {
+		return err
+	}
+	s.publishChainsInUse(next.chains)
+	return nil
+}
+
+// publishChainsInUse tells the watches which chains are served, so that
+// the targets of a chain kept after a refusal stay watched.
+func (s *Sidecar) publishChainsInUse(use map[string]chainUse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	inUse := map[string]*chain.Plan{}
+	for k, u := range use {
+		if u.plan != nil {
+			inUse[k] = u.plan
+		}
+	}
+	s.chainsInUse = inUse
+	s.syncTargetWatchesLocked()
 }
 
 // target is the state a complete snapshot asks HAProxy to run.
 func (s *Sidecar) target(snap snapshot, spoaAddr string) (appliedState, error) {
+	snap.use = chooseChains(snap, s.applied.chains)
 	model, slots := s.buildModel(snap, spoaAddr, s.applied.slots)
+	if s.refuseInvalidChains(model, &snap) {
+		model, slots = s.buildModel(snap, spoaAddr, s.applied.slots)
+	}
 	out, err := render.Render(model)
 	if err != nil {
 		return appliedState{}, err
 	}
-	return appliedState{model: model, out: out, leafPEM: leafPEM(snap), rootsPEM: rootsPEM(snap), slots: slots}, nil
+	return appliedState{model: model, out: out, leafPEM: leafPEM(snap), rootsPEM: rootsPEM(snap), slots: slots, chains: snap.use}, nil
+}
+
+// refuseInvalidChains checks each upstream served by a chain not served
+// before on its own: one that the render's Validate refuses, while the
+// upstream without its chain passes, is refused as plugin/chain's
+// refusals are (snap.use keeps the previous chain). It reports whether
+// it refused one.
+func (s *Sidecar) refuseInvalidChains(m *render.Model, snap *snapshot) bool {
+	refused := false
+	for _, up := range m.Upstreams {
+		k := upstreamKey(up)
+		use := snap.use[k]
+		if use.plan == nil || (s.applied.chains[k].plan == use.plan) {
+			continue
+		}
+		one := *m
+		one.Upstreams = []render.Upstream{up}
+		err := one.Validate()
+		if err == nil {
+			continue
+		}
+		plain := up
+		plain.Routes, plain.Targets = nil, nil
+		one.Upstreams = []render.Upstream{plain}
+		if one.Validate() != nil {
+			continue // not the chain's fault: the whole model is refused
+		}
+		kept := keptChain(s.applied.chains, k)
+		snap.use[k] = kept
+		s.logChainRefusal(k, err, chainOutcome(kept))
+		refused = true
+	}
+	return refused
+}
+
+// chainOutcome says what is served instead of a refused chain.
+func chainOutcome(kept chainUse) string {
+	switch {
+	case kept.closed:
+		return "no previous configuration: the upstream is served with no instances until a chain can be served"
+	case kept.plan == nil:
+		return "keeping the upstream's previous configuration (its own instances, no chain)"
+	}
+	return "keeping the upstream's previous chain"
+}
+
+// logChains logs the chains of snap: each distinct refusal once (with
+// what is served instead), the approximations of each chain served once.
+func (a *applier) logChains(snap snapshot, use map[string]chainUse) {
+	for k, ans := range snap.chains {
+		switch {
+		case ans.refused != nil:
+			a.logChainRefusal(k, ans.refused, chainOutcome(use[k]))
+		case ans.plan != nil && use[k].plan == ans.plan:
+			delete(a.chainLogged, "refused:"+k) // served: a later refusal is news again
+		}
+	}
+	for k, u := range use {
+		if u.plan == nil {
+			a.logChainApproximations(k, nil)
+			continue
+		}
+		_, _, more := convertPlan(u.plan)
+		a.logChainApproximations(k, append(append([]chain.Finding{}, u.plan.Approximations...), more...))
+	}
 }
 
 // applier carries plans out against HAProxy and knows what it runs. The
@@ -242,6 +383,9 @@ type applier struct {
 	// adminOverridden are the registration's metrics addresses last
 	// logged as overridden by -admin-bind.
 	adminOverridden string
+	// chainLogged are the chain refusals and approximations last logged,
+	// by "refused:"/"approx:" and upstream key (chain.go).
+	chainLogged map[string]string
 }
 
 // execute carries p out. since is when the change was first seen (zero:
@@ -316,6 +460,13 @@ func countServers(m *render.Model) int {
 		for _, s := range u.Servers {
 			if s.Addr != "" {
 				n++
+			}
+		}
+		for _, t := range u.Targets {
+			for _, s := range t.Servers {
+				if s.Addr != "" {
+					n++
+				}
 			}
 		}
 	}

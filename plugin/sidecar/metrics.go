@@ -8,6 +8,8 @@ type metrics struct {
 	configErrors prometheus.Counter
 	consulErrors prometheus.Counter
 	restarts     prometheus.Counter
+	// chainRefusals counts distinct discovery chain refusals (chain.go).
+	chainRefusals prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -33,9 +35,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Namespace: "haconnect", Subsystem: "sidecar", Name: "haproxy_restarts_total",
 			Help: "Times HAProxy exited unexpectedly and was started again.",
 		}),
+		chainRefusals: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "haconnect", Subsystem: "sidecar", Name: "chain_refusals_total",
+			Help: "Distinct upstream discovery chains refused for settings haconnect cannot honour (the upstream's previous configuration was kept).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.applies, m.applyLatency, m.configErrors, m.consulErrors, m.restarts)
+		reg.MustRegister(m.applies, m.applyLatency, m.configErrors, m.consulErrors, m.restarts, m.chainRefusals)
 	}
 	return m
 }

@@ -43,6 +43,11 @@ func (a *applier) sweepOutliers() {
 	for _, u := range m.Upstreams {
 		if u.PassiveHealth != nil && render.IsHTTP(u.Protocol) {
 			watched[u.Backend()] = u.PassiveHealth
+			// Envoy's outlier detection is per cluster: each chain
+			// target's backend is judged on its own instances.
+			for _, t := range u.Targets {
+				watched[u.TargetBackend(t.ID)] = u.PassiveHealth
+			}
 		}
 	}
 	if len(watched) == 0 {

@@ -22,6 +22,9 @@ type appliedState struct {
 	// slots are model's upstream slots by upstream key, the instance in
 	// each ("" free); the next model keeps each instance in its slot.
 	slots map[string][]string
+	// chains are the chains model's upstreams are served with, by
+	// upstream key (chain.go): a refused chain keeps these.
+	chains map[string]chainUse
 	// caCommitted: the running worker has committed a CA file through
 	// the runtime API since it started. HAProxy 2.6.12 cannot commit a
 	// certificate after that (see planApply); a reload starts a worker
@@ -90,7 +93,9 @@ func planApply(running bool, prev, next appliedState) plan {
 	switch {
 	case next.out.SPOE != prev.out.SPOE:
 		p.reason = reasonSPOE
-	case next.out.Shape != prev.out.Shape:
+	case next.out.Shape != prev.out.Shape || !sameSlots(prev.model, next.model):
+		// (Slots that differ in number always change the shape; checked
+		// on their own so that a runtime plan can never miss a server.)
 		p.reason = reasonShape
 	case next.leafPEM != prev.leafPEM && prev.caCommitted:
 		// HAProxy 2.6.12's `commit ssl ca-file` replaces every listener
@@ -127,40 +132,70 @@ func planApply(running bool, prev, next appliedState) plan {
 	return p
 }
 
-// serverCommands moves slots from one model to the next (same shape).
+// serverCommands moves slots from one model to the next (same shape):
+// the upstreams' backends, and the backends of their chains' targets.
 func serverCommands(prev, next *render.Model) []haproxy.Command {
 	var cmds []haproxy.Command
 	for ui, u := range next.Upstreams {
-		backend := u.Backend()
-		for si, srv := range u.Servers {
-			old := prev.Upstreams[ui].Servers[si]
-			if old == srv {
-				continue
-			}
-			if srv.Addr == "" {
-				cmds = append(cmds, haproxy.SetServerState(backend, srv.Name, haproxy.ServerMaint))
-				continue
-			}
-			// A slot's share of the upstream's limit (before it is made
-			// ready, when it is filled now).
-			if srv.MaxConn != old.MaxConn {
-				cmds = append(cmds, haproxy.SetServerMaxconn(backend, srv.Name, srv.MaxConn))
-			}
-			same := old
-			same.MaxConn = srv.MaxConn
-			if same == srv {
-				// Only its share changed: the same instance keeps its
-				// state (a passive health check may have taken it out).
-				continue
-			}
-			// Consul reports the instance passing: take it at its word
-			// ("health up") rather than wait for HAProxy's first check;
-			// HAProxy's own checks still take it out if it fails.
-			cmds = append(cmds,
-				haproxy.SetServerAddr(backend, srv.Name, srv.Addr, srv.Port),
-				haproxy.SetServerState(backend, srv.Name, haproxy.ServerReady),
-				haproxy.SetServerHealth(backend, srv.Name, haproxy.HealthUp))
+		cmds = append(cmds, slotCommands(u.Backend(), prev.Upstreams[ui].Servers, u.Servers)...)
+		for ti, t := range u.Targets {
+			cmds = append(cmds, slotCommands(u.TargetBackend(t.ID), prev.Upstreams[ui].Targets[ti].Servers, t.Servers)...)
 		}
 	}
 	return cmds
+}
+
+// slotCommands moves one backend's slots from prev to next (as many).
+func slotCommands(backend string, prev, next []render.Server) []haproxy.Command {
+	var cmds []haproxy.Command
+	for si, srv := range next {
+		old := prev[si]
+		if old == srv {
+			continue
+		}
+		if srv.Addr == "" {
+			cmds = append(cmds, haproxy.SetServerState(backend, srv.Name, haproxy.ServerMaint))
+			continue
+		}
+		// A slot's share of the upstream's limit (before it is made
+		// ready, when it is filled now).
+		if srv.MaxConn != old.MaxConn {
+			cmds = append(cmds, haproxy.SetServerMaxconn(backend, srv.Name, srv.MaxConn))
+		}
+		same := old
+		same.MaxConn = srv.MaxConn
+		if same == srv {
+			// Only its share changed: the same instance keeps its
+			// state (a passive health check may have taken it out).
+			continue
+		}
+		// Consul reports the instance passing: take it at its word
+		// ("health up") rather than wait for HAProxy's first check;
+		// HAProxy's own checks still take it out if it fails.
+		cmds = append(cmds,
+			haproxy.SetServerAddr(backend, srv.Name, srv.Addr, srv.Port),
+			haproxy.SetServerState(backend, srv.Name, haproxy.ServerReady),
+			haproxy.SetServerHealth(backend, srv.Name, haproxy.HealthUp))
+	}
+	return cmds
+}
+
+// sameSlots reports whether two models have the same backends with the
+// same slots, which serverCommands needs.
+func sameSlots(prev, next *render.Model) bool {
+	if len(prev.Upstreams) != len(next.Upstreams) {
+		return false
+	}
+	for ui, u := range next.Upstreams {
+		p := prev.Upstreams[ui]
+		if p.Backend() != u.Backend() || len(p.Servers) != len(u.Servers) || len(p.Targets) != len(u.Targets) {
+			return false
+		}
+		for ti, t := range u.Targets {
+			if p.Targets[ti].ID != t.ID || len(p.Targets[ti].Servers) != len(t.Servers) {
+				return false
+			}
+		}
+	}
+	return true
 }

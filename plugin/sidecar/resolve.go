@@ -27,34 +27,9 @@ import (
 // resolver's last answers; it hands the resolver the names to keep
 // resolved. It does not wait for DNS. The apply loop alone calls it.
 func (s *Sidecar) resolveNames(snap *snapshot) {
-	var names []string
-	for k, eps := range snap.endpoints {
-		var out []endpoint
-		seen := map[string]bool{}
-		add := func(e endpoint) {
-			if !seen[e.Key()] {
-				seen[e.Key()] = true
-				out = append(out, e)
-			}
-		}
-		named := false
-		for _, e := range eps {
-			if !dnsresolve.IsName(e.Addr) {
-				add(e)
-				continue
-			}
-			named = true
-			names = append(names, e.Addr)
-			addrs, _ := s.resolver.Addrs(e.Addr)
-			for _, a := range addrs {
-				add(endpoint{Addr: a, Port: e.Port})
-			}
-		}
-		if named {
-			sort.Slice(out, func(i, j int) bool { return out[i].Key() < out[j].Key() })
-			snap.endpoints[k] = out // a new map and slice: the watched state is untouched
-		}
-	}
+	names := s.resolveEndpoints(snap.endpoints)
+	// The instances of discovery chain targets, the same way.
+	names = append(names, s.resolveEndpoints(snap.targetEndpoints)...)
 	if reg := snap.reg; reg != nil {
 		// Forget the last address of a name no longer registered.
 		for name := range s.localAddrs {
@@ -84,4 +59,39 @@ func (s *Sidecar) resolveNames(snap *snapshot) {
 		}
 	}
 	s.resolver.Want(names)
+}
+
+// resolveEndpoints replaces, in each list of byKey (a snapshot's map),
+// the instances named by a host name with one instance per address of the
+// name; it returns the names seen.
+func (s *Sidecar) resolveEndpoints(byKey map[string][]endpoint) []string {
+	var names []string
+	for k, eps := range byKey {
+		var out []endpoint
+		seen := map[string]bool{}
+		add := func(e endpoint) {
+			if !seen[e.Key()] {
+				seen[e.Key()] = true
+				out = append(out, e)
+			}
+		}
+		named := false
+		for _, e := range eps {
+			if !dnsresolve.IsName(e.Addr) {
+				add(e)
+				continue
+			}
+			named = true
+			names = append(names, e.Addr)
+			addrs, _ := s.resolver.Addrs(e.Addr)
+			for _, a := range addrs {
+				add(endpoint{Addr: a, Port: e.Port})
+			}
+		}
+		if named {
+			sort.Slice(out, func(i, j int) bool { return out[i].Key() < out[j].Key() })
+			byKey[k] = out // a new map and slice: the watched state is untouched
+		}
+	}
+	return names
 }

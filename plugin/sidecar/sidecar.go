@@ -137,7 +137,8 @@ func New(cfg Config) (*Sidecar, error) {
 		cfg.HAProxyBinary = bin
 		cfg.Launcher = haproxy.Exec{}
 	}
-	client, err := api.NewClient(cfg.Consul)
+	// consulwatch's client keeps the raw answer of a discovery chain query.
+	client, err := consulwatch.NewClient(cfg.Consul)
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
 	}
@@ -376,9 +377,13 @@ func (s *Sidecar) syncUpstreamWatchesLocked(ctx context.Context, reg *proxyConfi
 			uw.cancel()
 			delete(s.watching, k)
 			delete(s.endpoints, k)
+			s.stopChainWatchLocked(k)
 		}
 	}
 	for k, u := range want {
+		// Its discovery chain (chain.go), restarted if the upstream's
+		// protocol or connect timeout changed.
+		s.syncChainWatchLocked(ctx, k, u)
 		if _, ok := s.watching[k]; ok {
 			continue
 		}

@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haconnect/haconnect/internal/consulwatch"
+	"github.com/haconnect/haconnect/plugin/chain"
 )
 
 // watched is what the watches fill and the apply loop reads, a snapshot at
@@ -26,6 +27,19 @@ type watched struct {
 	// Each slice is replaced whole, never changed in place.
 	endpoints map[string][]endpoint
 	watching  map[string]*upstreamWatch
+	// chains are the last answers of each upstream's discovery chain
+	// watch (chain.go), by upstream key; absent: no answer yet.
+	chains        map[string]chainAnswer
+	chainWatching map[string]*chainWatch
+	// targetEndpoints are the instances of each chain target, by
+	// targetKey, as endpoints are; targetWatching their watches.
+	targetEndpoints map[string][]endpoint
+	targetWatching  map[string]*upstreamWatch
+	// chainsInUse are the chains the apply loop serves (a refused chain
+	// keeps the previous one), whose targets stay watched.
+	chainsInUse map[string]*chain.Plan
+	// watchCtx bounds the target watches (the upstream watches' context).
+	watchCtx context.Context
 	// exposedChecks are the checks the agent reroutes to the proxy while
 	// the registration asks for Expose.Checks (expose.go); nil: none yet.
 	exposedChecks *consulwatch.ExposedChecks
@@ -52,7 +66,9 @@ type upstreamWatch struct {
 }
 
 func newWatched() watched {
-	return watched{changed: make(chan struct{}, 1), endpoints: map[string][]endpoint{}, watching: map[string]*upstreamWatch{}}
+	return watched{changed: make(chan struct{}, 1), endpoints: map[string][]endpoint{}, watching: map[string]*upstreamWatch{},
+		chains: map[string]chainAnswer{}, chainWatching: map[string]*chainWatch{},
+		targetEndpoints: map[string][]endpoint{}, targetWatching: map[string]*upstreamWatch{}, chainsInUse: map[string]*chain.Plan{}}
 }
 
 // update changes the watched state and wakes the apply loop.
@@ -102,10 +118,18 @@ type snapshot struct {
 	leaf      *api.LeafCert
 	roots     *api.CARootList
 	endpoints map[string][]endpoint
+	// chains are the upstreams' chain answers (absent: not read, served
+	// as the default chain); targetEndpoints the instances of the targets
+	// of those chains and of the chains in use, by targetKey.
+	chains          map[string]chainAnswer
+	targetEndpoints map[string][]endpoint
 	// exposedChecks: see watched.
 	exposedChecks *consulwatch.ExposedChecks
 	pendingAt     time.Time
 	missing       []string
+	// use is the chain each upstream is served with (chooseChains), set
+	// by the apply loop.
+	use map[string]chainUse
 	// unread are the upstreams given up on in this snapshot for the first
 	// time (each is logged once), with why.
 	unread []unreadUpstream
@@ -114,6 +138,9 @@ type snapshot struct {
 type unreadUpstream struct {
 	key string
 	err error
+	// chain: the upstream's discovery chain, not its instances, could not
+	// be read.
+	chain bool
 }
 
 // snapshot copies the watched state and clears the pending time: the
@@ -122,7 +149,8 @@ func (w *watched) snapshot() snapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots,
-		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt, exposedChecks: w.exposedChecks}
+		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt, exposedChecks: w.exposedChecks,
+		chains: map[string]chainAnswer{}, targetEndpoints: map[string][]endpoint{}}
 	w.pendingAt = time.Time{}
 	now := time.Now()
 	if snap.reg != nil {
@@ -137,6 +165,7 @@ func (w *watched) snapshot() snapshot {
 				}
 			}
 			snap.endpoints[k] = eps
+			w.snapshotChainLocked(&snap, k, now)
 		}
 	} else {
 		snap.missing = append(snap.missing, "proxy registration")
@@ -155,7 +184,47 @@ func (w *watched) snapshot() snapshot {
 // returns why the first time only; later calls return nil, and so does an
 // upstream still worth waiting for.
 func (w *watched) unreadLocked(k string, now time.Time) error {
-	uw := w.watching[k]
+	return unreadIn(w.watching[k], now)
+}
+
+// snapshotChainLocked adds upstream k's chain to snap, and the instances
+// of its targets (those of the chain answered and of the one in use); a
+// chain or a target not answered yet is waited for as an upstream's
+// instances are, then given up on.
+func (w *watched) snapshotChainLocked(snap *snapshot, k string, now time.Time) {
+	if ans, ok := w.chains[k]; ok {
+		snap.chains[k] = ans
+	} else if cw := w.chainWatching[k]; cw != nil {
+		if err := unreadIn(cw.upstreamWatch, now); err != nil {
+			snap.unread = append(snap.unread, unreadUpstream{key: k, err: err, chain: true})
+		} else if !cw.unread {
+			snap.missing = append(snap.missing, "discovery chain of "+k)
+		}
+	}
+	for _, p := range []*chain.Plan{snap.chains[k].plan, w.chainsInUse[k]} {
+		if p == nil {
+			continue
+		}
+		for _, t := range p.Targets {
+			tk := targetKey(t)
+			if _, done := snap.targetEndpoints[tk]; done {
+				continue
+			}
+			eps, loaded := w.targetEndpoints[tk]
+			if !loaded {
+				if err := unreadIn(w.targetWatching[tk], now); err != nil {
+					snap.unread = append(snap.unread, unreadUpstream{key: k + " target " + t.ID, err: err})
+				} else if tw := w.targetWatching[tk]; tw == nil || !tw.unread {
+					snap.missing = append(snap.missing, "instances of "+k+" target "+t.ID)
+				}
+			}
+			snap.targetEndpoints[tk] = eps
+		}
+	}
+}
+
+// unreadIn is unreadLocked for the watch uw.
+func unreadIn(uw *upstreamWatch, now time.Time) error {
 	if uw == nil || uw.unread {
 		return nil
 	}
