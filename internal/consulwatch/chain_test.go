@@ -81,7 +81,9 @@ func TestCompiledChainQuery(t *testing.T) {
 		Chain struct {
 			Protocol  string
 			StartNode string
-			Nodes     map[string]struct{ Resolver *struct{ ConnectTimeout string } }
+			Nodes     map[string]struct {
+				Resolver *struct{ ConnectTimeout string }
+			}
 		}
 	}
 	if err := json.Unmarshal(tcp.Body, &head); err != nil {
