@@ -411,6 +411,7 @@ func (m *Model) Validate() error {
 				bad("%s slot %s maxconn %d", what, s.Name, s.MaxConn)
 			}
 		}
+		validateChain(bad, what, u, sections)
 	}
 	m.validateExposed(bad, ports)
 	if len(errs) > 0 {

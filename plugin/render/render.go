@@ -15,17 +15,20 @@ var cfgTemplate string
 var spoeTemplate string
 
 var funcs = template.FuncMap{
-	"hostport":    hostPort,
-	"exposedName": ExposedName,
-	"isHTTP":      IsHTTP,
-	"isH2":        IsH2,
-	"mode":        Mode,
-	"msOr": func(ms, def int) int {
-		if ms <= 0 {
-			return def
-		}
-		return ms
-	},
+	"hostport":      hostPort,
+	"exposedName":   ExposedName,
+	"isHTTP":        IsHTTP,
+	"isH2":          IsH2,
+	"mode":          Mode,
+	"msOr":          msOr,
+	"chainFrontend": ChainFrontend,
+}
+
+func msOr(ms, def int) int {
+	if ms <= 0 {
+		return def
+	}
+	return ms
 }
 
 var (
@@ -68,12 +71,16 @@ func Render(m *Model) (*Output, error) {
 
 func execute(t *template.Template, m *Model, tel telemetry, shape bool) (string, error) {
 	var b bytes.Buffer
-	err := t.Execute(&b, struct {
-		*Model
-		Shape     bool
-		Telemetry telemetry
-	}{m, shape, tel})
+	err := t.Execute(&b, &view{m, shape, tel})
 	return strings.TrimLeft(b.String(), "\n"), err
+}
+
+// view is what the templates read: the model, whether the output is
+// the Shape, and the telemetry's layout.
+type view struct {
+	*Model
+	Shape     bool
+	Telemetry telemetry
 }
 
 // ServerName is the configuration name of an upstream's slot.
