@@ -256,6 +256,11 @@ func routeACLs(acls *[]string, i int, m *chain.Match) []string {
 		default:
 			def = f + " -m reg -- " + quote(fullRegex(h.Regex))
 		}
+		if h.Invert && !h.Present {
+			// Envoy: an absent header matches only an inverted Present
+			// test; an inverted value test needs the header there.
+			acl("h"+strconv.Itoa(j)+"f", f+" -m found", false)
+		}
 		acl("h"+strconv.Itoa(j), def, h.Invert)
 	}
 	for j, q := range m.Query {

@@ -133,6 +133,8 @@ func routedModel(t *testing.T, ca *harness.ForeignCA) *Model {
 			ResponseHeaders: named("canary"), Splits: to(tV2)},
 		{Match: &chain.Match{Headers: []chain.HeaderMatch{{Name: "x-ver", Regex: `v\d+`}, {Name: "x-skip", Present: true, Invert: true}}},
 			ResponseHeaders: named("ver"), Splits: to(tV2)},
+		{Match: &chain.Match{Headers: []chain.HeaderMatch{{Name: "x-tier", Exact: "gold", Invert: true}}},
+			ResponseHeaders: named("not-gold"), Splits: to(tV2)},
 		{Match: &chain.Match{PathPrefix: "/old/"}, PrefixRewrite: "/new/", RewriteFrom: "/old/",
 			RequestHeaders: chain.HeaderModifiers{Set: map[string]string{"x-route": "old 100%%"}, Add: map[string]string{"x-a": "1"},
 				Remove: []string{"x-drop"}}, ResponseHeaders: named("old"), Splits: to(tV2)},
@@ -184,6 +186,16 @@ func TestChainRoutesRequestsInHAProxy(t *testing.T) {
 		}
 		if _, _, h := r.get("/", "x-ver", "v1", "x-skip", ""); route(h) != "default" {
 			t.Errorf("inverted present match: with x-skip the route is %q, want default", route(h))
+		}
+		// An inverted value test needs the header (Envoy's rule).
+		for v, want := range map[string]string{"silver": "not-gold", "gold": "default", "": "default"} {
+			hdr := []string{"x-tier", v}
+			if v == "" {
+				hdr = nil
+			}
+			if _, _, h := r.get("/", hdr...); route(h) != want {
+				t.Errorf("x-tier %q (inverted exact gold): route %q, want %q", v, route(h), want)
+			}
 		}
 	})
 
