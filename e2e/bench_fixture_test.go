@@ -194,10 +194,11 @@ func medianP99(rs []loadgen.Result) time.Duration {
 // haconnect sidecar.
 type benchService struct {
 	id, name string
-	protocol string   // of the sidecar and of its upstream
-	appPort  int      // the app's port (1 for a client without one)
-	upstream string   // the destination of its upstream ("": none)
-	args     []string // extra sidecar flags, e.g. -threads 1
+	protocol string            // of the sidecar and of its upstream
+	appPort  int               // the app's port (1 for a client without one)
+	upstream string            // the destination of its upstream ("": none)
+	args     []string          // extra sidecar flags, e.g. -threads 1
+	meta     map[string]string // the service's Meta (what resolver subsets filter on)
 }
 
 // benchSidecar registers s, starts its sidecar and waits until its public
@@ -211,7 +212,7 @@ func benchSidecar(b *testing.B, m *mesh, s benchService) *instance {
 			Config: map[string]any{"protocol": s.protocol}}}
 	}
 	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: s.id, Name: s.name, Address: "127.0.0.1", Port: s.appPort,
+		ID: s.id, Name: s.name, Address: "127.0.0.1", Port: s.appPort, Meta: s.meta,
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{Port: in.port, Proxy: proxy,
 			Checks: listeningCheck(in.port)}},
 	})

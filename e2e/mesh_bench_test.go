@@ -53,6 +53,17 @@ func BenchmarkMesh(b *testing.B) {
 	twebIn := benchSidecar(b, m, benchService{id: "tweb-1", name: "tweb", protocol: "tcp", appPort: 1, upstream: "tapi",
 		args: []string{"-threads", "1"}})
 	capi, cweb := consulProxies(b, m, appPort)
+	// The two hops again, the upstream routed by a discovery chain: a
+	// router of ten routes (nine the load never matches, in front of the
+	// catch-all) and a 50/50 split between two subsets, both the one
+	// instance, so that only routing differs from scenario 4.
+	m.consul.SetIntentions(b, "rapi", harness.Source("rweb", api.IntentionActionAllow))
+	m.consul.SetProtocol(b, "rapi", "http")
+	rapiIn := benchSidecar(b, m, benchService{id: "rapi-1", name: "rapi", protocol: "http", appPort: appPort,
+		meta: map[string]string{"version": "v1", "bench": "yes"}, args: []string{"-threads", "1"}})
+	rwebIn := benchRegisterWeb(b, m, "rweb-1", "rweb", "rapi")
+	routedChain(b, m, "rapi")
+	waitRouted(b, rwebIn, "rapi", 2)
 	roots, _ := m.consul.RootsPEM(b)
 	tlsCfg := harness.ClientTLS(m.consul.IssueLeaf(b, "web"), roots)
 
@@ -66,6 +77,8 @@ func BenchmarkMesh(b *testing.B) {
 		{name: "5 consul connect proxy two hops", addr: fmt.Sprintf("127.0.0.1:%d", cweb.upstream), pids: []int{cweb.pid, capi.pid}},
 		{name: "6 haconnect two hops, protocol tcp", addr: fmt.Sprintf("127.0.0.1:%d", twebIn.upstream["tapi"]),
 			pids: append(append(haproxyPids(b, twebIn), twebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, tapiIn), tapiIn.sidecar.Cmd.Process.Pid)...)},
+		{name: "7 haconnect two hops, routed (10 routes, split)", addr: fmt.Sprintf("127.0.0.1:%d", rwebIn.upstream["rapi"]),
+			pids: append(append(haproxyPids(b, rwebIn), rwebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, rapiIn), rapiIn.sidecar.Cmd.Process.Pid)...)},
 	}
 	// Every path must answer before it is measured: a new upstream instance
 	// enters HAProxy's pool once its first health check passes.
@@ -132,6 +145,15 @@ func BenchmarkMesh(b *testing.B) {
 			}
 		}
 	}
+	// The routed scenario really went through the chain: requests by
+	// target backend (the split halves them).
+	byTarget := map[string]string{}
+	for _, line := range strings.Split(rwebIn.admin(b, "show stat -1 2 -1"), "\n") {
+		if f := strings.Split(line, ","); len(f) > 7 && strings.HasPrefix(f[0], "upstream_rapi::") {
+			byTarget[strings.TrimPrefix(f[0], "upstream_rapi::")] = f[7]
+		}
+	}
+	b.Logf("routed scenario: sessions by chain target backend %v", byTarget)
 	flips := 50
 	if short {
 		flips = 5
@@ -147,6 +169,8 @@ func BenchmarkMesh(b *testing.B) {
 	b.ReportMetric(medianRPS(scenarios[2].rounds[ka])/medianRPS(scenarios[1].rounds[ka]), "inbound/bare")
 	b.ReportMetric(medianRPS(scenarios[3].rounds[ka])/medianRPS(scenarios[4].rounds[ka]), "haconnect/consul-2hop")
 	b.ReportMetric(float64(flipP99.Microseconds())/1000, "flip-p99-ms")
+	b.ReportMetric(medianRPS(scenarios[6].rounds[ka])/medianRPS(scenarios[3].rounds[ka]), "routed/2hop-req/s")
+	b.ReportMetric(median(scenarios[6].cpu[ka])/median(scenarios[3].cpu[ka]), "routed/2hop-cpu")
 	if path := os.Getenv("HACONNECT_BENCH_REPORT"); path != "" && !short {
 		if err := os.WriteFile(path, []byte(rep.markdown()), 0o644); err != nil {
 			b.Fatal(err)
@@ -346,6 +370,11 @@ func (r report) markdown() string {
 		}
 		s.WriteString("\n")
 	}
+	ka := "keep-alive"
+	plain, routed := r.scenarios[3], r.scenarios[6]
+	fmt.Fprintf(&s, "Discovery chain routing (7 against 4, keep-alive): %.2fx the req/s, %.2fx the data plane CPU per request "+
+		"(a service-router of ten routes, the load matching the last, and a 50/50 service-splitter between two subsets of the same instance).\n\n",
+		medianRPS(routed.rounds[ka])/medianRPS(plain.rounds[ka]), median(routed.cpu[ka])/median(plain.cpu[ka]))
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
 	fmt.Fprintf(&s, "| | figure |\n|---|---|\n")
 	fmt.Fprintf(&s, "| decision at cache hit (one core) | %.0f ns, %.0f allocs -> %.1f M decisions/s |\n", r.hit.nsPerOp, r.hit.allocs, 1e3/r.hit.nsPerOp)
@@ -366,4 +395,56 @@ func (r report) markdown() string {
 	}
 	s.WriteString("\nCommand: `make bench-mesh` (about 5 minutes; writes this file and `docs/benchmarks.png`).\n")
 	return s.String()
+}
+
+// routedChain writes service's discovery chain for the routed scenario:
+// subsets a and b (two filters on the same instance's Meta), a 50/50
+// split between them, and a router whose nine routes match path prefixes,
+// an exact path, a regex, headers, a query parameter and methods that the
+// load's "GET /" never has, so that every request walks all of them to
+// the catch-all.
+func routedChain(b testing.TB, m *mesh, service string) {
+	b.Helper()
+	set := func(e api.ConfigEntry) {
+		if ok, _, err := m.consul.Client.ConfigEntries().Set(e, nil); err != nil || !ok {
+			b.Fatalf("write %s %s: ok=%v err=%v", e.GetKind(), e.GetName(), ok, err)
+		}
+	}
+	set(&api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: service, Subsets: map[string]api.ServiceResolverSubset{
+		"a": {Filter: `Service.Meta.version == v1`}, "b": {Filter: `Service.Meta.bench == yes`}}})
+	set(&api.ServiceSplitterConfigEntry{Kind: api.ServiceSplitter, Name: service, Splits: []api.ServiceSplit{
+		{Weight: 50, ServiceSubset: "a"}, {Weight: 50, ServiceSubset: "b"}}})
+	to := func(subset string) *api.ServiceRouteDestination {
+		return &api.ServiceRouteDestination{ServiceSubset: subset}
+	}
+	match := func(h api.ServiceRouteHTTPMatch) *api.ServiceRouteMatch { return &api.ServiceRouteMatch{HTTP: &h} }
+	set(&api.ServiceRouterConfigEntry{Kind: api.ServiceRouter, Name: service, Routes: []api.ServiceRoute{
+		{Match: match(api.ServiceRouteHTTPMatch{PathPrefix: "/admin/"}), Destination: to("a")},
+		{Match: match(api.ServiceRouteHTTPMatch{PathExact: "/healthz"}), Destination: to("a")},
+		{Match: match(api.ServiceRouteHTTPMatch{PathRegex: "/v[0-9]+/orders/[0-9]+"}), Destination: to("b")},
+		{Match: match(api.ServiceRouteHTTPMatch{Header: []api.ServiceRouteHTTPMatchHeader{{Name: "x-tenant", Exact: "t1"}}}), Destination: to("b")},
+		{Match: match(api.ServiceRouteHTTPMatch{Header: []api.ServiceRouteHTTPMatchHeader{{Name: "x-canary", Present: true}}}), Destination: to("b")},
+		{Match: match(api.ServiceRouteHTTPMatch{Header: []api.ServiceRouteHTTPMatchHeader{{Name: "x-env", Prefix: "stag"}}}), Destination: to("a")},
+		{Match: match(api.ServiceRouteHTTPMatch{QueryParam: []api.ServiceRouteHTTPMatchQueryParam{{Name: "debug", Exact: "1"}}}), Destination: to("a")},
+		{Match: match(api.ServiceRouteHTTPMatch{PathPrefix: "/api/", Methods: []string{"POST", "PUT"}}), Destination: to("b")},
+		{Match: match(api.ServiceRouteHTTPMatch{PathPrefix: "/static/"}), Destination: &api.ServiceRouteDestination{ServiceSubset: "a", PrefixRewrite: "/"}},
+	}})
+}
+
+// waitRouted waits until in's HAProxy serves its upstream dest through at
+// least n chain target backends (named <upstream backend>::<target>) with
+// a server up in each: the routed scenario must not measure the plain
+// path while the chain is not applied yet.
+func waitRouted(b testing.TB, in *instance, dest string, n int) {
+	b.Helper()
+	harness.WaitFor(b, 30*time.Second, fmt.Sprintf("%s's chain in %s's HAProxy (%d target backends with a server up)", dest, in.id, n), func() bool {
+		up := map[string]bool{}
+		for _, line := range strings.Split(in.admin(b, "show stat -1 4 -1"), "\n") {
+			f := strings.Split(line, ",")
+			if len(f) > 17 && strings.HasPrefix(f[0], "upstream_"+dest+"::") && strings.HasPrefix(f[17], "UP") {
+				up[f[0]] = true
+			}
+		}
+		return len(up) >= n
+	})
 }
