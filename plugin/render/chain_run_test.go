@@ -41,7 +41,10 @@ func appServer(t *testing.T, ca *harness.ForeignCA, name, uri string) *httptest.
 				return
 			}
 		}
-		fmt.Fprintf(w, "%s %s", name, r.URL.RequestURI())
+		if strings.HasPrefix(name, "503") {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		fmt.Fprintf(w, "%s %s %s", name, r.Proto, r.URL.RequestURI())
 		for _, h := range []string{"X-Split", "X-Route", "X-Drop", "X-A"} {
 			if v := r.Header.Values(h); len(v) > 0 {
 				fmt.Fprintf(w, " %s=%s", strings.ToLower(h), strings.Join(v, ","))
@@ -49,6 +52,7 @@ func appServer(t *testing.T, ca *harness.ForeignCA, name, uri string) *httptest.
 		}
 	}))
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, uri).TLS}}
+	srv.EnableHTTP2 = true // h2 when HAProxy offers it (ALPN, http2 and grpc upstreams)
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // health checks close after the handshake
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
@@ -201,7 +205,7 @@ func TestChainRoutesRequestsInHAProxy(t *testing.T) {
 
 	t.Run("prefix rewrite and request headers", func(t *testing.T) {
 		code, body, h := r.get("/old/items?id=7", "x-drop", "secret", "x-a", "0")
-		if want := "v2 /new/items?id=7 x-route=old 100% x-a=0,1"; code != 200 || body != want || route(h) != "old" {
+		if want := "v2 HTTP/1.1 /new/items?id=7 x-route=old 100% x-a=0,1"; code != 200 || body != want || route(h) != "old" {
 			t.Errorf("rewritten request: %d %q route %q, want the app to see %q", code, body, route(h), want)
 		}
 		if _, body, _ := r.get("/older/x"); strings.Contains(body, "/new") {
@@ -308,8 +312,74 @@ func TestChainTCPFailoverInHAProxy(t *testing.T) {
 		}
 		b, _ := io.ReadAll(resp.Body)
 		conn.Close()
-		if resp.StatusCode != 200 || string(b) != "backup /tcp" {
+		if resp.StatusCode != 200 || string(b) != "backup HTTP/1.0 /tcp" {
 			t.Fatalf("TCP failover: %d %q, want the failover target", resp.StatusCode, b)
 		}
+	}
+}
+
+// TestChainRetriesPerRouteInHAProxy: one target, an instance answering
+// 503 and one answering 200, round robin. A route without a retry policy
+// keeps haconnect's defaults (a GET answered 503 is retried on the other
+// instance); a route whose policy retries only failed connections sees
+// the 503s.
+func TestChainRetriesPerRouteInHAProxy(t *testing.T) {
+	ca := harness.NewForeignCA(t)
+	m := model()
+	u := &m.Upstreams[0]
+	u.Servers = nil
+	u.Targets = []Target{{ID: tV1, PeerURI: peerOf("api"), Servers: []Server{
+		slot(t, "s1", appServer(t, ca, "503-a", peerOf("api"))), slot(t, "s2", appServer(t, ca, "ok-b", peerOf("api")))}}}
+	u.Routes = []Route{
+		{Match: &chain.Match{PathPrefix: "/connect-only/"}, Retry: chain.Retry{NumRetries: 2, ConnectFailure: true},
+			Splits: []Split{{Weight: 10000, Targets: []string{tV1}}}},
+		{Splits: []Split{{Weight: 10000, Targets: []string{tV1}}}},
+	}
+	r := startChain(t, ca, m)
+	count := func(path string) (ok, unavailable int) {
+		for range 20 {
+			switch code, body, _ := r.get(path); code {
+			case 200:
+				ok++
+			case 503:
+				unavailable++
+			default:
+				t.Fatalf("%s: %d %q", path, code, body)
+			}
+		}
+		return
+	}
+	if ok, bad := count("/retried/"); ok != 20 {
+		t.Errorf("default policy: %d of 20 GETs answered 503, want every 503 retried on the other instance", bad)
+	}
+	if ok, bad := count("/connect-only/"); bad < 5 || ok < 5 {
+		t.Errorf("connect-failure policy: %d ok, %d answered 503; want the 503s seen (about half)", ok, bad)
+	}
+}
+
+// TestChainHTTP2InHAProxy: an http2 upstream's chain routes h2c streams
+// from the app and reaches its targets in h2 over mTLS (ALPN).
+func TestChainHTTP2InHAProxy(t *testing.T) {
+	ca := harness.NewForeignCA(t)
+	m := model()
+	u := &m.Upstreams[0]
+	u.Protocol, u.Servers = ProtocolHTTP2, nil
+	u.Targets = []Target{
+		{ID: tV1, PeerURI: peerOf("api"), Servers: []Server{slot(t, "s1", appServer(t, ca, "v1", peerOf("api")))}},
+		{ID: tV2, PeerURI: peerOf("api"), Servers: []Server{slot(t, "s1", appServer(t, ca, "v2", peerOf("api")))}},
+	}
+	u.Routes = []Route{
+		{Match: &chain.Match{Headers: []chain.HeaderMatch{{Name: "x-canary", Present: true}}}, Splits: []Split{{Weight: 10000, Targets: []string{tV2}}}},
+		{Splits: []Split{{Weight: 10000, Targets: []string{tV1}}}},
+	}
+	r := startChain(t, ca, m)
+	h2c := &http.Transport{Protocols: new(http.Protocols)}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	r.c = &http.Client{Timeout: 5 * time.Second, Transport: h2c}
+	if code, body, _ := r.get("/a", "x-canary", "1"); code != 200 || body != "v2 HTTP/2.0 /a" {
+		t.Errorf("h2c with the canary header: %d %q, want v2 reached in h2", code, body)
+	}
+	if code, body, _ := r.get("/b"); code != 200 || body != "v1 HTTP/2.0 /b" {
+		t.Errorf("h2c without it: %d %q, want v1 reached in h2", code, body)
 	}
 }
