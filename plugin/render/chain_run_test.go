@@ -52,7 +52,7 @@ func appServer(t *testing.T, ca *harness.ForeignCA, name, uri string) *httptest.
 		}
 	}))
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, uri).TLS}}
-	srv.EnableHTTP2 = true // h2 when HAProxy offers it (ALPN, http2 and grpc upstreams)
+	srv.EnableHTTP2 = true                           // h2 when HAProxy offers it (ALPN, http2 and grpc upstreams)
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // health checks close after the handshake
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
