@@ -237,7 +237,7 @@ func TestChainHTTP(t *testing.T) {
 // TestChainFailover: api's resolver fails over to another service,
 // api-backup, when api has no healthy instance; api's instances go down
 // (maintenance: critical in Consul, still running) under a load of GETs,
-// none of which may fail, and come back.
+// none of which may fail, come back, and are deregistered.
 func TestChainFailover(t *testing.T) {
 	m := newChainMesh(t)
 	v1 := m.addVersion("api", "api-v1-1", "v1")
@@ -286,10 +286,38 @@ func TestChainFailover(t *testing.T) {
 			break
 		}
 	}
+	// Then api's instances stop as Nomad stops an allocation: they are
+	// deregistered (their sidecars' registrations go with them) while
+	// their processes still run.
+	gone := time.Now()
+	failedBefore := failures(l.since(down))
+	for _, in := range []*instance{v1, v2} {
+		if err := m.consul.Client.Agent().ServiceDeregister(in.id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	harness.WaitFor(t, 20*time.Second, "200 consecutive answers from api-backup after api's deregistration", func() bool {
+		as := l.since(gone)
+		return len(as) >= 200 && shareOf(as[len(as)-200:], "api-backup-") == 1
+	})
+	time.Sleep(500 * time.Millisecond)
 	l.finish()
-	t.Logf("failover: first answer from api-backup %s after api went critical, back on api %s after it recovered; %s",
-		took.Round(time.Millisecond), back.Round(time.Millisecond), l.tally)
-	l.noFailures(t, "GETs while api went down and came back")
+	failedGone := failures(l.since(gone))
+	t.Logf("failover: first answer from api-backup %s after api went critical, back on api %s after it recovered; "+
+		"%d failed while critical and back, %d failed across the deregistration; %s",
+		took.Round(time.Millisecond), back.Round(time.Millisecond), failedBefore, failedGone, l.tally)
+	l.noFailures(t, "GETs while api went down (critical, then deregistered) and came back")
+}
+
+// failures counts the answers that are not the app's 200.
+func failures(as []answer) int {
+	n := 0
+	for _, a := range as {
+		if !a.ok() {
+			n++
+		}
+	}
+	return n
 }
 
 // TestChainRedirect: api's resolver redirects to the service api-v3.
