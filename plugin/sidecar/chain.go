@@ -258,6 +258,7 @@ func chainIdentity(self meshid.Service, t chain.Target) (string, error) {
 func convertPlan(p *chain.Plan) ([]render.Route, []render.Target, []chain.Finding) {
 	var approx []chain.Finding
 	ms := func(d time.Duration) int { return int(d / time.Millisecond) }
+	tcp := !render.IsHTTP(p.Protocol)
 	balance := map[string]chain.Balance{}
 	var routes []render.Route
 	for ri, r := range p.Routes {
@@ -268,7 +269,8 @@ func convertPlan(p *chain.Plan) ([]render.Route, []render.Target, []chain.Findin
 		// the route gives none and sends all of them to that resolver.
 		// (Envoy applies it only when the chain starts at the resolver;
 		// a router's catch-all or a one-way split to it gets it here too.)
-		if out.RequestTimeoutMS == 0 && len(r.Splits) == 1 {
+		// A TCP upstream has no requests: Envoy's tcp_proxy ignores it.
+		if out.RequestTimeoutMS == 0 && len(r.Splits) == 1 && !tcp {
 			out.RequestTimeoutMS = ms(r.Splits[0].Resolver.RequestTimeout)
 		}
 		for si, sp := range r.Splits {
@@ -304,9 +306,32 @@ func convertPlan(p *chain.Plan) ([]render.Route, []render.Target, []chain.Findin
 		if !ok {
 			b = chain.Balance{Algorithm: "roundrobin"}
 		}
+		if tcp && b.Algorithm == "hash" {
+			b, approx = tcpBalance(id, b, approx)
+		}
 		targets = append(targets, render.Target{ID: id, SNI: t.SNI, ConnectTimeoutMS: ms(t.ConnectTimeout), Balance: b})
 	}
 	return routes, targets, approx
+}
+
+// tcpBalance keeps, of a TCP target's hash keys, the source address: a
+// TCP connection has no header, cookie or query to hash (Envoy's
+// tcp_proxy hashes only the source address too); with no key left,
+// connections spread at random, as Envoy's ring hash without a policy.
+func tcpBalance(id string, b chain.Balance, approx []chain.Finding) (chain.Balance, []chain.Finding) {
+	out := chain.Balance{Algorithm: "hash"}
+	for _, k := range b.Keys {
+		if k.Kind == "source_ip" {
+			out.Keys = append(out.Keys, k)
+			continue
+		}
+		approx = append(approx, chain.Finding{Setting: "target " + id + " load balancer hash policy", Value: k.Kind + " " + k.Name,
+			Why: "a TCP upstream has no request to read it from: not part of the key"})
+	}
+	if len(out.Keys) == 0 {
+		out.Algorithm = "random"
+	}
+	return out, approx
 }
 
 func sameBalance(a, b chain.Balance) bool {

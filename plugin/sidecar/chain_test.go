@@ -98,6 +98,29 @@ func TestConvertTCPPlan(t *testing.T) {
 	}
 }
 
+// A TCP plan takes no request timeout from its resolver and hashes only
+// on the source address (a connection has no headers).
+func TestConvertTCPPlanDropsHTTPSettings(t *testing.T) {
+	p := testPlan(t, "tcp-redirect-failover.json")
+	sp := &p.Routes[0].Splits[0]
+	sp.Resolver.RequestTimeout = 3 * time.Second
+	sp.Resolver.Balance = chain.Balance{Algorithm: "hash", Keys: []chain.HashKey{{Kind: "header", Name: "x-user"}, {Kind: "source_ip"}}}
+	routes, targets, approx := convertPlan(p)
+	if routes[0].RequestTimeoutMS != 0 {
+		t.Errorf("a TCP route got a request timeout: %d", routes[0].RequestTimeoutMS)
+	}
+	if b := targets[0].Balance; !reflect.DeepEqual(b, chain.Balance{Algorithm: "hash", Keys: []chain.HashKey{{Kind: "source_ip"}}}) {
+		t.Errorf("TCP balance %+v, want the source address alone", b)
+	}
+	if len(approx) != 2 || !strings.Contains(approx[0].String(), "header x-user") {
+		t.Errorf("approximations %v", approx)
+	}
+	sp.Resolver.Balance.Keys = sp.Resolver.Balance.Keys[:1]
+	if _, targets, _ := convertPlan(p); targets[0].Balance.Algorithm != "random" {
+		t.Errorf("TCP balance on a header alone: %+v, want random", targets[0].Balance)
+	}
+}
+
 // chainSnapshot is testSnapshot with api routed by the chain.
 func chainSnapshot(t *testing.T, targetPorts map[string][]int) snapshot {
 	snap := testSnapshot("LEAF", "ROOT", 1, 2)
@@ -296,5 +319,40 @@ func TestChainTargetsWaitedFor(t *testing.T) {
 	}
 	if got := snap.targetEndpoints[targetKey(p.Targets["db-v2.default.default.dc1"])]; !reflect.DeepEqual(got, eps(7)) {
 		t.Errorf("db-v2's instances %v", got)
+	}
+}
+
+// A chain the render's Validate refuses is refused as plugin/chain's
+// refusals are: the previous chain is kept (none: no instances), logged
+// once and counted. Here a TCP upstream is handed an HTTP router's plan.
+func TestChainRefusedByValidate(t *testing.T) {
+	s := testSidecar(t, nil)
+	var logged strings.Builder
+	s.log = hclog.New(&hclog.LoggerOptions{Output: &logged})
+	s.applier.log = s.log
+	snap := chainSnapshot(t, map[string][]int{v1: {11}, v2: {21}, backup: {31}})
+	snap.reg.Upstreams[0].Protocol = render.ProtocolTCP
+	snap.use = chooseChains(snap, nil)
+	m, _ := s.buildModel(snap, "unix@/run/spoa.sock", nil)
+	if !s.refuseInvalidChains(m, &snap) || !snap.use["api"].closed {
+		t.Fatalf("refused %+v, want closed (nothing before)", snap.use["api"])
+	}
+	if n := strings.Count(logged.String(), "discovery chain refused"); n != 1 || !strings.Contains(logged.String(), "TCP") {
+		t.Errorf("logged %d times:\n%s", n, logged.String())
+	}
+
+	// With a chain served before, that one is kept.
+	tcpPlan := testPlan(t, "tcp-redirect-failover.json")
+	s.applied.chains = map[string]chainUse{"api": {plan: tcpPlan}}
+	snap.use = chooseChains(snap, s.applied.chains)
+	if !s.refuseInvalidChains(m, &snap) || snap.use["api"].plan != tcpPlan {
+		t.Errorf("kept %+v, want the TCP chain served before", snap.use["api"])
+	}
+	var counted dto.Metric
+	if err := s.metrics.chainRefusals.Write(&counted); err != nil {
+		t.Fatal(err)
+	}
+	if n := counted.GetCounter().GetValue(); n != 2 {
+		t.Errorf("chain_refusals_total %v, want 2 (two distinct outcomes)", n)
 	}
 }
