@@ -17,9 +17,9 @@ import (
 //
 // An empty namespace or partition is "default", as there. peer is the
 // identity the upstream's certificate must carry (peerService), so the
-// name and the SPIFFE ID checked always speak of the same target. No
-// subset: haconnect reads no service-resolver, so every target is the
-// whole service.
+// name and the SPIFFE ID checked always speak of the same target. This is
+// the upstream's own name (the whole service); the targets of a discovery
+// chain carry the name Consul gives each (with its subset: chain.go).
 func upstreamSNI(peer meshid.Service) string {
 	ns, ap := peer.Namespace, peer.Partition
 	if ns == "" {
