@@ -42,6 +42,10 @@ const (
 	varBE    = "txn.hc_be"
 )
 
+// maxRouteTerms bounds the ACLs of one route's rule: HAProxy 2.6 reads at
+// most 64 words a line (MAX_LINE_ARGS), and the rule has 9 of its own.
+const maxRouteTerms = 50
+
 // defaultRetries is the upstream backend's retries when no route sets
 // NumRetries (an upstream without a chain has the same).
 const defaultRetries = 3
@@ -657,6 +661,11 @@ func validateMatch(bad func(string, ...any), rw string, m *chain.Match) {
 	}
 	if paths > 1 {
 		bad("%s: more than one of PathExact, PathPrefix, PathRegex", rw)
+	}
+	// The route's rule names one ACL per condition (two for an inverted
+	// header value), and HAProxy reads at most 64 words a line.
+	if n := paths + 2*len(m.Headers) + len(m.Query) + 1; n > maxRouteTerms {
+		bad("%s: %d header and query conditions, more than one HAProxy rule can hold", rw, len(m.Headers)+len(m.Query))
 	}
 	checkRegex(bad, rw+" path regex", m.PathRegex)
 	for _, h := range m.Headers {

@@ -1,6 +1,7 @@
 package render
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -169,6 +170,11 @@ func TestValidateRefusesBadChains(t *testing.T) {
 		{"newline in a value", "http", func(u *Upstream) { u.Routes[0].Match.Headers[0].Exact = "a\n    server evil 1.2.3.4:80" }, "control character"},
 		{"header name", "http", func(u *Upstream) { u.Routes[0].Match.Headers[0].Name = "x-a)" }, "not a header name"},
 		{"header match of no kind", "http", func(u *Upstream) { u.Routes[0].Match.Headers[0].Exact = "" }, "exactly one of Present"},
+		{"too many conditions for one rule", "http", func(u *Upstream) {
+			for i := range 30 {
+				u.Routes[1].Match.Headers = append(u.Routes[1].Match.Headers, chain.HeaderMatch{Name: fmt.Sprintf("x-%d", i), Present: true})
+			}
+		}, "more than one HAProxy rule can hold"},
 		{"method", "http", func(u *Upstream) { u.Routes[0].Match.Methods = []string{"GET PUT"} }, `method "GET PUT"`},
 		{"Envoy variable", "http", func(u *Upstream) { u.Routes[0].RequestHeaders.Set["x-ip"] = "%DOWNSTREAM_REMOTE_ADDRESS%" }, "Envoy variable"},
 		{"modifier name", "http", func(u *Upstream) { u.Routes[3].Splits[0].RequestHeaders.Set["a b"] = "1" }, `header name "a b"`},
