@@ -18,7 +18,10 @@ service "web-sidecar-proxy" {
 # Each upstream: its healthy instances, /v1/health/connect/api. Without the
 # first block Consul refuses the call; without the other two it leaves out
 # the instances (their proxies' service and their nodes), which the sidecar
-# reports as an error.
+# reports as an error. The same "api" block lets the sidecar read api's
+# discovery chain (/v1/discovery-chain/api); a chain whose targets are other
+# services (a redirect, a failover to "api-backup") needs these two service
+# blocks for each of them too, or their instances cannot be read.
 service "api" {
   policy = "read"
 }
