@@ -559,6 +559,11 @@ func validateChain(bad func(string, ...any), what string, u Upstream, sections m
 			if len(b.Keys) == 0 {
 				bad("%s: hash balance without keys", tw)
 			}
+			if len(b.Keys) > 10 {
+				// hashKeyRules' last rule has 5 words a key (64 a line).
+				bad("%s: %d hash keys (at most 10)", tw, len(b.Keys))
+			}
+
 			for _, k := range b.Keys {
 				switch k.Kind {
 				case "source_ip":
@@ -711,6 +716,9 @@ func validateMatch(bad func(string, ...any), rw string, m *chain.Match) {
 			bad("%s: exactly one of Present, Exact, Regex", qw)
 		}
 		checkRegex(bad, qw+" regex", q.Regex)
+	}
+	if len(m.Methods) > 40 {
+		bad("%s: %d methods (at most 40 in one rule)", rw, len(m.Methods))
 	}
 	for _, meth := range m.Methods {
 		if !token(meth) {
