@@ -563,7 +563,6 @@ func validateChain(bad func(string, ...any), what string, u Upstream, sections m
 				// hashKeyRules' last rule has 5 words a key (64 a line).
 				bad("%s: %d hash keys (at most 10)", tw, len(b.Keys))
 			}
-
 			for _, k := range b.Keys {
 				switch k.Kind {
 				case "source_ip":
