@@ -286,8 +286,10 @@ func routeACLs(acls *[]string, i int, m *chain.Match) []string {
 	return terms
 }
 
-// headerRules renders header modifiers under cond: removals, then Set
-// (replaces), then Add (appends), as Envoy applies them.
+// headerRules renders header modifiers under cond in Envoy's order for
+// what Consul gives it: removals first (Envoy's remove-before-add), then
+// Add (appends), then Set (replaces: a header in both ends with Set's
+// value, as Consul lists Add before Set).
 func headerRules(out *[]string, rule, cond string, h chain.HeaderModifiers) {
 	for _, name := range h.Remove {
 		*out = append(*out, fmt.Sprintf("%s del-header %s if %s", rule, name, cond))
@@ -295,7 +297,7 @@ func headerRules(out *[]string, rule, cond string, h chain.HeaderModifiers) {
 	for _, kv := range []struct {
 		action string
 		m      map[string]string
-	}{{"set-header", h.Set}, {"add-header", h.Add}} {
+	}{{"add-header", h.Add}, {"set-header", h.Set}} {
 		names := make([]string, 0, len(kv.m))
 		for n := range kv.m {
 			names = append(names, n)

@@ -45,7 +45,7 @@ func appServer(t *testing.T, ca *harness.ForeignCA, name, uri string) *httptest.
 			w.WriteHeader(http.StatusServiceUnavailable)
 		}
 		fmt.Fprintf(w, "%s %s %s", name, r.Proto, r.URL.RequestURI())
-		for _, h := range []string{"X-Split", "X-Route", "X-Drop", "X-A"} {
+		for _, h := range []string{"X-Split", "X-Route", "X-Drop", "X-A", "X-B"} {
 			if v := r.Header.Values(h); len(v) > 0 {
 				fmt.Fprintf(w, " %s=%s", strings.ToLower(h), strings.Join(v, ","))
 			}
@@ -140,7 +140,7 @@ func routedModel(t *testing.T, ca *harness.ForeignCA) *Model {
 		{Match: &chain.Match{Headers: []chain.HeaderMatch{{Name: "x-tier", Exact: "gold", Invert: true}}},
 			ResponseHeaders: named("not-gold"), Splits: to(tV2)},
 		{Match: &chain.Match{PathPrefix: "/old/"}, PrefixRewrite: "/new/", RewriteFrom: "/old/",
-			RequestHeaders: chain.HeaderModifiers{Set: map[string]string{"x-route": "old 100%%"}, Add: map[string]string{"x-a": "1"},
+			RequestHeaders: chain.HeaderModifiers{Set: map[string]string{"x-route": "old 100%%", "x-b": "set"}, Add: map[string]string{"x-a": "1", "x-b": "added"},
 				Remove: []string{"x-drop"}}, ResponseHeaders: named("old"), Splits: to(tV2)},
 		{Match: &chain.Match{PathPrefix: "/t/"}, RequestTimeoutMS: 300, Retry: chain.Retry{ConnectFailure: true},
 			ResponseHeaders: named("timeout"), Splits: to(tV2)},
@@ -205,7 +205,7 @@ func TestChainRoutesRequestsInHAProxy(t *testing.T) {
 
 	t.Run("prefix rewrite and request headers", func(t *testing.T) {
 		code, body, h := r.get("/old/items?id=7", "x-drop", "secret", "x-a", "0")
-		if want := "v2 HTTP/1.1 /new/items?id=7 x-route=old 100% x-a=0,1"; code != 200 || body != want || route(h) != "old" {
+		if want := "v2 HTTP/1.1 /new/items?id=7 x-route=old 100% x-a=0,1 x-b=set"; code != 200 || body != want || route(h) != "old" {
 			t.Errorf("rewritten request: %d %q route %q, want the app to see %q", code, body, route(h), want)
 		}
 		if _, body, _ := r.get("/older/x"); strings.Contains(body, "/new") {
