@@ -272,7 +272,8 @@ func routeACLs(acls *[]string, i int, m *chain.Match) []string {
 		var def string
 		switch {
 		case q.Present:
-			def = f + " -m found"
+			// Envoy counts "?p" as present; url_param finds only "p=".
+			def = "query -m reg -- " + quote("(^|&)"+regexp.QuoteMeta(q.Name)+"(=|&|$)")
 		case q.Exact != "":
 			def = f + " -m str -- " + quote(q.Exact)
 		default:

@@ -146,6 +146,8 @@ func routedModel(t *testing.T, ca *harness.ForeignCA) *Model {
 			ResponseHeaders: named("timeout"), Splits: to(tV2)},
 		{Match: &chain.Match{PathPrefix: "/failover/"}, ResponseHeaders: named("failover"), Splits: to(tEmpty, tBackup)},
 		{Match: &chain.Match{PathPrefix: "/primary/"}, ResponseHeaders: named("primary"), Splits: to(tV2, tBackup)},
+		{Match: &chain.Match{PathPrefix: "/query/", Query: []chain.QueryMatch{{Name: "debug", Present: true}, {Name: "v", Exact: "2"}, {Name: "id", Regex: `\d+`}}},
+			ResponseHeaders: named("query"), Splits: to(tV2)},
 		{Match: &chain.Match{PathPrefix: "/hash/", Methods: []string{"GET"}}, ResponseHeaders: named("hash"), Splits: to(tV1)},
 		{Match: &chain.Match{PathPrefix: "/imposter/"}, Splits: to(tImposter)},
 		{ResponseHeaders: named("default"), Splits: []Split{
@@ -199,6 +201,17 @@ func TestChainRoutesRequestsInHAProxy(t *testing.T) {
 			}
 			if _, _, h := r.get("/", hdr...); route(h) != want {
 				t.Errorf("x-tier %q (inverted exact gold): route %q, want %q", v, route(h), want)
+			}
+		}
+	})
+
+	t.Run("query parameters", func(t *testing.T) {
+		for q, want := range map[string]string{
+			"debug&v=2&id=12": "query", "id=7&debug=&v=2": "query", "v=2&id=1&debug": "query",
+			"v=2&id=12": "default", "debug&v=20&id=12": "default", "debug&v=2&id=12x": "default", "debugx&v=2&id=1": "default",
+		} {
+			if _, _, h := r.get("/query/?" + q); route(h) != want {
+				t.Errorf("query %q: route %q, want %q", q, route(h), want)
 			}
 		}
 	})

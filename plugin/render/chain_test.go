@@ -89,7 +89,7 @@ func TestChainRendersAndPassesHAProxyCheck(t *testing.T) {
 				// matches, in order, first match wins
 				`acl hc_r0_h0 req.fhdr(x-env) -m str -- "it's a \"test\" \$HOME"`, "acl hc_r0_h1 req.fhdr(x-pre) -m beg -- '-a b'",
 				"acl hc_r0_h2 req.fhdr(x-suf) -m end -- '#z'", `acl hc_r0_h3 req.fhdr(x-re) -m reg -- '^(?:v\d+)$'`,
-				"acl hc_r0_h4 req.fhdr(x-here) -m found", "acl hc_r0_q1 url_param(r) -m reg -- '^(?:[a-z]+)$'",
+				"acl hc_r0_h4 req.fhdr(x-here) -m found", "acl hc_r0_q1 url_param(r) -m reg -- '^(?:[a-z]+)$'", "acl hc_r0_q2 query -m reg -- '(^|&)p(=|&|$)'",
 				"acl hc_r0_m method GET PUT", "acl hc_r2_path path -m str -- '/exact'",
 				"http-request set-var(txn.hc_route) int(0) if hc_r0_path hc_r0_h0 hc_r0_h1 hc_r0_h2 hc_r0_h3 hc_r0_h4 hc_r0_h5f !hc_r0_h5 hc_r0_q0 hc_r0_q1 hc_r0_q2 hc_r0_m\n",
 				"http-request set-var(txn.hc_route) int(3) unless { var(txn.hc_route) -m found }\n",
