@@ -356,3 +356,50 @@ func TestChainRefusedByValidate(t *testing.T) {
 		t.Errorf("chain_refusals_total %v, want 2 (two distinct outcomes)", n)
 	}
 }
+
+// chainState is the state of chainSnapshot's instances, rendered.
+func chainState(t *testing.T, s *Sidecar, p *chain.Plan, targetPorts map[string][]int, slots map[string][]string) appliedState {
+	t.Helper()
+	snap := chainSnapshot(t, targetPorts) // p's targets are the same
+	snap.chains["api"] = chainAnswer{plan: p}
+	snap.use = chooseChains(snap, nil)
+	st := stateOf(t, s, snap, slots)
+	st.chains = snap.use
+	return st
+}
+
+// Through the real render: a target's instances move through the
+// runtime API on that target's backend; a split weight, or the chain
+// going back to the default, is a new shape (a reload).
+func TestPlanChainChanges(t *testing.T) {
+	s := testSidecar(t, nil)
+	p := testPlan(t, "router-splitter-failover.json")
+	prev := chainState(t, s, p, map[string][]int{v1: {11, 12}, v2: {21}, backup: {31}}, nil)
+
+	moved := chainState(t, s, p, map[string][]int{v1: {12, 13}, v2: {21}, backup: {31}}, prev.slots)
+	pl := planApply(true, prev, moved)
+	be := moved.model.Upstreams[0].TargetBackend(v1)
+	want := []haproxy.Command{haproxy.SetServerAddr(be, "s1", "10.0.0.1", 13),
+		haproxy.SetServerState(be, "s1", haproxy.ServerReady), haproxy.SetServerHealth(be, "s1", haproxy.HealthUp)}
+	if pl.method != methodRuntime || !reflect.DeepEqual(pl.runtime, want) {
+		t.Fatalf("a target's instance moved: plan %s %v, want runtime %v", pl.method, pl.runtime, want)
+	}
+
+	// 80/20 becomes 50/50.
+	reweighed := testPlan(t, "router-splitter-failover.json")
+	last := &reweighed.Routes[len(reweighed.Routes)-1]
+	last.Splits[0].Weight, last.Splits[1].Weight = 5000, 5000
+	pl = planApply(true, moved, chainState(t, s, reweighed, map[string][]int{v1: {12, 13}, v2: {21}, backup: {31}}, moved.slots))
+	if pl.method != methodReload || pl.reason != reasonShape {
+		t.Errorf("a weight change: plan %s (%s), want a reload for the shape", pl.method, pl.reason)
+	}
+
+	// Back to the default chain: the upstream's own instances.
+	snap := testSnapshot("LEAF", "ROOT", 1, 2)
+	snap.chains = map[string]chainAnswer{"api": {def: true}}
+	snap.use = chooseChains(snap, moved.chains)
+	pl = planApply(true, moved, stateOf(t, s, snap, moved.slots))
+	if pl.method != methodReload || pl.next.model.Upstreams[0].Servers[0].Port != 1 {
+		t.Errorf("back to the default: plan %s, servers %+v", pl.method, pl.next.model.Upstreams[0].Servers)
+	}
+}
