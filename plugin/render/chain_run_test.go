@@ -108,6 +108,7 @@ func (r *chainRig) get(path string, hdr ...string) (int, string, http.Header) {
 const (
 	tEmpty    = "empty.api.default.default.dc1"
 	tImposter = "imposter.api.default.default.dc1"
+	tDead     = "dead.api.default.default.dc1"
 )
 
 func peerOf(svc string) string { return "spiffe://td.consul/ns/default/dc/dc1/svc/" + svc }
@@ -127,6 +128,9 @@ func routedModel(t *testing.T, ca *harness.ForeignCA) *Model {
 		{ID: tBackup, PeerURI: peerOf("api-backup"), Servers: []Server{slot(t, "s1", appServer(t, ca, "backup", peerOf("api-backup")))}},
 		{ID: tEmpty, PeerURI: peerOf("api"), Servers: []Server{{Name: "s1"}, {Name: "s2"}}},
 		{ID: tImposter, PeerURI: peerOf("api"), Servers: []Server{slot(t, "s1", appServer(t, ca, "imposter", peerOf("evil")))}},
+		// An instance that is gone (nothing listens): HAProxy's own check
+		// takes it out.
+		{ID: tDead, PeerURI: peerOf("api"), Servers: []Server{{Name: "s1", Addr: "127.0.0.1", Port: harness.FreePort(t)}}},
 	}
 	named := func(name string) chain.HeaderModifiers {
 		return chain.HeaderModifiers{Set: map[string]string{"x-hc-route": name}}
@@ -145,6 +149,7 @@ func routedModel(t *testing.T, ca *harness.ForeignCA) *Model {
 		{Match: &chain.Match{PathPrefix: "/t/"}, RequestTimeoutMS: 300, Retry: chain.Retry{ConnectFailure: true},
 			ResponseHeaders: named("timeout"), Splits: to(tV2)},
 		{Match: &chain.Match{PathPrefix: "/failover/"}, ResponseHeaders: named("failover"), Splits: to(tEmpty, tBackup)},
+		{Match: &chain.Match{PathPrefix: "/dead/"}, ResponseHeaders: named("dead"), Splits: to(tDead, tBackup)},
 		{Match: &chain.Match{PathPrefix: "/primary/"}, ResponseHeaders: named("primary"), Splits: to(tV2, tBackup)},
 		{Match: &chain.Match{PathPrefix: "/query/", Query: []chain.QueryMatch{{Name: "debug", Present: true}, {Name: "v", Exact: "2"}, {Name: "id", Regex: `\d+`}}},
 			ResponseHeaders: named("query"), Splits: to(tV2)},
@@ -169,6 +174,22 @@ func TestChainRoutesRequestsInHAProxy(t *testing.T) {
 
 	route := func(h http.Header) string { return h.Get("X-Hc-Route") }
 	server := func(body string) string { return strings.Fields(body + " ")[0] }
+
+	t.Run("failover when the primary's instance is down", func(t *testing.T) {
+		// First, timed from HAProxy's start: the check (inter 1s, fall 2)
+		// marks the instance down; until then its requests fail
+		// (connection refused, retried on it alone).
+		took := harness.WaitFor(t, 10*time.Second, "failover from a dead instance", func() bool {
+			_, body, _ := r.get("/dead/x")
+			return server(body) == "backup"
+		})
+		t.Logf("a dead primary instance: traffic on the failover target after %s", took.Round(100*time.Millisecond))
+		for range 10 {
+			if code, body, _ := r.get("/dead/x"); code != 200 || server(body) != "backup" {
+				t.Fatalf("after the primary's instance was marked down: %d %q", code, body)
+			}
+		}
+	})
 
 	t.Run("header routes", func(t *testing.T) {
 		for range 20 {
