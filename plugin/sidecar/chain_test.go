@@ -403,3 +403,27 @@ func TestPlanChainChanges(t *testing.T) {
 		t.Errorf("back to the default: plan %s, servers %+v", pl.method, pl.next.model.Upstreams[0].Servers)
 	}
 }
+
+// A chain target's host-name instances are resolved as an upstream's
+// are: served on the addresses DNS gives, in the target backend's slots.
+func TestChainTargetHostNames(t *testing.T) {
+	s, srv := dnsSidecar(t)
+	srv.Set("v2-1.mesh.test", "10.0.9.7")
+	p := testPlan(t, "router-splitter-failover.json")
+	tk := targetKey(p.Targets[v2])
+	mk := func() snapshot {
+		snap := chainSnapshot(t, map[string][]int{v1: {11}, backup: {31}})
+		snap.targetEndpoints[tk] = []endpoint{{Addr: "v2-1.mesh.test", Port: 21000}}
+		return snap
+	}
+	snap := resolvedSnapshot(t, s, mk, func(sn snapshot) bool {
+		return len(sn.targetEndpoints[tk]) == 1 && sn.targetEndpoints[tk][0].Addr == "10.0.9.7"
+	})
+	snap.use = chooseChains(snap, nil)
+	m, _ := s.buildModel(snap, "unix@/run/spoa.sock", nil)
+	for _, tg := range m.Upstreams[0].Targets {
+		if tg.ID == v2 && (tg.Servers[0].Addr != "10.0.9.7" || tg.Servers[0].Port != 21000) {
+			t.Errorf("v2's servers %+v, want the name's address", tg.Servers)
+		}
+	}
+}
