@@ -136,7 +136,7 @@ func ChainFrontend(u Upstream) []string {
 		s += len(r.Splits)
 		if r.PrefixRewrite != "" {
 			add(&mods, "http-request replace-path %s %s if %s", quote("^"+regexp.QuoteMeta(r.RewriteFrom)+"(.*)"),
-				quote(logFormat(r.PrefixRewrite)+`\1`), routeIs(i))
+				quote(r.PrefixRewrite+`\1`), routeIs(i))
 		}
 		headerRules(&mods, "http-request", routeIs(i), r.RequestHeaders)
 		headerRules(&resp, "http-response", routeIs(i), r.ResponseHeaders)
@@ -287,10 +287,13 @@ func routeACLs(acls *[]string, i int, m *chain.Match) []string {
 	return terms
 }
 
-// headerRules renders header modifiers under cond in Envoy's order for
+// headerRules renders header modifiers under cond, in Envoy's order for
 // what Consul gives it: removals first (Envoy's remove-before-add), then
 // Add (appends), then Set (replaces: a header in both ends with Set's
-// value, as Consul lists Add before Set).
+// value, as Consul lists Add before Set). Values are HAProxy log-format
+// strings: Envoy reads "%%" as a literal '%' and "%NAME%" as one of its
+// variables; validateChain refuses the variables, and "%%" means the same
+// to HAProxy.
 func headerRules(out *[]string, rule, cond string, h chain.HeaderModifiers) {
 	for _, name := range h.Remove {
 		*out = append(*out, fmt.Sprintf("%s del-header %s if %s", rule, name, cond))
@@ -305,15 +308,10 @@ func headerRules(out *[]string, rule, cond string, h chain.HeaderModifiers) {
 		}
 		sort.Strings(names)
 		for _, n := range names {
-			*out = append(*out, fmt.Sprintf("%s %s %s %s if %s", rule, kv.action, n, quote(logFormat(kv.m[n])), cond))
+			*out = append(*out, fmt.Sprintf("%s %s %s %s if %s", rule, kv.action, n, quote(kv.m[n]), cond))
 		}
 	}
 }
-
-// logFormat writes a Consul header value as an HAProxy log-format string.
-// Envoy reads "%%" as a literal '%' and "%NAME%" as one of its variables;
-// validateChain refuses the variables, and "%%" means the same to HAProxy.
-func logFormat(v string) string { return v }
 
 // hasEnvoyVariable reports whether v uses a '%' other than "%%".
 func hasEnvoyVariable(v string) bool {
@@ -593,7 +591,7 @@ func validateChain(bad func(string, ...any), what string, u Upstream, sections m
 			bad("%s: the last route must match every request", rw)
 		}
 		if tcp && (r.Match != nil || r.PrefixRewrite != "" || r.RequestTimeoutMS != 0 || r.IdleTimeoutMS != 0 ||
-			!reflectZeroRetry(r.Retry) || !r.RequestHeaders.Empty() || !r.ResponseHeaders.Empty()) {
+			!noRetry(r.Retry) || !r.RequestHeaders.Empty() || !r.ResponseHeaders.Empty()) {
 			bad("%s: a TCP route has no match, rewrite, timeout, retry or header modifier (HTTP settings)", rw)
 		}
 		if r.Match != nil {
@@ -652,7 +650,7 @@ func validateChain(bad func(string, ...any), what string, u Upstream, sections m
 	}
 }
 
-func reflectZeroRetry(r chain.Retry) bool {
+func noRetry(r chain.Retry) bool {
 	return r.NumRetries == 0 && !r.ConnectFailure && !r.EmptyResponse && len(r.StatusCodes) == 0
 }
 
