@@ -195,6 +195,38 @@ func TestChainHTTP(t *testing.T) {
 		}
 	})
 
+	t.Run("a split weight change goes through HAProxy's runtime API, not a reload", func(t *testing.T) {
+		// The issue: runtime API where HAProxy 2.6 allows it (server
+		// weights, maps), a hitless reload otherwise. Weights can change
+		// at runtime in 2.6 (set weight, set map), so a reload for a
+		// weight alone is a gap.
+		setChain(t, m, "api", resolver("api", "v1"), splitter("api", map[string]float32{"v1": 10, "v2": 90}), nil)
+		harness.WaitFor(t, 15*time.Second, "10/90: v1 and v2 seen", func() bool {
+			c := count(web, "api", 50, 2, func(int) chainRequest { return onlyV1 })
+			return c.share("api-v2-") > 0.5 && c.share("api-v1-") > 0
+		})
+		time.Sleep(time.Second)
+		logFrom := len(web.sidecar.Output())
+		setEntry(t, m, splitter("api", map[string]float32{"v1": 30, "v2": 70}))
+		applied := func() []string {
+			var out []string
+			for _, line := range strings.Split(web.sidecar.Output()[logFrom:], "\n") {
+				if strings.Contains(line, "configuration applied") {
+					out = append(out, strings.TrimSpace(line))
+				}
+			}
+			return out
+		}
+		harness.WaitFor(t, 15*time.Second, "web's sidecar applies the new weights", func() bool { return len(applied()) > 0 })
+		time.Sleep(500 * time.Millisecond)
+		for _, line := range applied() {
+			t.Logf("30/70: %s", line)
+			if strings.Contains(line, "method=reload") {
+				t.Errorf("a split weight change reloaded HAProxy: %s", line)
+			}
+		}
+	})
+
 	t.Run("a router RetryOn cancelled is refused by name and the previous chain keeps serving", func(t *testing.T) {
 		setChain(t, m, "api", resolver("api", "v1"), nil, router("api", headerRoute))
 		// Both sides of the route: the split left by the subtest before
