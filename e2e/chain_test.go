@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -443,4 +444,62 @@ func TestChainTCPFailover(t *testing.T) {
 	m.maintenance(t, primary, false)
 	harness.WaitFor(t, 20*time.Second, "tcpapi-1 answers again", who("tcpapi-1"))
 	t.Logf("TCP failover: tcpapi-backup answered %s after tcpapi went critical", took.Round(time.Millisecond))
+}
+
+// TestChainFailoverStopped: api's instances stop (their sidecars get
+// SIGTERM) without leaving Consul's catalog first, under a load of GETs:
+// traffic must reach api-backup once api has no healthy instance, from
+// HAProxy's own view or Consul's health check (every second). The
+// requests failed on the way are counted and logged (Envoy, too, fails
+// requests to an upstream gone before its health says so); none may fail
+// once api-backup serves.
+func TestChainFailoverStopped(t *testing.T) {
+	m := newChainMesh(t)
+	v1 := m.addVersion("api", "api-v1-1", "v1")
+	v2 := m.addVersion("api", "api-v2-1", "v2")
+	m.addVersion("api-backup", "api-backup-1", "")
+	web := m.add("web", "web-1", "api")
+	setChain(t, m, "api", resolver("api", "", func(e *api.ServiceResolverConfigEntry) {
+		e.Failover = map[string]api.ServiceResolverFailover{"*": {Service: "api-backup"}}
+	}), nil, nil)
+	for _, id := range []string{"api-v1-1", "api-v2-1"} {
+		harness.WaitFor(t, 20*time.Second, "web reaches "+id, func() bool {
+			return web.do(reuseClient(), "api", chainRequest{}).id == id
+		})
+	}
+	l := startChainLoad(web, "api", 4, 60*time.Second, func(int) chainRequest { return chainRequest{} })
+	time.Sleep(time.Second)
+	stopped := time.Now()
+	for _, in := range []*instance{v1, v2} {
+		if err := in.sidecar.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+	}
+	harness.WaitFor(t, 20*time.Second, "200 consecutive answers from api-backup", func() bool {
+		as := l.since(stopped)
+		return len(as) >= 200 && shareOf(as[len(as)-200:], "api-backup-") == 1
+	})
+	serving := time.Now()
+	time.Sleep(time.Second)
+	l.finish()
+	var first, last time.Time
+	n := 0
+	for _, a := range l.since(stopped) {
+		if !a.ok() {
+			if n == 0 {
+				first = a.at
+			}
+			last = a.at
+			n++
+		}
+	}
+	window := "none"
+	if n > 0 {
+		window = fmt.Sprintf("from %s to %s after the stop", first.Sub(stopped).Round(time.Millisecond), last.Sub(stopped).Round(time.Millisecond))
+	}
+	t.Logf("stopped primary: api-backup steadily serving %s after the stop; %d failed requests (%s), e.g. %v; %s",
+		serving.Sub(stopped).Round(time.Millisecond), n, window, l.errs, l.tally)
+	if after := failures(l.since(serving)); after > 0 {
+		t.Errorf("%d requests failed after api-backup was serving", after)
+	}
 }
