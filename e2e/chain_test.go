@@ -228,6 +228,38 @@ func TestChainHTTP(t *testing.T) {
 		}
 	})
 
+	t.Run("a weight changed at runtime survives a later reload", func(t *testing.T) {
+		// Weights set through the runtime API live in the running worker
+		// only: a reload for another change (here a new route) must
+		// start from the weights Consul has now, not from those of the
+		// last reload.
+		setChain(t, m, "api", resolver("api", "v1"), splitter("api", map[string]float32{"v1": 10, "v2": 90}), nil)
+		harness.WaitFor(t, 15*time.Second, "10/90 served", func() bool {
+			return math.Abs(count(web, "api", 200, 4, func(int) chainRequest { return onlyV1 }).share("api-v2-")-0.9) < 0.07
+		})
+		setEntry(t, m, splitter("api", map[string]float32{"v1": 30, "v2": 70}))
+		harness.WaitFor(t, 15*time.Second, "30/70 served", func() bool {
+			return math.Abs(count(web, "api", 200, 4, func(int) chainRequest { return onlyV1 }).share("api-v2-")-0.7) < 0.07
+		})
+		logFrom := len(web.sidecar.Output())
+		setEntry(t, m, router("api", headerRoute))
+		harness.WaitFor(t, 15*time.Second, "the new route served", func() bool {
+			return count(web, "api", 20, 1, func(int) chainRequest { return withV2 }).share("api-v2-") == 1 &&
+				count(web, "api", 100, 2, func(int) chainRequest { return onlyV1 }).share("api-v1-") > 0
+		})
+		time.Sleep(500 * time.Millisecond)
+		c := count(web, "api", 1000, 4, func(int) chainRequest { return onlyV1 })
+		c.noFailures(t, "after the reload")
+		reloaded := logLine(web.sidecar.Output()[logFrom:], "configuration applied", "method=reload")
+		t.Logf("after the new route (%s): %s (v2 %.1f%%)", strings.TrimSpace(reloaded), c, 100*c.share("api-v2-"))
+		if reloaded == "" {
+			t.Log("the new route was applied without a reload: this subtest then shows nothing about reloads")
+		}
+		if s := c.share("api-v2-"); math.Abs(s-0.7) > 0.05 {
+			t.Errorf("after a reload v2 has %.1f%% of the split, want 70 within 5 points (the weight written last)", 100*s)
+		}
+	})
+
 	t.Run("a router RetryOn cancelled is refused by name and the previous chain keeps serving", func(t *testing.T) {
 		setChain(t, m, "api", resolver("api", "v1"), nil, router("api", headerRoute))
 		// Both sides of the route: the split left by the subtest before
