@@ -76,6 +76,13 @@ func SetServerMaxconn(backend, server string, n int) Command {
 	return Command{text: fmt.Sprintf("set maxconn server %s/%s %d", backend, server, n)}
 }
 
+// SetProcVar sets a process-wide variable (proc.<name>) to an integer.
+// `set var` is experimental in HAProxy 2.6: the command turns the CLI
+// session's experimental mode on first, on the same line.
+func SetProcVar(name string, v int) Command {
+	return Command{text: fmt.Sprintf("experimental-mode on; set var %s int(%d)", name, v)}
+}
+
 // ServerStat is one server's row of `show stat`: its state and the
 // counters a passive health check reads.
 type ServerStat struct {

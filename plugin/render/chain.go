@@ -25,6 +25,7 @@ package render
 
 import (
 	"fmt"
+	"hash/fnv"
 	"regexp"
 	"slices"
 	"sort"
@@ -124,8 +125,11 @@ func ChainFrontend(u Upstream) []string {
 			case len(r.Splits) == 1 || k == last:
 				add(&splitLines, "http-request set-var(%s) int(%d) if %s !{ var(%s) -m found }", varSplit, id, routeIs(i), varSplit)
 			default:
-				add(&splitLines, "http-request set-var(%s) int(%d) if %s !{ var(%s) -m found } { var(%s) -m int lt %d }",
-					varSplit, id, routeIs(i), varSplit, varRand, cum)
+				// The cumulative weight is a process variable (set in
+				// global, see SplitVars) so that a weight change goes
+				// through the runtime API, not a reload.
+				add(&splitLines, "http-request set-var(%s) int(%d) if %s !{ var(%s) -m found } { var(%s),sub(%s) lt 0 }",
+					varSplit, id, routeIs(i), varSplit, varRand, splitVarName(u, id))
 			}
 			failLines = append(failLines, failover(u, "http-request", splitIs(id), sp.Targets)...)
 			// A split's modifiers first, its route's after: Envoy applies
@@ -811,4 +815,52 @@ func checkServers(bad func(string, ...any), what string, servers []Server) {
 			bad("%s slot %s maxconn %d", what, s.Name, s.MaxConn)
 		}
 	}
+}
+
+// SplitVar is the cumulative weight bounding one split of a routed
+// upstream: a process variable, set in the global section and changed
+// through the runtime API (`set var`) when only weights change. While a
+// change goes through, variable by variable, a request may see some old
+// and some new bounds: it still gets one of its route's splits.
+type SplitVar struct {
+	Name  string // proc.hc_w<hash of the upstream's backend>_<split>
+	Value int    // out of chain.TotalWeight
+}
+
+// splitVarName names split id's bound for u. Variable names allow only
+// letters, digits, '.' and '_', so the upstream is named by a hash of its
+// backend's name; Validate refuses a collision.
+func splitVarName(u Upstream, id int) string {
+	h := fnv.New32a()
+	h.Write([]byte(u.Backend()))
+	return fmt.Sprintf("proc.hc_w%08x_%d", h.Sum32(), id)
+}
+
+// SplitVars are the bounds of every split that needs one (HTTP routes
+// with several splits; not the last one with a weight).
+func (m *Model) SplitVars() []SplitVar {
+	var out []SplitVar
+	for _, u := range m.Upstreams {
+		if !IsHTTP(u.Protocol) {
+			continue
+		}
+		s := 0
+		for _, r := range u.Routes {
+			last := -1
+			for k, sp := range r.Splits {
+				if sp.Weight > 0 {
+					last = k
+				}
+			}
+			cum := 0
+			for k, sp := range r.Splits {
+				cum += sp.Weight
+				if len(r.Splits) > 1 && sp.Weight > 0 && k != last {
+					out = append(out, SplitVar{Name: splitVarName(u, s+k), Value: cum})
+				}
+			}
+			s += len(r.Splits)
+		}
+	}
+	return out
 }

@@ -95,7 +95,7 @@ func TestChainRendersAndPassesHAProxyCheck(t *testing.T) {
 				"http-request set-var(txn.hc_route) int(3) unless { var(txn.hc_route) -m found }\n",
 				// splits: one draw, cumulative weights, the weight-0 split never chosen
 				"http-request set-var(txn.hc_rand) rand(10000)",
-				"int(3) if { var(txn.hc_route) -m int 3 } !{ var(txn.hc_split) -m found } { var(txn.hc_rand) -m int lt 8000 }\n",
+				"int(3) if { var(txn.hc_route) -m int 3 } !{ var(txn.hc_split) -m found } { var(txn.hc_rand),sub(proc.hc_w", "_3) lt 0 }\n", "    set-var proc.hc_w",
 				"int(5) if { var(txn.hc_route) -m int 3 } !{ var(txn.hc_split) -m found }\n",
 				// rewrite and modifiers
 				`http-request replace-path '^/admin/(.*)' '/v2/\1' if { var(txn.hc_route) -m int 0 }`,
@@ -140,10 +140,20 @@ func TestChainShapeIgnoresTargetServerAddresses(t *testing.T) {
 	if a.Config == b.Config || a.Shape != b.Shape {
 		t.Fatal("a target's instance change must change the config but not its shape")
 	}
+	// A new split weight is a process variable's value: the config
+	// changes, its shape does not (the runtime API applies it).
+	before := m.SplitVars()
 	m.Upstreams[0].Routes[3].Splits[0].Weight, m.Upstreams[0].Routes[3].Splits[2].Weight = 5000, 5000
 	c, _ := Render(m)
-	if c.Shape == b.Shape {
-		t.Fatal("a new split weight must change the shape")
+	after := m.SplitVars()
+	if c.Shape != b.Shape || c.Config == b.Config {
+		t.Fatal("a new split weight must change the config but not its shape")
+	}
+	if len(before) != 1 || len(after) != 1 || before[0].Name != after[0].Name || before[0].Value != 8000 || after[0].Value != 5000 {
+		t.Fatalf("split variables %+v -> %+v, want one bound 8000 -> 5000", before, after)
+	}
+	if !strings.Contains(c.Config, "set-var "+after[0].Name+" int(5000)\n") {
+		t.Fatal("the global section does not set the new bound")
 	}
 }
 

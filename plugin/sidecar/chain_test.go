@@ -369,8 +369,9 @@ func chainState(t *testing.T, s *Sidecar, p *chain.Plan, targetPorts map[string]
 }
 
 // Through the real render: a target's instances move through the
-// runtime API on that target's backend; a split weight, or the chain
-// going back to the default, is a new shape (a reload).
+// runtime API on that target's backend, and so does a split weight (a
+// process variable); the chain going back to the default is a new shape
+// (a reload).
 func TestPlanChainChanges(t *testing.T) {
 	s := testSidecar(t, nil)
 	p := testPlan(t, "router-splitter-failover.json")
@@ -390,8 +391,12 @@ func TestPlanChainChanges(t *testing.T) {
 	last := &reweighed.Routes[len(reweighed.Routes)-1]
 	last.Splits[0].Weight, last.Splits[1].Weight = 5000, 5000
 	pl = planApply(true, moved, chainState(t, s, reweighed, map[string][]int{v1: {12, 13}, v2: {21}, backup: {31}}, moved.slots))
-	if pl.method != methodReload || pl.reason != reasonShape {
-		t.Errorf("a weight change: plan %s (%s), want a reload for the shape", pl.method, pl.reason)
+	vars := pl.next.model.SplitVars()
+	if len(vars) != 1 || vars[0].Value != 5000 {
+		t.Fatalf("split bounds %+v, want one at 5000", vars)
+	}
+	if want := []haproxy.Command{haproxy.SetProcVar(vars[0].Name, 5000)}; pl.method != methodRuntime || !reflect.DeepEqual(pl.runtime, want) {
+		t.Errorf("a weight change: plan %s (%s) %v, want runtime %v", pl.method, pl.reason, pl.runtime, want)
 	}
 
 	// Back to the default chain: the upstream's own instances.

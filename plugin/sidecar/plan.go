@@ -125,6 +125,7 @@ func planApply(running bool, prev, next appliedState) plan {
 		p.method, p.runtime, p.next.caCommitted = methodReload, nil, false
 	case next.out.Config != prev.out.Config:
 		p.runtime = append(p.runtime, serverCommands(prev.model, next.model)...)
+		p.runtime = append(p.runtime, splitCommands(prev.model, next.model)...)
 	}
 	if p.method == "" && len(p.runtime) > 0 {
 		p.method = methodRuntime
@@ -198,4 +199,20 @@ func sameSlots(prev, next *render.Model) bool {
 		}
 	}
 	return true
+}
+
+// splitCommands sets the discovery-chain split bounds that changed (same
+// shape, so the same variables): a new weight without a reload.
+func splitCommands(prev, next *render.Model) []haproxy.Command {
+	old := map[string]int{}
+	for _, v := range prev.SplitVars() {
+		old[v.Name] = v.Value
+	}
+	var cmds []haproxy.Command
+	for _, v := range next.SplitVars() {
+		if old[v.Name] != v.Value {
+			cmds = append(cmds, haproxy.SetProcVar(v.Name, v.Value))
+		}
+	}
+	return cmds
 }
