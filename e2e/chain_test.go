@@ -437,10 +437,10 @@ func TestChainRedirect(t *testing.T) {
 	}
 }
 
-// TestChainTCPFailover: a TCP upstream follows its resolver (failover to
-// another service, as for Envoy only the resolver applies to TCP): new
-// connections go to tcpapi-backup while tcpapi has no healthy instance,
-// and back.
+// TestChainTCPFailover: a TCP upstream follows its resolver (as for
+// Envoy only the resolver applies to TCP): new connections go to
+// tcpapi-backup while tcpapi has no healthy instance, and back; then a
+// redirect sends them all there.
 func TestChainTCPFailover(t *testing.T) {
 	m := newMesh(t)
 	for _, s := range []string{"tcpapi", "tcpapi-backup"} {
@@ -476,6 +476,17 @@ func TestChainTCPFailover(t *testing.T) {
 	m.maintenance(t, primary, false)
 	harness.WaitFor(t, 20*time.Second, "tcpapi-1 answers again", who("tcpapi-1"))
 	t.Logf("TCP failover: tcpapi-backup answered %s after tcpapi went critical", took.Round(time.Millisecond))
+
+	// A redirect, the resolver's other way to another service, with
+	// tcpapi healthy.
+	setEntry(t, m, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "tcpapi",
+		Redirect: &api.ServiceResolverRedirect{Service: "tcpapi-backup"}})
+	harness.WaitFor(t, 20*time.Second, "tcpapi redirected to tcpapi-backup", who("tcpapi-backup-1"))
+	for i := 0; i < 20; i++ {
+		if id, err := web.tcpWho("tcpapi", "ping"); err != nil || id != "tcpapi-backup-1" {
+			t.Errorf("connection %d after the redirect: %q %v, want tcpapi-backup-1", i, id, err)
+		}
+	}
 }
 
 // TestChainFailoverStopped: api's instances stop (their sidecars get
@@ -533,5 +544,51 @@ func TestChainFailoverStopped(t *testing.T) {
 		serving.Sub(stopped).Round(time.Millisecond), n, window, l.errs, l.tally)
 	if after := failures(l.since(serving)); after > 0 {
 		t.Errorf("%d requests failed after api-backup was serving", after)
+	}
+}
+
+// TestChainFailoverIdentity: the identity web expects follows the
+// failover target too. api goes critical and api-backup's only instance
+// is an impostor (api-v1-1's own sidecar, still running, whose
+// certificate names api, registered as api-backup's proxy): a sidecar
+// expecting the upstream's name would let api-v1-1 answer.
+func TestChainFailoverIdentity(t *testing.T) {
+	m := newChainMesh(t)
+	v1 := m.addVersion("api", "api-v1-1", "v1")
+	web := m.add("web", "web-1", "api")
+	setChain(t, m, "api", resolver("api", "", func(e *api.ServiceResolverConfigEntry) {
+		e.Failover = map[string]api.ServiceResolverFailover{"*": {Service: "api-backup"}}
+	}), nil, nil)
+	harness.WaitFor(t, 20*time.Second, "web reaches api-v1-1", func() bool {
+		return web.do(reuseClient(), "api", chainRequest{}).id == "api-v1-1"
+	})
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		Kind: api.ServiceKindConnectProxy, ID: "impostor-api-backup-sidecar-proxy", Name: "api-backup-sidecar-proxy",
+		Address: "127.0.0.1", Port: v1.port,
+		Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api-backup", LocalServicePort: 1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.maintenance(t, v1, true)
+	harness.WaitFor(t, 15*time.Second, "api-v1-1 out and the impostor in web's api-backup target", func() bool {
+		in, out := false, true
+		for _, line := range strings.Split(web.admin(t, "show stat -1 4 -1"), "\n") {
+			f := strings.Split(line, ",")
+			if len(f) <= 73 || !strings.HasSuffix(f[73], fmt.Sprintf(":%d", v1.port)) || strings.HasPrefix(f[17], "MAINT") {
+				continue
+			}
+			if strings.Contains(f[0], "api-backup") {
+				in = true
+			} else {
+				out = false
+			}
+		}
+		return in && out
+	})
+	c := count(web, "api", 100, 2, func(int) chainRequest { return chainRequest{} })
+	t.Logf("failover to an impostor: %s, e.g. %v", c, c.errs)
+	for id := range c.byID {
+		t.Errorf("%s answered through an api-backup instance whose certificate names api", id)
 	}
 }
