@@ -43,7 +43,8 @@ func newChainMesh(t *testing.T) *mesh {
 
 // addVersion registers instance id of service with Meta version=version
 // and an app that answers "<id> <request URI> x-user=<X-User>
-// source=<X-Haconnect-Source>", and starts its sidecar.
+// source=<X-Haconnect-Source>" (after ?sleep=<duration>), and starts its
+// sidecar.
 func (m *mesh) addVersion(service, id, version string) *instance {
 	m.t.Helper()
 	in := &instance{id: id}
@@ -51,6 +52,13 @@ func (m *mesh) addVersion(service, id, version string) *instance {
 		in.meta = map[string]string{"version": version}
 	}
 	in.app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// ?sleep=<duration> (at most 3s) makes a slow answer.
+		if d, err := time.ParseDuration(r.URL.Query().Get("sleep")); err == nil && d <= 3*time.Second {
+			select {
+			case <-time.After(d):
+			case <-r.Context().Done():
+			}
+		}
 		fmt.Fprintf(w, "%s %s x-user=%s source=%s", id, r.URL.RequestURI(), r.Header.Get("X-User"), r.Header.Get("X-Haconnect-Source"))
 	}))
 	m.t.Cleanup(in.app.Close)

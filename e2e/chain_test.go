@@ -103,6 +103,40 @@ func TestChainHTTP(t *testing.T) {
 		t.Logf("GET %s -> app saw %s", r.path, web.do(c, "api", r).uri)
 	})
 
+	t.Run("a route's request header modifier and request timeout", func(t *testing.T) {
+		setChain(t, m, "api", resolver("api", "v1"), nil, router("api",
+			api.ServiceRoute{
+				Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/slow"}},
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v1", RequestTimeout: 500 * time.Millisecond},
+			},
+			api.ServiceRoute{
+				Match: headerRoute.Match,
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v2",
+					RequestHeaders: &api.HTTPHeaderModifiers{Set: map[string]string{"X-User": "set-by-route"}}},
+			}))
+		r := chainRequest{headers: map[string]string{"X-Version": "v2", "X-User": "sent"}}
+		waitAnswers(t, web, "api", 15*time.Second, "x-version: v2 routed to v2 with X-User set", 10, r, func(a answer) bool {
+			return a.id == "api-v2-1" && strings.Contains(a.body, "x-user=set-by-route")
+		})
+		if a := web.do(reuseClient(), "api", chainRequest{headers: map[string]string{"X-User": "sent"}}); !a.ok() || !strings.Contains(a.body, "x-user=sent") {
+			t.Errorf("the default route changed X-User: %d %q %v", a.code, a.body, a.err)
+		}
+		// Envoy's route timeout bounds the whole request, retries
+		// included: a GET slower than it is a 504 after about 500ms.
+		start := time.Now()
+		a := web.do(reuseClient(), "api", chainRequest{path: "/slow?sleep=3s"})
+		took := time.Since(start)
+		t.Logf("GET /slow?sleep=3s with a 500ms route timeout: %d after %s", a.code, took.Round(time.Millisecond))
+		if a.code != 504 || took < 400*time.Millisecond || took > 1500*time.Millisecond {
+			t.Errorf("GET /slow?sleep=3s: %d %q %v after %s; want 504 after about 500ms", a.code, a.body, a.err, took)
+		}
+		// Without the route's timeout the same wait is served.
+		start = time.Now()
+		if a := web.do(reuseClient(), "api", chainRequest{path: "/other?sleep=1s"}); !a.ok() {
+			t.Errorf("GET /other?sleep=1s: %d %q %v after %s, want 200", a.code, a.body, a.err, time.Since(start))
+		}
+	})
+
 	t.Run("consistent hashing on header x-user: the same key lands on the same instance", func(t *testing.T) {
 		setChain(t, m, "api", resolver("api", "v1", func(e *api.ServiceResolverConfigEntry) {
 			e.LoadBalancer = &api.LoadBalancer{Policy: "ring_hash", HashPolicies: []api.HashPolicy{{Field: "header", FieldValue: "x-user"}}}
