@@ -626,3 +626,36 @@ func TestChainFailoverIdentity(t *testing.T) {
 		t.Errorf("%s answered through an api-backup instance whose certificate names api", id)
 	}
 }
+
+// TestChainRefusedFromTheStart: a chain haconnect cannot honour when
+// web's sidecar starts leaves no previous chain to keep: the upstream
+// serves nothing (fail closed, never the service's instances without
+// the chain) and the log names the setting; the chain, once fixed, is
+// followed.
+func TestChainRefusedFromTheStart(t *testing.T) {
+	m := newChainMesh(t)
+	m.addVersion("api", "api-v1-1", "v1")
+	m.addVersion("api", "api-v2-1", "v2")
+	setChain(t, m, "api", resolver("api", "v1"), nil, router("api", api.ServiceRoute{
+		Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/"}},
+		Destination: &api.ServiceRouteDestination{ServiceSubset: "v2", RetryOn: []string{"cancelled"}},
+	}))
+	web := m.add("web", "web-1", "api")
+	var line string
+	harness.WaitFor(t, 15*time.Second, "web's sidecar logs the refused RetryOn cancelled", func() bool {
+		line = logLine(web.sidecar.Output(), "RetryOn", "cancelled")
+		return line != ""
+	})
+	t.Logf("refused: %s", line)
+	time.Sleep(time.Second)
+	c := count(web, "api", 50, 2, func(int) chainRequest { return chainRequest{} })
+	t.Logf("with the chain refused from the start: %s, e.g. %v", c, c.errs)
+	for id := range c.byID {
+		t.Errorf("%s answered through a refused chain", id)
+	}
+	setEntry(t, m, router("api", api.ServiceRoute{
+		Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/"}},
+		Destination: &api.ServiceRouteDestination{ServiceSubset: "v2", RetryOn: []string{"connect-failure"}},
+	}))
+	waitAnswers(t, web, "api", 20*time.Second, "the fixed chain followed: v2", 20, chainRequest{}, from("api-v2-"))
+}
