@@ -294,6 +294,50 @@ func TestChainHTTP(t *testing.T) {
 		}
 	})
 
+	t.Run("a burst of chain writes under load (weights at runtime, routes by reload): zero failed requests, the last write served", func(t *testing.T) {
+		setChain(t, m, "api", resolver("api", "v1"), splitter("api", map[string]float32{"v1": 50, "v2": 50}), nil)
+		harness.WaitFor(t, 15*time.Second, "50/50 served", func() bool {
+			return math.Abs(count(web, "api", 200, 4, func(int) chainRequest { return onlyV1 }).share("api-v2-")-0.5) < 0.1
+		})
+		l := startChainLoad(web, "api", 4, 30*time.Second, func(i int) chainRequest {
+			if i%2 == 0 {
+				return withV2
+			}
+			return onlyV1
+		})
+		logFrom := len(web.sidecar.Output())
+		for i := 0; i < 20; i++ {
+			w := float32(5 * (i%19 + 1))
+			setEntry(t, m, splitter("api", map[string]float32{"v1": 100 - w, "v2": w}))
+			if i%5 == 4 { // a route comes and goes: a reload
+				if i%10 == 4 {
+					setEntry(t, m, router("api", headerRoute))
+				} else {
+					setChain(t, m, "api", resolver("api", "v1"), splitter("api", map[string]float32{"v1": 100 - w, "v2": w}), nil)
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		// The last writes: 25/75 and the header route.
+		setEntry(t, m, splitter("api", map[string]float32{"v1": 25, "v2": 75}))
+		setEntry(t, m, router("api", headerRoute))
+		time.Sleep(2 * time.Second)
+		l.finish()
+		applied := strings.Count(web.sidecar.Output()[logFrom:], "configuration applied")
+		reloads := strings.Count(web.sidecar.Output()[logFrom:], "method=reload")
+		t.Logf("22 writes under load: %d applies (%d reloads); %s", applied, reloads, l.tally)
+		l.noFailures(t, "load across the burst")
+		routed := count(web, "api", 200, 4, func(int) chainRequest { return withV2 })
+		split := count(web, "api", 1000, 4, func(int) chainRequest { return onlyV1 })
+		t.Logf("after the burst: x-version: v2 -> %s; split -> v2 %.1f%%", routed, 100*split.share("api-v2-"))
+		if s := routed.share("api-v2-"); s != 1 {
+			t.Errorf("after the burst x-version: v2 reached v2 for %.1f%%, want 100%%", 100*s)
+		}
+		if s := split.share("api-v2-"); math.Abs(s-0.75) > 0.05 {
+			t.Errorf("after the burst the split gives v2 %.1f%%, want 75 within 5 points (the last write)", 100*s)
+		}
+	})
+
 	t.Run("a router RetryOn cancelled is refused by name and the previous chain keeps serving", func(t *testing.T) {
 		setChain(t, m, "api", resolver("api", "v1"), nil, router("api", headerRoute))
 		// Both sides of the route: the split left by the subtest before
