@@ -184,6 +184,31 @@ func TestChainHTTP(t *testing.T) {
 				t.Errorf("%s served the default subset v1", id)
 			}
 		}
+
+		// A reload for another change (a route for other requests) keeps
+		// every key on its instance: Envoy's ring is the same for the
+		// same hosts, and users count on that affinity.
+		logFrom := len(web.sidecar.Output())
+		setEntry(t, m, router("api", headerRoute))
+		waitAnswers(t, web, "api", 15*time.Second, "x-version: v2 routed to v2", 10, withV2, from("api-v2-"))
+		var applied string
+		harness.WaitFor(t, 5*time.Second, "web's sidecar logs the route applied", func() bool {
+			applied = logLine(web.sidecar.Output()[logFrom:], "configuration applied")
+			return applied != ""
+		})
+		t.Logf("the route: %s", strings.TrimSpace(applied))
+		moved := 0
+		for u := 0; u < 40; u++ {
+			name := fmt.Sprintf("user-%d", u)
+			a := web.do(k, "api", key(name))
+			for id := range landed[name] {
+				if a.id != id {
+					moved++
+					t.Errorf("after the reload x-user %s landed on %q (%d %v), before on %s", name, a.id, a.code, a.err, id)
+				}
+			}
+		}
+		t.Logf("after a reload: %d of 40 keys moved", moved)
 	})
 
 	t.Run("a weight change under load: zero failed requests, write-to-traffic latency", func(t *testing.T) {
