@@ -462,6 +462,17 @@ func targetRouteRules(b *backendView, u Upstream, id string) {
 				noL7 = append(noL7, fmt.Sprintf("http-request disable-l7-retry if %s", routeIs(i)))
 			}
 		}
+		// Envoy's route timeout bounds the whole request, retries
+		// included; HAProxy's timeout server bounds each attempt. So a
+		// route with a request timeout is not retried once its request
+		// was sent (a retry would run past the timeout); a failed
+		// connection, which fails fast, still is.
+		if r.RequestTimeoutMS > 0 {
+			line := fmt.Sprintf("http-request disable-l7-retry if %s", routeIs(i))
+			if len(noL7) == 0 || noL7[len(noL7)-1] != line {
+				noL7 = append(noL7, line)
+			}
+		}
 		if ms := minPositive(r.RequestTimeoutMS, r.IdleTimeoutMS); ms > 0 {
 			timeouts = append(timeouts, fmt.Sprintf("http-request set-timeout server %d if %s", ms, routeIs(i)))
 		}
