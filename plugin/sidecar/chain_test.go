@@ -176,7 +176,7 @@ func TestChainSlotsPerTarget(t *testing.T) {
 	}
 	cmds := serverCommands(m, m2)
 	backend := m2.Upstreams[0].TargetBackend(v1)
-	want := []haproxy.Command{haproxy.SetServerAddr(backend, "s1", "10.0.0.1", 13),
+	want := []haproxy.Command{haproxy.SetServerState(backend, "s1", haproxy.ServerMaint), haproxy.SetServerAddr(backend, "s1", "10.0.0.1", 13),
 		haproxy.SetServerState(backend, "s1", haproxy.ServerReady), haproxy.SetServerHealth(backend, "s1", haproxy.HealthUp)}
 	if !reflect.DeepEqual(cmds, want) {
 		t.Errorf("commands %v, want %v", cmds, want)
@@ -380,7 +380,7 @@ func TestPlanChainChanges(t *testing.T) {
 	moved := chainState(t, s, p, map[string][]int{v1: {12, 13}, v2: {21}, backup: {31}}, prev.slots)
 	pl := planApply(true, prev, moved)
 	be := moved.model.Upstreams[0].TargetBackend(v1)
-	want := []haproxy.Command{haproxy.SetServerAddr(be, "s1", "10.0.0.1", 13),
+	want := []haproxy.Command{haproxy.SetServerState(be, "s1", haproxy.ServerMaint), haproxy.SetServerAddr(be, "s1", "10.0.0.1", 13),
 		haproxy.SetServerState(be, "s1", haproxy.ServerReady), haproxy.SetServerHealth(be, "s1", haproxy.HealthUp)}
 	if pl.method != methodRuntime || !reflect.DeepEqual(pl.runtime, want) {
 		t.Fatalf("a target's instance moved: plan %s %v, want runtime %v", pl.method, pl.runtime, want)

@@ -170,6 +170,14 @@ func slotCommands(backend string, prev, next []render.Server) []haproxy.Command 
 			// state (a passive health check may have taken it out).
 			continue
 		}
+		// A slot that held another address goes through maintenance
+		// first: HAProxy closes a server's idle connections when it stops
+		// being usable, and would otherwise keep reusing connections to
+		// the old address after `set server addr` (seen after a DNS
+		// change). Requests in flight are not cut.
+		if old.Addr != "" && (old.Addr != srv.Addr || old.Port != srv.Port) {
+			cmds = append(cmds, haproxy.SetServerState(backend, srv.Name, haproxy.ServerMaint))
+		}
 		// Consul reports the instance passing: take it at its word
 		// ("health up") rather than wait for HAProxy's first check;
 		// HAProxy's own checks still take it out if it fails.

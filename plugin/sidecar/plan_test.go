@@ -89,7 +89,10 @@ func TestPlanMovesInstancesThroughTheRuntimeAPI(t *testing.T) {
 	// Instance 1 leaves, 3 arrives: 2 keeps its slot, 3 takes 1's.
 	next := stateOf(t, s, testSnapshot("LEAF", "ROOT", 2, 3), prev.slots)
 	p := planApply(true, prev, next)
+	// The slot held instance 1: maintenance first, so that HAProxy drops
+	// its idle connections to the old address.
 	want := []haproxy.Command{
+		haproxy.SetServerState("upstream_api", "s1", haproxy.ServerMaint),
 		haproxy.SetServerAddr("upstream_api", "s1", "10.0.0.1", 3),
 		haproxy.SetServerState("upstream_api", "s1", haproxy.ServerReady),
 		haproxy.SetServerHealth("upstream_api", "s1", haproxy.HealthUp),
