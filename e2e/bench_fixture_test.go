@@ -68,6 +68,46 @@ backend app
 	return addr, h.Proc.Cmd.Process.Pid
 }
 
+// bareTwoHops is the ceiling of any two-hop HTTP data plane here: two
+// one-thread HAProxies in HTTP mode, the first taking plain HTTP and
+// originating mTLS with a client leaf (keeping its connections, as a
+// sidecar does), the second terminating mTLS in front of the app, and
+// nothing else: no authorization, tagging, counting or identity check.
+// It returns the first one's address and both HAProxies' pids.
+func bareTwoHops(b testing.TB, c *harness.Consul, appPort int) (string, []int) {
+	dir := harness.TempDir(b)
+	apiLeaf, webLeaf := c.IssueLeaf(b, "api"), c.IssueLeaf(b, "web")
+	roots, _ := c.RootsPEM(b)
+	harness.WriteFile(b, dir, "api.pem", apiLeaf.CertPEM+apiLeaf.KeyPEM)
+	harness.WriteFile(b, dir, "web.pem", webLeaf.CertPEM+webLeaf.KeyPEM)
+	harness.WriteFile(b, dir, "roots.pem", roots)
+	inner := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
+	outer := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
+	common := `global
+    nbthread 1
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    ssl-default-server-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+`
+	hi := harness.StartHAProxy(b, harness.TempDir(b), common+fmt.Sprintf(`frontend inner
+    bind %s ssl crt %s ca-file %s verify required
+    default_backend app
+backend app
+    server app 127.0.0.1:%d
+`, inner, filepath.Join(dir, "api.pem"), filepath.Join(dir, "roots.pem"), appPort), inner)
+	ho := harness.StartHAProxy(b, harness.TempDir(b), common+fmt.Sprintf(`frontend outer
+    bind %s
+    default_backend inner
+backend inner
+    server inner %s ssl crt %s ca-file %s verify required
+`, outer, inner, filepath.Join(dir, "web.pem"), filepath.Join(dir, "roots.pem")), outer)
+	return outer, []int{ho.Proc.Cmd.Process.Pid, hi.Proc.Cmd.Process.Pid}
+}
+
 // haproxyPids returns the master and worker pids of a sidecar's HAProxy.
 func haproxyPids(b testing.TB, in *instance) []int {
 	worker := workerPid(b, in.dir)

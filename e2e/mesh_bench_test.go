@@ -44,6 +44,7 @@ func BenchmarkMesh(b *testing.B) {
 	m.consul.SetIntentions(b, "capi", harness.Source("cweb", api.IntentionActionAllow))
 	appPort := benchApp(b)
 	bareAddr, barePid := bareMTLS(b, m.consul, appPort)
+	ceilingAddr, ceilingPids := bareTwoHops(b, m.consul, appPort)
 	apiIn := benchRegister(b, m, "api-1", appPort, "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)))
 	webIn := benchRegisterWeb(b, m, "web-1", "web", "api")
 	// The same two hops with protocol tcp (L4, like Consul's proxy).
@@ -79,6 +80,7 @@ func BenchmarkMesh(b *testing.B) {
 			pids: append(append(haproxyPids(b, twebIn), twebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, tapiIn), tapiIn.sidecar.Cmd.Process.Pid)...)},
 		{name: "7 haconnect two hops, routed (10 routes, split)", addr: fmt.Sprintf("127.0.0.1:%d", rwebIn.upstream["rapi"]),
 			pids: append(append(haproxyPids(b, rwebIn), rwebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, rapiIn), rapiIn.sidecar.Cmd.Process.Pid)...)},
+		{name: "8 bare HAProxy two hops (the ceiling)", addr: ceilingAddr, pids: ceilingPids},
 	}
 	// Every path must answer before it is measured: a new upstream instance
 	// enters HAProxy's pool once its first health check passes.
@@ -171,6 +173,7 @@ func BenchmarkMesh(b *testing.B) {
 	b.ReportMetric(float64(flipP99.Microseconds())/1000, "flip-p99-ms")
 	b.ReportMetric(medianRPS(scenarios[6].rounds[ka])/medianRPS(scenarios[3].rounds[ka]), "routed/2hop-req/s")
 	b.ReportMetric(median(scenarios[6].cpu[ka])/median(scenarios[3].cpu[ka]), "routed/2hop-cpu")
+	b.ReportMetric(median(scenarios[3].cpu[ka])/median(scenarios[7].cpu[ka]), "2hop/ceiling-cpu")
 	if path := os.Getenv("HACONNECT_BENCH_REPORT"); path != "" && !short {
 		if err := os.WriteFile(path, []byte(rep.markdown()), 0o644); err != nil {
 			b.Fatal(err)
@@ -345,6 +348,7 @@ func (r report) markdown() string {
 		r.rounds, r.dur)
 	base := map[string]float64{}
 	consulRPS := map[string]float64{}
+	ceiling := r.scenarios[7]
 	for _, mode := range r.modes {
 		base[mode] = medianRPS(r.scenarios[1].rounds[mode])
 		consulRPS[mode] = medianRPS(r.scenarios[4].rounds[mode])
@@ -354,19 +358,20 @@ func (r report) markdown() string {
 		if mode != "keep-alive" {
 			conns = 8
 		}
-		fmt.Fprintf(&s, "## %s (%d connections)\n\n| scenario | req/s | vs 2 (bare mTLS) | vs 5 (consul proxy) | p50 | p99 | data plane CPU/request |\n|---|---|---|---|---|---|---|\n", mode, conns)
+		fmt.Fprintf(&s, "## %s (%d connections)\n\n| scenario | req/s | vs 2 (bare mTLS) | vs 5 (consul proxy) | vs 8 (ceiling) | p50 | p99 | data plane CPU/request | CPU vs 8 (ceiling) |\n|---|---|---|---|---|---|---|---|---|\n", mode, conns)
 		for _, sc := range r.scenarios {
 			rs := sc.rounds[mode]
 			var p50 []float64
 			for _, x := range rs {
 				p50 = append(p50, float64(x.P50))
 			}
-			cpu := "-"
+			cpu, cpuRatio := "-", "-"
 			if len(sc.pids) > 0 {
 				cpu = fmt.Sprintf("%.1f us", median(sc.cpu[mode]))
+				cpuRatio = fmt.Sprintf("%.2fx", median(sc.cpu[mode])/median(ceiling.cpu[mode]))
 			}
-			fmt.Fprintf(&s, "| %s | %.0f | %.2f | %.2f | %s | %s | %s |\n", sc.name, medianRPS(rs), medianRPS(rs)/base[mode], medianRPS(rs)/consulRPS[mode],
-				time.Duration(median(p50)).Round(time.Microsecond), medianP99(rs).Round(time.Microsecond), cpu)
+			fmt.Fprintf(&s, "| %s | %.0f | %.2f | %.2f | %.2f | %s | %s | %s | %s |\n", sc.name, medianRPS(rs), medianRPS(rs)/base[mode], medianRPS(rs)/consulRPS[mode],
+				medianRPS(rs)/medianRPS(ceiling.rounds[mode]), time.Duration(median(p50)).Round(time.Microsecond), medianP99(rs).Round(time.Microsecond), cpu, cpuRatio)
 		}
 		s.WriteString("\n")
 	}
