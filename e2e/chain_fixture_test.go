@@ -195,7 +195,8 @@ func setChain(t testing.TB, m *mesh, service string, res *api.ServiceResolverCon
 
 // answer is who answered a request through the mesh, and what the app saw.
 type answer struct {
-	at   time.Time
+	at   time.Time // when it ended
+	sent time.Time // when it was sent
 	code int
 	id   string // the app's instance
 	uri  string // the request URI the app saw
@@ -217,20 +218,21 @@ func (in *instance) do(client *http.Client, dest string, r chainRequest) answer 
 	if r.path == "" {
 		r.path = "/"
 	}
+	sent := time.Now()
 	req, err := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d%s", in.upstream[dest], r.path), nil)
 	if err != nil {
-		return answer{at: time.Now(), err: err}
+		return answer{at: time.Now(), sent: sent, err: err}
 	}
 	for k, v := range r.headers {
 		req.Header.Set(k, v)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return answer{at: time.Now(), err: err}
+		return answer{at: time.Now(), sent: sent, err: err}
 	}
 	b, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	a := answer{at: time.Now(), code: resp.StatusCode, body: string(b), err: err}
+	a := answer{at: time.Now(), sent: sent, code: resp.StatusCode, body: string(b), err: err}
 	if f := strings.Fields(a.body); a.code == 200 && len(f) >= 2 {
 		a.id, a.uri = f[0], f[1]
 	}

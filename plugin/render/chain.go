@@ -341,6 +341,12 @@ type backendView struct {
 	RetryNotes []string
 	// Rules are http-request lines after the default ones.
 	Rules []string
+	// FailFast: the target has a failover target after it. A failed
+	// connection to one of its instances takes that instance out at once
+	// (observe layer4, error-limit 1), so that the next requests go to the
+	// failover target instead of waiting for two failed health checks (an
+	// instance killed before Consul noticed failed 1.2-2 s of requests).
+	FailFast bool
 }
 
 // UpstreamBackend is the view of an upstream's backend without a chain.
@@ -362,6 +368,7 @@ func (v *view) TargetBackends(u Upstream) []backendView {
 			b.Rules = append(b.Rules, hashKeyRules(t.Balance)...)
 			targetRouteRules(&b, u, t.ID)
 		}
+		b.FailFast = hasFailover(u, t.ID)
 		out = append(out, b)
 	}
 	return out
@@ -874,4 +881,19 @@ func (m *Model) SplitVars() []SplitVar {
 		}
 	}
 	return out
+}
+
+// hasFailover reports whether some split of u fails over from target id
+// to another one.
+func hasFailover(u Upstream, id string) bool {
+	for _, r := range u.Routes {
+		for _, sp := range r.Splits {
+			for i, t := range sp.Targets {
+				if t == id && i < len(sp.Targets)-1 {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
