@@ -276,15 +276,7 @@ func TestGRPC(t *testing.T) {
 			}()
 		}
 		time.Sleep(300 * time.Millisecond)
-		conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conf.Config["PrivateKey"] = newRootKey(t)
-		conf.Config["RootCert"] = ""
-		if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
-			t.Fatalf("rotate the CA: %v", err)
-		}
+		m.rotateCA(t)
 		harness.WaitFor(t, 30*time.Second, "both sidecars on new leaves", func() bool {
 			return readFile(t, web.dir+"/leaf.pem") != webLeaf && readFile(t, apiIn.dir+"/leaf.pem") != apiLeaf
 		})

@@ -4,9 +4,6 @@
 package e2e
 
 import (
-	"crypto/tls"
-	"fmt"
-	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -56,33 +53,11 @@ func TestUnreadableUpstreamDoesNotBlockTheOthers(t *testing.T) {
 	// A CA rotation: web's HAProxy must serve web's re-issued leaf, and
 	// web must reach api with the new roots.
 	webLeaf := readFile(t, filepath.Join(web.dir, "leaf.pem"))
-	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conf.Config["PrivateKey"] = newRootKey(t)
-	conf.Config["RootCert"] = ""
-	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
-		t.Fatalf("rotate the CA: %v", err)
-	}
+	m.rotateCA(t)
 	harness.WaitFor(t, 40*time.Second, "web's new leaf", func() bool {
 		return readFile(t, filepath.Join(web.dir, "leaf.pem")) != webLeaf
 	})
-	want := pemCert(t, readFile(t, filepath.Join(web.dir, "leaf.pem")))
-	harness.WaitFor(t, 10*time.Second, "web's listener serving its new leaf", func() bool {
-		callerPEM := readFile(t, filepath.Join(api1.dir, "leaf.pem"))
-		caller, err := tls.X509KeyPair([]byte(callerPEM), []byte(callerPEM))
-		if err != nil {
-			return false
-		}
-		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", web.port),
-			&tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{caller}})
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		return c.ConnectionState().PeerCertificates[0].SerialNumber.Cmp(want.SerialNumber) == 0
-	})
+	web.waitServingLeaf(t, 10*time.Second, api1)
 	harness.WaitFor(t, 20*time.Second, "web reaching api after the rotation", func() bool {
 		code, _, err := web.call("api")
 		return err == nil && code == http.StatusOK

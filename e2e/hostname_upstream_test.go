@@ -5,7 +5,6 @@
 package e2e
 
 import (
-	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -108,33 +107,11 @@ func TestHostNameUpstreamFollowsDNS(t *testing.T) {
 	// api-b does not resolve: logged once. The CA rotation still reaches
 	// web's HAProxy.
 	webLeaf := readFile(t, filepath.Join(web.dir, "leaf.pem"))
-	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conf.Config["PrivateKey"] = newRootKey(t)
-	conf.Config["RootCert"] = ""
-	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
-		t.Fatalf("rotate the CA: %v", err)
-	}
+	m.rotateCA(t)
 	harness.WaitFor(t, 40*time.Second, "web's new leaf", func() bool {
 		return readFile(t, filepath.Join(web.dir, "leaf.pem")) != webLeaf
 	})
-	want := pemCert(t, readFile(t, filepath.Join(web.dir, "leaf.pem")))
-	harness.WaitFor(t, 10*time.Second, "web's listener serving its new leaf", func() bool {
-		callerPEM := readFile(t, filepath.Join(api1.dir, "leaf.pem"))
-		caller, err := tls.X509KeyPair([]byte(callerPEM), []byte(callerPEM))
-		if err != nil {
-			return false
-		}
-		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", web.port),
-			&tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{caller}})
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		return c.ConnectionState().PeerCertificates[0].SerialNumber.Cmp(want.SerialNumber) == 0
-	})
+	web.waitServingLeaf(t, 10*time.Second, api1)
 	harness.WaitFor(t, 20*time.Second, "web reaching api-2 after the rotation", served("api-2"))
 	if n := dns.Queries(nameB); n < 2 {
 		t.Fatalf("%s looked up %d times, want again and again", nameB, n)

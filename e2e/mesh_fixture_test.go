@@ -8,11 +8,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
 	"io"
 	"maps"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -349,6 +351,46 @@ func alive(pid int) bool {
 	}
 	_, after, _ := strings.Cut(string(b), ") ")
 	return !strings.HasPrefix(after, "Z")
+}
+
+// rotateCA gives Consul's built-in CA provider a new root key: the
+// Connect CA root rotates, and Consul re-issues every leaf (seconds later).
+func (m *mesh) rotateCA(t *testing.T) {
+	t.Helper()
+	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf.Config["PrivateKey"] = newRootKey(t)
+	conf.Config["RootCert"] = ""
+	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
+		t.Fatalf("rotate the CA: %v", err)
+	}
+}
+
+// waitServingLeaf waits until in's public listener serves the leaf now in
+// in's directory, as a caller holding caller's leaf sees it, and returns
+// the serial number served last.
+func (in *instance) waitServingLeaf(t *testing.T, timeout time.Duration, caller *instance) *big.Int {
+	t.Helper()
+	want := pemCert(t, readFile(t, filepath.Join(in.dir, "leaf.pem")))
+	var served *big.Int
+	harness.WaitFor(t, timeout, in.id+"'s listener serving its new leaf", func() bool {
+		callerPEM := readFile(t, filepath.Join(caller.dir, "leaf.pem"))
+		cert, err := tls.X509KeyPair([]byte(callerPEM), []byte(callerPEM))
+		if err != nil {
+			return false
+		}
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", in.port),
+			&tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		served = c.ConnectionState().PeerCertificates[0].SerialNumber
+		return served.Cmp(want.SerialNumber) == 0
+	})
+	return served
 }
 
 // newRootKey is a fresh CA key for Consul's built-in provider: giving it

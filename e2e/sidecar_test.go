@@ -193,16 +193,8 @@ func TestSidecarRotationUnderLoad(t *testing.T) {
 
 	l := startLoad(web, "api", 4)
 	time.Sleep(300 * time.Millisecond)
-	conf, _, err := m.consul.Client.Connect().CAGetConfig(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conf.Config["PrivateKey"] = newRootKey(t)
-	conf.Config["RootCert"] = ""
 	rotated := time.Now()
-	if _, err := m.consul.Client.Connect().CASetConfig(conf, nil); err != nil {
-		t.Fatalf("rotate the CA: %v", err)
-	}
+	m.rotateCA(t)
 	harness.WaitFor(t, 30*time.Second, "both sidecars on new leaves and both roots", func() bool {
 		return readFile(t, filepath.Join(web.dir, "leaf.pem")) != webLeaf &&
 			readFile(t, filepath.Join(api1.dir, "leaf.pem")) != apiLeaf &&
