@@ -700,21 +700,7 @@ func validateMatch(bad func(string, ...any), rw string, m *chain.Match) {
 		if !token(h.Name) {
 			bad("%s: not a header name", hw)
 		}
-		n := 0
-		for _, v := range []string{h.Exact, h.Prefix, h.Suffix, h.Regex} {
-			if v != "" {
-				n++
-				if !safeValue(v) {
-					bad("%s: value %q has a control character", hw, v)
-				}
-			}
-		}
-		if h.Present {
-			n++
-		}
-		if n != 1 {
-			bad("%s: exactly one of Present, Exact, Prefix, Suffix, Regex", hw)
-		}
+		checkOneCondition(bad, hw, "Present, Exact, Prefix, Suffix, Regex", h.Present, h.Exact, h.Prefix, h.Suffix, h.Regex)
 		checkRegex(bad, hw+" regex", h.Regex)
 	}
 	for _, q := range m.Query {
@@ -722,21 +708,7 @@ func validateMatch(bad func(string, ...any), rw string, m *chain.Match) {
 		if !token(q.Name) {
 			bad("%s: not a parameter name", qw)
 		}
-		n := 0
-		for _, v := range []string{q.Exact, q.Regex} {
-			if v != "" {
-				n++
-				if !safeValue(v) {
-					bad("%s: value %q has a control character", qw, v)
-				}
-			}
-		}
-		if q.Present {
-			n++
-		}
-		if n != 1 {
-			bad("%s: exactly one of Present, Exact, Regex", qw)
-		}
+		checkOneCondition(bad, qw, "Present, Exact, Regex", q.Present, q.Exact, q.Regex)
 		checkRegex(bad, qw+" regex", q.Regex)
 	}
 	if len(m.Methods) > 40 {
@@ -746,6 +718,27 @@ func validateMatch(bad func(string, ...any), rw string, m *chain.Match) {
 		if !token(meth) {
 			bad("%s: method %q", rw, meth)
 		}
+	}
+}
+
+// checkOneCondition refuses a header or query match that sets other than
+// exactly one of its kinds (present, or one of values, named by kinds),
+// or a value with a control character.
+func checkOneCondition(bad func(string, ...any), what, kinds string, present bool, values ...string) {
+	n := 0
+	if present {
+		n++
+	}
+	for _, v := range values {
+		if v != "" {
+			n++
+			if !safeValue(v) {
+				bad("%s: value %q has a control character", what, v)
+			}
+		}
+	}
+	if n != 1 {
+		bad("%s: exactly one of %s", what, kinds)
 	}
 }
 

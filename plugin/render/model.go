@@ -401,16 +401,7 @@ func (m *Model) Validate() error {
 		if !strings.HasPrefix(u.PeerURI, "spiffe://") || !spiffeChars(u.PeerURI) {
 			bad("%s peer URI %q", what, u.PeerURI)
 		}
-		for _, s := range u.Servers {
-			if s.Addr == "" {
-				continue
-			}
-			checkAddr(bad, what+" instance address", s.Addr)
-			checkPort(bad, what+" instance port", s.Port)
-			if s.MaxConn < 0 {
-				bad("%s slot %s maxconn %d", what, s.Name, s.MaxConn)
-			}
-		}
+		checkServers(bad, what, u.Servers)
 		validateChain(bad, what, u, sections)
 	}
 	m.validateExposed(bad, ports)
