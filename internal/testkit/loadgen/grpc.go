@@ -74,17 +74,5 @@ func RunGRPC(ctx context.Context, cfg GRPCConfig) Result {
 		}(&workers[i], clients[i%cfg.Conns])
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
-	var lat []time.Duration
-	for i := range workers {
-		w := &workers[i]
-		res.Requests += int64(len(w.lat))
-		res.Errors += w.errors
-		lat = append(lat, w.lat...)
-		if res.FirstError == "" {
-			res.FirstError = w.firstError
-		}
-	}
-	res.summarize(lat, elapsed)
-	return res
+	return collect(workers, time.Since(start))
 }

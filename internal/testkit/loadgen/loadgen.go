@@ -84,8 +84,11 @@ func Run(ctx context.Context, cfg Config) Result {
 		}(&workers[i])
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
+	return collect(workers, time.Since(start))
+}
 
+// collect sums the workers' counts and latencies over elapsed.
+func collect(workers []worker, elapsed time.Duration) Result {
 	var res Result
 	var lat []time.Duration
 	for i := range workers {
