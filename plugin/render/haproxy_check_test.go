@@ -34,7 +34,9 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 
 	harness.WriteFile(t, dir, "haconnect.lua", string(lua.Telemetry))
 	harness.WriteFile(t, dir, "upstream_peers.map", "")
-	for _, proto := range []string{ProtocolHTTP, ProtocolTCP, ProtocolHTTP2, ProtocolGRPC, ProtocolHTTP + " without telemetry"} {
+	for _, proto := range []string{ProtocolHTTP, ProtocolTCP, ProtocolHTTP2, ProtocolGRPC, ProtocolHTTP + " without telemetry",
+		ProtocolHTTP + " with rate limits", ProtocolGRPC + " with rate limits", ProtocolTCP + " with rate limits",
+		ProtocolHTTP + " with rate limits without telemetry"} {
 		m := model()
 		m.LeafFile, m.RootsFile = filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem")
 		m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")
@@ -42,6 +44,11 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 		m.PeerMapFile = filepath.Join(dir, "upstream_peers.map")
 		if p, ok := strings.CutSuffix(proto, " without telemetry"); ok {
 			proto, m.AdminBind = p, ""
+		}
+		if p, ok := strings.CutSuffix(proto, " with rate limits"); ok {
+			proto, m.Inbound.RateLimits = p, sampleRateLimits()
+			m.RateLimitMapFile = filepath.Join(dir, "rate_limits.map")
+			harness.WriteFile(t, dir, "rate_limits.map", m.RateLimitMapText())
 		}
 		m.Inbound.Protocol, m.Upstreams[0].Protocol = proto, proto
 		m.AccessLog, m.Threads = proto == ProtocolTCP, 1

@@ -116,6 +116,9 @@ type Model struct {
 	// SPIFFE ID of each upstream certificate seen, by the certificate's
 	// SHA-256.
 	PeerMapFile string
+	// RateLimitMapFile holds the rate limits' numbers (RateLimitMapText),
+	// changed through the runtime API; needed with Inbound.RateLimits.
+	RateLimitMapFile string
 	// Threads sets nbthread (0: HAProxy's default, one per CPU).
 	Threads int
 	// AccessLog logs every request/connection to stderr; off, the
@@ -148,6 +151,9 @@ type Inbound struct {
 	// MaxConnections caps the listener's concurrent connections (frontend
 	// maxconn; 0: HAProxy's default).
 	MaxConnections int
+	// RateLimits budget the callers' requests and connections (nil: none;
+	// ratelimit.go).
+	RateLimits *RateLimits
 }
 
 // Upstream is a local listener that reaches a destination through the
@@ -405,6 +411,10 @@ func (m *Model) Validate() error {
 		validateChain(bad, what, u, sections)
 	}
 	m.validateExposed(bad, ports)
+	validateRateLimits(bad, in.RateLimits)
+	if in.RateLimits != nil && !strings.HasPrefix(m.RateLimitMapFile, "/") {
+		bad("rate limit map file %q is not an absolute path", m.RateLimitMapFile)
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid sidecar configuration: %s", strings.Join(errs, "; "))
 	}

@@ -53,34 +53,44 @@ func Render(m *Model) (*Output, error) {
 	if err := m.Validate(); err != nil {
 		return nil, err
 	}
-	tel := newTelemetry(m.AdminBind)
-	cfg, err := execute(cfgTmpl, m, tel, false)
+	v := newView(m)
+	cfg, err := execute(cfgTmpl, v, false)
 	if err != nil {
 		return nil, err
 	}
-	shape, err := execute(cfgTmpl, m, tel, true)
+	shape, err := execute(cfgTmpl, v, true)
 	if err != nil {
 		return nil, err
 	}
-	spoe, err := execute(spoeTmpl, m, tel, false)
+	spoe, err := execute(spoeTmpl, v, false)
 	if err != nil {
 		return nil, err
 	}
 	return &Output{Config: cfg, SPOE: spoe, Shape: shape}, nil
 }
 
-func execute(t *template.Template, m *Model, tel telemetry, shape bool) (string, error) {
+func execute(t *template.Template, v view, shape bool) (string, error) {
 	var b bytes.Buffer
-	err := t.Execute(&b, &view{m, shape, tel})
+	v.Shape = shape
+	err := t.Execute(&b, &v)
 	return strings.TrimLeft(b.String(), "\n"), err
 }
 
 // view is what the templates read: the model, whether the output is
-// the Shape, and the telemetry's layout.
+// the Shape, the layout of the callers' entries (telemetry and rate
+// limits) and the rate limits' rules.
 type view struct {
 	*Model
 	Shape     bool
 	Telemetry telemetry
+	Callers   callers
+	Rate      rateView
+}
+
+func newView(m *Model) view {
+	tel := newTelemetry(m.AdminBind)
+	c, r := newRates(m, tel)
+	return view{Model: m, Telemetry: tel, Callers: c, Rate: r}
 }
 
 // ServerName is the configuration name of an upstream's slot.

@@ -26,7 +26,18 @@ type bucketRule struct{ Index, Lo, Hi int }
 // with Mask set.
 type bitRule struct{ Index, Mask int }
 
+// classRule counts the answers of one status class (1xx-5xx) in Index.
+type classRule struct{ Index, Lo, Hi int }
+
+// statusClasses is how many classes come first in a caller's entry.
+const statusClasses = 5
+
+// telemetry is the layout of the telemetry counters at the start of a
+// caller's entry ("<source>|<destination>", see ratelimit.go): gpc0-4
+// count the answers by status class, then one counter per latency
+// bucket, then one per bit of the latency sum.
 type telemetry struct {
+	Classes   []classRule
 	Buckets   []bucketRule
 	Bits      []bitRule
 	Counters  int    // gpc array size
@@ -37,17 +48,20 @@ type telemetry struct {
 
 func newTelemetry(adminBind string) telemetry {
 	t := telemetry{SumBits: sumBits}
+	for c := 1; c <= statusClasses; c++ {
+		t.Classes = append(t.Classes, classRule{Index: c - 1, Lo: c * 100, Hi: c*100 + 99})
+	}
 	lo := 0
 	var bounds []string
 	for i, hi := range latencyBucketsUS {
-		t.Buckets = append(t.Buckets, bucketRule{Index: 1 + i, Lo: lo, Hi: hi})
+		t.Buckets = append(t.Buckets, bucketRule{Index: statusClasses + i, Lo: lo, Hi: hi})
 		bounds = append(bounds, strconv.Itoa(hi))
 		lo = hi + 1
 	}
 	for bit := 0; bit < sumBits; bit++ {
-		t.Bits = append(t.Bits, bitRule{Index: 1 + len(latencyBucketsUS) + bit, Mask: 1 << bit})
+		t.Bits = append(t.Bits, bitRule{Index: statusClasses + len(latencyBucketsUS) + bit, Mask: 1 << bit})
 	}
-	t.Counters = 1 + len(latencyBucketsUS) + sumBits
+	t.Counters = statusClasses + len(latencyBucketsUS) + sumBits
 	t.BucketsUS = strings.Join(bounds, ",")
 	if host, port, err := net.SplitHostPort(adminBind); err == nil {
 		if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
