@@ -14,9 +14,16 @@
 --                           SPOA), appended before the exporter's; optional
 --   HACONNECT_BUCKETS_US    upper bounds of the latency buckets, microseconds, comma-separated
 --   HACONNECT_SUM_BITS      how many bits of the latency (us) are counted for _sum
--- haconnect_requests: key "source|destination|class", gpc0 = count,
---   gpc1..gpcN = requests per latency bucket (not cumulative; the rest is +Inf),
---   gpcN+1.. = requests whose latency has bit i set (the sum is rebuilt from them).
+--   HACONNECT_CALLER_TABLES the callers' tables, comma-separated
+--   HACONNECT_RATE_BASE     index of the first rate limit refusal counter
+--   HACONNECT_RATE_SCOPES   the refusal counters' scope labels, hex, comma-separated ("-": none)
+-- Callers' tables (plugin/render/ratelimit.go): key "source|destination",
+--   gpc0..gpc4 = answers by status class (1xx..5xx),
+--   gpc5.. = answers per latency bucket (not cumulative; the rest is +Inf),
+--   then answers whose latency has bit i set (the sum is rebuilt from them),
+--   then from HACONNECT_RATE_BASE requests refused by each rate limit scope.
+--   A caller may have entries in several tables (its budget's window
+--   changed): they are added up.
 -- haconnect_denied: key "source|destination|reason", gpc0 = count.
 
 local function env(name)
@@ -64,68 +71,121 @@ local function entries(text)
   return out
 end
 
+local function split2(key)
+  return string.match(key, "^([^|]*)|(.*)$")
+end
+
 local function split3(key)
   return string.match(key, "^([^|]*)|([^|]*)|(.*)$")
 end
 
+local function unhex(h)
+  return (string.gsub(h, "%x%x", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+-- label escapes a Prometheus label value.
+local function label(v)
+  return (string.gsub(v, '[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+end
+
 local function labels(source, destination)
-  return string.format('source="%s",destination="%s"', source, destination)
+  return string.format('source="%s",destination="%s"', label(source), label(destination))
 end
 
 local function seconds(us)
   return string.format("%g", us / 1e6)
 end
 
+local CLASSES = 5
+
 local function render()
   local buckets = numbers(env("HACONNECT_BUCKETS_US"))
   local sumBits = tonumber(env("HACONNECT_SUM_BITS"))
+  local rateBase = tonumber(env("HACONNECT_RATE_BASE"))
+  local scopes = {}
+  for h in string.gmatch(env("HACONNECT_RATE_SCOPES"), "[^,]+") do
+    if h ~= "-" then
+      scopes[#scopes + 1] = unhex(h)
+    end
+  end
   local b = {}
 
-  local reqText, err = admin("show table haconnect_requests")
-  if not reqText then
-    return nil, "runtime API: " .. tostring(err)
-  end
-  local series = {} -- "source|destination" -> {count, buckets[], sum}
+  -- Every caller's counters, added up over the tables it is in.
+  local series = {} -- "source|destination" -> {classes[], count, buckets[], sum, limited[]}
   local order = {}
-  b[#b + 1] = "# HELP haconnect_requests_total Requests answered through the inbound listener, by caller, destination and status class."
-  b[#b + 1] = "# TYPE haconnect_requests_total counter"
-  for _, e in ipairs(entries(reqText)) do
-    local source, destination, class = split3(e.key)
-    if source then
-      local count = e.gpc[0] or 0
-      b[#b + 1] = string.format('haconnect_requests_total{%s,code_class="%sxx"} %d', labels(source, destination), class, count)
-      local id = source .. "|" .. destination
-      local s = series[id]
-      if not s then
-        s = { source = source, destination = destination, count = 0, sum = 0, buckets = {} }
-        for i = 1, #buckets do s.buckets[i] = 0 end
-        series[id] = s
-        order[#order + 1] = id
-      end
-      s.count = s.count + count
-      for i = 1, #buckets do
-        s.buckets[i] = s.buckets[i] + (e.gpc[i] or 0)
-      end
-      for bit = 0, sumBits - 1 do
-        s.sum = s.sum + (e.gpc[#buckets + 1 + bit] or 0) * (1 << bit)
+  for tbl in string.gmatch(env("HACONNECT_CALLER_TABLES"), "[^,]+") do
+    local text, err = admin("show table " .. tbl)
+    if not text then
+      return nil, "runtime API: " .. tostring(err)
+    end
+    for _, e in ipairs(entries(text)) do
+      local source, destination = split2(e.key)
+      if source then
+        local s = series[e.key]
+        if not s then
+          s = { source = source, destination = destination, count = 0, sum = 0, classes = {}, buckets = {}, limited = {} }
+          for i = 1, CLASSES do s.classes[i] = 0 end
+          for i = 1, #buckets do s.buckets[i] = 0 end
+          for i = 1, #scopes do s.limited[i] = 0 end
+          series[e.key] = s
+          order[#order + 1] = e.key
+        end
+        for i = 1, CLASSES do
+          local n = e.gpc[i - 1] or 0
+          s.classes[i] = s.classes[i] + n
+          s.count = s.count + n
+        end
+        for i = 1, #buckets do
+          s.buckets[i] = s.buckets[i] + (e.gpc[CLASSES + i - 1] or 0)
+        end
+        for bit = 0, sumBits - 1 do
+          s.sum = s.sum + (e.gpc[CLASSES + #buckets + bit] or 0) * (1 << bit)
+        end
+        for i = 1, #scopes do
+          s.limited[i] = s.limited[i] + (e.gpc[rateBase + i - 1] or 0)
+        end
       end
     end
   end
   table.sort(order)
 
+  b[#b + 1] = "# HELP haconnect_requests_total Requests answered through the inbound listener, by caller, destination and status class."
+  b[#b + 1] = "# TYPE haconnect_requests_total counter"
+  for _, id in ipairs(order) do
+    local s = series[id]
+    for i = 1, CLASSES do
+      if s.classes[i] > 0 then
+        b[#b + 1] = string.format('haconnect_requests_total{%s,code_class="%dxx"} %d', labels(s.source, s.destination), i, s.classes[i])
+      end
+    end
+  end
+
   b[#b + 1] = "# HELP haconnect_request_duration_seconds Time from a request's arrival to its response headers, by caller and destination."
   b[#b + 1] = "# TYPE haconnect_request_duration_seconds histogram"
   for _, id in ipairs(order) do
     local s = series[id]
-    local l = labels(s.source, s.destination)
-    local cumulative = 0
-    for i, bound in ipairs(buckets) do
-      cumulative = cumulative + s.buckets[i]
-      b[#b + 1] = string.format('haconnect_request_duration_seconds_bucket{%s,le="%s"} %d', l, seconds(bound), cumulative)
+    if s.count > 0 then
+      local l = labels(s.source, s.destination)
+      local cumulative = 0
+      for i, bound in ipairs(buckets) do
+        cumulative = cumulative + s.buckets[i]
+        b[#b + 1] = string.format('haconnect_request_duration_seconds_bucket{%s,le="%s"} %d', l, seconds(bound), cumulative)
+      end
+      b[#b + 1] = string.format('haconnect_request_duration_seconds_bucket{%s,le="+Inf"} %d', l, s.count)
+      b[#b + 1] = string.format("haconnect_request_duration_seconds_sum{%s} %.6f", l, s.sum / 1e6)
+      b[#b + 1] = string.format("haconnect_request_duration_seconds_count{%s} %d", l, s.count)
     end
-    b[#b + 1] = string.format('haconnect_request_duration_seconds_bucket{%s,le="+Inf"} %d', l, s.count)
-    b[#b + 1] = string.format("haconnect_request_duration_seconds_sum{%s} %.6f", l, s.sum / 1e6)
-    b[#b + 1] = string.format("haconnect_request_duration_seconds_count{%s} %d", l, s.count)
+  end
+
+  b[#b + 1] = "# HELP haconnect_rate_limited_total Requests (or connections) refused by a rate limit, by caller, destination and scope."
+  b[#b + 1] = "# TYPE haconnect_rate_limited_total counter"
+  for _, id in ipairs(order) do
+    local s = series[id]
+    for i, scope in ipairs(scopes) do
+      if s.limited[i] > 0 then
+        b[#b + 1] = string.format('haconnect_rate_limited_total{%s,scope="%s"} %d', labels(s.source, s.destination), label(scope), s.limited[i])
+      end
+    end
   end
 
   local deniedText = admin("show table haconnect_denied") or ""
@@ -134,7 +194,7 @@ local function render()
   for _, e in ipairs(entries(deniedText)) do
     local source, destination, reason = split3(e.key)
     if source then
-      b[#b + 1] = string.format('haconnect_denied_total{%s,reason="%s"} %d', labels(source, destination), reason, e.gpc[0] or 0)
+      b[#b + 1] = string.format('haconnect_denied_total{%s,reason="%s"} %d', labels(source, destination), label(reason), e.gpc[0] or 0)
     end
   end
   return table.concat(b, "\n") .. "\n"
