@@ -83,6 +83,22 @@ func SetProcVar(name string, v int) Command {
 	return Command{text: fmt.Sprintf("experimental-mode on; set var %s int(%d)", name, v)}
 }
 
+// AddMap, SetMap and DelMap change one entry of a map file HAProxy
+// loaded (named by its path), in memory.
+func AddMap(file, key, value string) Command {
+	return Command{text: fmt.Sprintf("add map %s %s %s", file, key, value)}
+}
+
+// SetMap: see AddMap.
+func SetMap(file, key, value string) Command {
+	return Command{text: fmt.Sprintf("set map %s %s %s", file, key, value)}
+}
+
+// DelMap: see AddMap.
+func DelMap(file, key string) Command {
+	return Command{text: fmt.Sprintf("del map %s %s", file, key)}
+}
+
 // ServerStat is one server's row of `show stat`: its state and the
 // counters a passive health check reads.
 type ServerStat struct {

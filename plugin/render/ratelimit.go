@@ -124,6 +124,17 @@ const (
 // ScopeRoute is a route's scope label.
 func ScopeRoute(r RouteLimit) string { return "route " + r.What() }
 
+// Validate refuses budgets HAProxy could not count as asked, naming the
+// field (as in Proxy.Config).
+func (rl *RateLimits) Validate() error {
+	var errs []string
+	validateRateLimits(func(format string, args ...any) { errs = append(errs, fmt.Sprintf(format, args...)) }, rl)
+	if len(errs) > 0 {
+		return fmt.Errorf("%s", strings.Join(errs, "; "))
+	}
+	return nil
+}
+
 // validateRateLimits refuses budgets HAProxy could not count as asked.
 func validateRateLimits(bad func(string, ...any), rl *RateLimits) {
 	if rl == nil {
@@ -254,7 +265,9 @@ type rateScope struct {
 
 // Message is the 429's text for the scope, in double quotes for the
 // configuration ('\', '"' and '$' escaped), ending in a new line.
-func (s rateScope) Message() string { return doubleQuote("haconnect: rate limited ("+s.Label+")", `\n`) }
+func (s rateScope) Message() string {
+	return doubleQuote("haconnect: rate limited ("+s.Label+")", `\n`)
+}
 
 func doubleQuote(s, suffix string) string {
 	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`, `$`, `\$`).Replace(s) + suffix + `"`

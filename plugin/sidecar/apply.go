@@ -105,6 +105,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		ProcessMetricsURL: s.cfg.ProcessMetricsURL,
 		LuaFile:           s.path("haconnect.lua"),
 		PeerMapFile:       s.path("upstream_peers.map"),
+		RateLimitMapFile:  s.path("rate_limits.map"),
 		Threads:           s.cfg.Threads,
 		AccessLog:         s.cfg.AccessLog || reg.AccessLogs,
 		Inbound:           reg.Inbound,

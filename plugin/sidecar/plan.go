@@ -78,13 +78,15 @@ func planApply(running bool, prev, next appliedState) plan {
 		p.method = methodStart
 		// upstream_peers.map starts empty: HAProxy fills it in memory.
 		p.files = []file{{"leaf.pem", next.leafPEM}, {"roots.pem", next.rootsPEM},
-			{"spoe.conf", next.out.SPOE}, {"haconnect.lua", string(lua.Telemetry)}, {"upstream_peers.map", ""}}
+			{"spoe.conf", next.out.SPOE}, {"haconnect.lua", string(lua.Telemetry)}, {"upstream_peers.map", ""},
+			{"rate_limits.map", next.model.RateLimitMapText()}}
 		return p
 	}
 	for _, f := range []struct{ name, data, old string }{
 		{"leaf.pem", next.leafPEM, prev.leafPEM},
 		{"roots.pem", next.rootsPEM, prev.rootsPEM},
 		{"spoe.conf", next.out.SPOE, prev.out.SPOE},
+		{"rate_limits.map", next.model.RateLimitMapText(), prev.model.RateLimitMapText()},
 	} {
 		if f.data != f.old {
 			p.files = append(p.files, file{f.name, f.data})
@@ -126,6 +128,11 @@ func planApply(running bool, prev, next appliedState) plan {
 	case next.out.Config != prev.out.Config:
 		p.runtime = append(p.runtime, serverCommands(prev.model, next.model)...)
 		p.runtime = append(p.runtime, splitCommands(prev.model, next.model)...)
+	}
+	if p.reason == "" {
+		// The rate limits' numbers: the same tables (same shape), so the
+		// counters are kept.
+		p.runtime = append(p.runtime, mapCommands(next.model.RateLimitMapFile, prev.model.RateLimitMap(), next.model.RateLimitMap())...)
 	}
 	if p.method == "" && len(p.runtime) > 0 {
 		p.method = methodRuntime

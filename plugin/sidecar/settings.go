@@ -43,6 +43,7 @@ var settings = []setting{
 	{"local_idle_timeout_ms", false, true, "local app route idle_timeout: stream idle (5m)", "local_app timeout tunnel: an idle TCP or upgraded stream (1m)"},
 	{"handshake_timeout_ms", false, true, "not read by Envoy (Consul's built-in proxy: inbound TLS handshake, 10s)", "public_listener timeout client: HAProxy 2.6 bounds the handshake by it (no timeout client-hs before 2.8); it then also bounds a caller's silence inside a request"},
 	{"max_inbound_connections", false, true, "public listener connection limit: excess connections closed", "public_listener maxconn: excess connections wait in the kernel's accept queue"},
+	{"rate_limits", false, true, "not read by Envoy (Consul Enterprise 1.17+ has service-defaults RateLimits, per instance and per route; Consul 1.16 refuses the key)", "stick tables: budgets per calling service (per_source, \"*\" for the rest), per instance, per route (path_exact, path_prefix, path_regex on the normalized path, the first match), connections_per_second per caller (tcp too); B requests in any window of B/R seconds; 429 or gRPC RESOURCE_EXHAUSTED; numbers changed at runtime"},
 	{"envoy_prometheus_bind_addr", false, true, "a listener serving /metrics", "the admin listener (/metrics, /metrics/haproxy, /stats) there; -admin-bind takes precedence"},
 	{"envoy_stats_bind_addr", false, true, "a listener serving /stats", "the same admin listener, on this address too (a second bind line when it differs)"},
 	{"balance_inbound_connections", false, false, "exact_balance of connections over Envoy's worker threads", "not applicable: HAProxy spreads accepted connections over its threads itself"},
@@ -121,6 +122,9 @@ func readProxySettings(c *proxyConfig, cfg map[string]any) error {
 		if *o.to, err = countOption(cfg, o.key, *o.to); err != nil {
 			return fmt.Errorf("Proxy.Config %w", err)
 		}
+	}
+	if c.RateLimits, err = readRateLimits(cfg); err != nil {
+		return err
 	}
 	// The metrics listener: Envoy serves Prometheus on one address and
 	// /stats on the other; both go to the one admin listener, on each
