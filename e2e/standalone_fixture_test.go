@@ -55,7 +55,7 @@ func startStandaloneOn(t *testing.T, consul *harness.Consul, token string, stale
 	s := &standalone{dir: harness.TempDir(t), leaves: map[string]*harness.Leaf{}, consul: consul}
 	s.cutter = harness.NewCutter(t, s.consul.Addr)
 	s.roots, _ = s.consul.RootsPEM(t)
-	for _, svc := range []string{"api", "web", "batch", "fresh", "stranger"} {
+	for _, svc := range []string{"api", "web", "batch", "fresh", "stranger", "reports"} {
 		s.leaves[svc] = s.consul.IssueLeaf(t, svc)
 	}
 	api := s.leaves["api"]

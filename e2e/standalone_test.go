@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/haconnect/haconnect/internal/testkit/harness"
+	"github.com/haconnect/haconnect/plugin/haproxy"
 )
 
 func TestStandaloneSPOA(t *testing.T) {
@@ -244,5 +247,39 @@ func TestSPOACommandLine(t *testing.T) {
 		if code != tc.code || !strings.Contains(p.Output(), tc.want) {
 			t.Errorf("%v: exit %d, output %q; want exit %d mentioning %q", tc.args, code, p.Output(), tc.code, tc.want)
 		}
+	}
+}
+
+// TestStandaloneRateLimit: the example's per-caller budget, keyed by the
+// SPOA's source variable: "reports" gets 10 requests in any second.
+func TestStandaloneRateLimit(t *testing.T) {
+	s := startStandalone(t, 5*time.Minute)
+	s.consul.SetIntentions(t, "api", harness.Source("web", allow), harness.Source("reports", allow), harness.Source("*", deny))
+	var ok, limited int
+	for i := 0; i < 50; i++ {
+		switch code, body := s.mustGet(t, "reports"); {
+		case code == 200:
+			ok++
+		case code == 429 && body == "haconnect: rate limited (source)\n":
+			limited++
+		default:
+			t.Fatalf("request %d: %d %q", i, code, body)
+		}
+	}
+	if ok < 10 || ok > 20 {
+		t.Errorf("reports: %d of 50 passed, want 10-20", ok)
+	}
+	// web has no budget in the example.
+	for i := 0; i < 30; i++ {
+		if code, _ := s.mustGet(t, "web"); code != 200 {
+			t.Fatalf("web request %d: %d", i, code)
+		}
+	}
+	out, err := haproxy.NewAdmin(filepath.Join(s.dir, "admin.sock")).Command("show table rate_1s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("gpc1=%d", limited); !strings.Contains(out, "key=reports") || !strings.Contains(out, want) {
+		t.Errorf("show table rate_1s:\n%s\nwant reports with %s", out, want)
 	}
 }
