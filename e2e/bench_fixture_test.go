@@ -7,6 +7,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -239,6 +240,7 @@ type benchService struct {
 	upstream string            // the destination of its upstream ("": none)
 	args     []string          // extra sidecar flags, e.g. -threads 1
 	meta     map[string]string // the service's Meta (what resolver subsets filter on)
+	config   map[string]any    // more Proxy.Config keys
 }
 
 // benchSidecar registers s, starts its sidecar and waits until its public
@@ -246,6 +248,7 @@ type benchService struct {
 func benchSidecar(b *testing.B, m *mesh, s benchService) *instance {
 	in := &instance{id: s.id, upstream: map[string]int{}, port: harness.FreePort(b), dir: harness.TempDir(b)}
 	proxy := &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": s.protocol, "bind_address": "127.0.0.1"}}
+	maps.Copy(proxy.Config, s.config)
 	if s.upstream != "" {
 		in.upstream[s.upstream] = harness.FreePort(b)
 		proxy.Upstreams = []api.Upstream{{DestinationName: s.upstream, LocalBindPort: in.upstream[s.upstream],

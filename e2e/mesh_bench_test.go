@@ -65,6 +65,12 @@ func BenchmarkMesh(b *testing.B) {
 	rwebIn := benchRegisterWeb(b, m, "rweb-1", "rweb", "rapi")
 	routedChain(b, m, "rapi")
 	waitRouted(b, rwebIn, "rapi", 2)
+	// The inbound again with a per-caller rate limit that the load never
+	// reaches: what counting each caller's budget costs.
+	m.consul.SetIntentions(b, "lapi", harness.Source("web", api.IntentionActionAllow))
+	lapiIn := benchSidecar(b, m, benchService{id: "lapi-1", name: "lapi", protocol: "http", appPort: appPort,
+		args:   []string{"-threads", "1", "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))},
+		config: map[string]any{"rate_limits": map[string]any{"per_source": map[string]any{"*": map[string]any{"requests_per_second": 1e6, "requests_max_burst": 1e6}}}}})
 	roots, _ := m.consul.RootsPEM(b)
 	tlsCfg := harness.ClientTLS(m.consul.IssueLeaf(b, "web"), roots)
 
@@ -81,6 +87,8 @@ func BenchmarkMesh(b *testing.B) {
 		{name: "7 haconnect two hops, routed (10 routes, split)", addr: fmt.Sprintf("127.0.0.1:%d", rwebIn.upstream["rapi"]),
 			pids: append(append(haproxyPids(b, rwebIn), rwebIn.sidecar.Cmd.Process.Pid), append(haproxyPids(b, rapiIn), rapiIn.sidecar.Cmd.Process.Pid)...)},
 		{name: "8 bare HAProxy two hops (the ceiling)", addr: ceilingAddr, pids: ceilingPids},
+		{name: "9 haconnect inbound, per-caller rate limit", addr: fmt.Sprintf("127.0.0.1:%d", lapiIn.port), tls: true,
+			pids: append(haproxyPids(b, lapiIn), lapiIn.sidecar.Cmd.Process.Pid)},
 	}
 	// Every path must answer before it is measured: a new upstream instance
 	// enters HAProxy's pool once its first health check passes.
@@ -174,6 +182,7 @@ func BenchmarkMesh(b *testing.B) {
 	b.ReportMetric(medianRPS(scenarios[6].rounds[ka])/medianRPS(scenarios[3].rounds[ka]), "routed/2hop-req/s")
 	b.ReportMetric(median(scenarios[6].cpu[ka])/median(scenarios[3].cpu[ka]), "routed/2hop-cpu")
 	b.ReportMetric(median(scenarios[3].cpu[ka])/median(scenarios[7].cpu[ka]), "2hop/ceiling-cpu")
+	b.ReportMetric(median(scenarios[8].cpu[ka])-median(scenarios[2].cpu[ka]), "ratelimit-cpu-us")
 	if path := os.Getenv("HACONNECT_BENCH_REPORT"); path != "" && !short {
 		if err := os.WriteFile(path, []byte(rep.markdown()), 0o644); err != nil {
 			b.Fatal(err)
@@ -380,6 +389,11 @@ func (r report) markdown() string {
 	fmt.Fprintf(&s, "Discovery chain routing (7 against 4, keep-alive): %.2fx the req/s, %.2fx the data plane CPU per request "+
 		"(a service-router of ten routes, the load matching the last, and a 50/50 service-splitter between two subsets of the same instance).\n\n",
 		medianRPS(routed.rounds[ka])/medianRPS(plain.rounds[ka]), median(routed.cpu[ka])/median(plain.cpu[ka]))
+	inbound, limited := r.scenarios[2], r.scenarios[8]
+	fmt.Fprintf(&s, "A per-caller rate limit on the inbound path (9 against 3, keep-alive, a budget the load never reaches): "+
+		"%+.1f us of data plane CPU per request (%.2fx), %.2fx the req/s.\n\n",
+		median(limited.cpu[ka])-median(inbound.cpu[ka]), median(limited.cpu[ka])/median(inbound.cpu[ka]),
+		medianRPS(limited.rounds[ka])/medianRPS(inbound.rounds[ka]))
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
 	fmt.Fprintf(&s, "| | figure |\n|---|---|\n")
 	fmt.Fprintf(&s, "| decision at cache hit (one core) | %.0f ns, %.0f allocs -> %.1f M decisions/s |\n", r.hit.nsPerOp, r.hit.allocs, 1e3/r.hit.nsPerOp)
