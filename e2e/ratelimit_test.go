@@ -217,6 +217,29 @@ func TestRateLimits(t *testing.T) {
 		}
 	})
 
+	t.Run("an HTTP service limits each caller's new connections", func(t *testing.T) {
+		m.consul.SetIntentions(t, "conns", harness.Source("web", allow))
+		connsIn := m.addInstance(withLimits("conns-1", `{"connections_per_second": 2}`), "conns")
+		var ok, refused int
+		for i := 0; i < 6; i++ {
+			// A new connection each time; its second request shares its fate.
+			c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: harness.ClientTLS(web, roots)}}
+			tally := burst(c, fmt.Sprintf("https://127.0.0.1:%d/", connsIn.port), 2, 1)
+			c.CloseIdleConnections()
+			switch {
+			case tally.ok == 2:
+				ok++
+			case tally.limited >= 1 && tally.bodies["haconnect: rate limited (connections)\n"] == tally.limited:
+				refused++
+			default:
+				t.Errorf("connection %d: %+v", i, tally)
+			}
+		}
+		if ok < 2 || ok > 3 || ok+refused != 6 {
+			t.Errorf("%d of 6 connections served, %d refused; want 2 (the budget)", ok, refused)
+		}
+	})
+
 	t.Run("proxy-defaults apply live; an invalid value is refused and the old limits kept", func(t *testing.T) {
 		ordersIn := m.addInstance(withLimits("orders-1", ""), "orders")
 		ordersURL := fmt.Sprintf("https://127.0.0.1:%d/", ordersIn.port)
