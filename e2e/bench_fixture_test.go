@@ -24,12 +24,17 @@ import (
 )
 
 // benchApp is the cheapest possible app: HAProxy answering 200 itself, so
-// that the proxies under test, not the app, use the CPU.
+// that the proxies under test, not the app, use the CPU. It answers
+// /16k with a body of 16 KiB and any other path with a body of 100 bytes
+// (the benchmarks' two response sizes). It runs on CPU 1, the load side.
 func benchApp(b testing.TB) int {
 	port := harness.FreePort(b)
 	dir := harness.TempDir(b)
-	harness.StartHAProxy(b, dir, fmt.Sprintf(`global
+	big := harness.WriteFile(b, dir, "16k.txt", strings.Repeat("0123456789abcdef", 1024))
+	h := harness.StartHAProxy(b, dir, fmt.Sprintf(`global
     nbthread 1
+    # the 16 KiB answer is built whole in one buffer
+    tune.bufsize 65536
 defaults
     mode http
     timeout connect 5s
@@ -37,9 +42,30 @@ defaults
     timeout server 1m
 frontend app
     bind 127.0.0.1:%d
-    http-request return status 200 content-type text/plain string ok
-`, port), fmt.Sprintf("127.0.0.1:%d", port))
+    http-request return status 200 content-type text/plain file %s if { path /16k }
+    http-request return status 200 content-type text/plain string %s
+`, port, big, strings.Repeat("x", smallBody)), fmt.Sprintf("127.0.0.1:%d", port))
+	pinLoadSide(b, h.Proc.Cmd.Process.Pid)
 	return port
+}
+
+// The app's two response bodies (benchApp).
+const (
+	smallBody = 100
+	bigPath   = "/16k"
+)
+
+// runLoad runs one load: wrk (C, epoll) for keep-alive plain HTTP, where
+// a Go client cost more CPU per request than the cheapest data planes and
+// left their core partly idle; the Go client (a lean HTTP/1.1 reader) for
+// mTLS with a client certificate, which wrk cannot present, and for a new
+// connection per request.
+func runLoad(ctx context.Context, cfg loadgen.Config) loadgen.Result {
+	if cfg.TLS == nil && !cfg.NewConnPerRequest {
+		return loadgen.RunWrk(ctx, loadgen.WrkConfig{Addr: cfg.Addr, Path: cfg.Path, Conns: cfg.Conns,
+			Duration: cfg.Duration, Headers: cfg.Headers})
+	}
+	return loadgen.Run(ctx, cfg)
 }
 
 // bareMTLS is the ceiling for any HAProxy data plane: mTLS termination with
@@ -154,7 +180,7 @@ func measure(b *testing.B, scenarios []*scenario) {
 				cfg := sc.load
 				cfg.Addr, cfg.Conns, cfg.Duration = sc.addr, 32, dur
 				cpu := loadgen.StartCPU(append(append([]int(nil), sc.pids...), sc.alsoCPU...)...)
-				res := loadgen.Run(context.Background(), cfg)
+				res := runLoad(context.Background(), cfg)
 				var used time.Duration
 				for _, u := range cpu.Stop() {
 					used += u
@@ -194,6 +220,17 @@ func benchRegister(b *testing.B, m *mesh, id string, appPort int, args ...string
 func pinDataPlane(b testing.TB, pids ...int) {
 	for _, pid := range pids {
 		if err := loadgen.Pin(pid, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// pinLoadSide pins processes of the load side (the app, Consul, a
+// TLS-originating HAProxy in front of the generator) to CPU 1, away from
+// the data plane under test.
+func pinLoadSide(b testing.TB, pids ...int) {
+	for _, pid := range pids {
+		if err := loadgen.Pin(pid, 1); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -29,6 +29,76 @@ type meshScenario struct {
 	pids   []int // processes of the data plane under test
 	rounds map[string][]loadgen.Result
 	cpu    map[string][]float64 // data plane CPU us per request
+	// busy is the fraction of one core the data plane used (req/s x CPU
+	// per request); cores the busy fraction of CPU 0 and CPU 1, whatever
+	// ran there; gen the load generator's CPU us per request.
+	busy, core0, core1, gen map[string][]float64
+}
+
+// loadCase is one kind of load, run against each of its scenarios in
+// every round.
+type loadCase struct {
+	key       string // the scenarios' rounds, cpu, ... are keyed by it
+	conns     int
+	path      string
+	newConn   bool
+	dur       time.Duration
+	scenarios []*meshScenario
+}
+
+// measureScenario runs lc's load once against sc and records it.
+func measureScenario(b *testing.B, sc *meshScenario, lc *loadCase, tlsCfg *tls.Config, round int) (loadgen.Result, []int64) {
+	cfg := loadgen.Config{Addr: sc.addr, Conns: lc.conns, Duration: lc.dur, NewConnPerRequest: lc.newConn, Path: lc.path}
+	if sc.tls {
+		cfg.TLS = tlsCfg
+	}
+	cores := loadgen.StartCores()
+	meter := loadgen.StartCPU(sc.pids...)
+	sampler := startRSSSampler(sc.pids)
+	res := runLoad(context.Background(), cfg)
+	peak := sampler()
+	var used time.Duration
+	for _, u := range meter.Stop() {
+		used += u
+	}
+	core := cores.Stop()
+	if res.Errors > 0 || res.Requests == 0 {
+		b.Fatalf("%s (%s): %d errors, e.g. %s", sc.name, lc.key, res.Errors, res.FirstError)
+	}
+	perReq := float64(used.Microseconds()) / float64(res.Requests)
+	gen := float64(res.GeneratorCPU.Microseconds()) / float64(res.Requests)
+	b.Logf("round %d %-24s %-48s %s, data plane %.1fus CPU/request (core busy %.2f; CPU 0 %.2f, CPU 1 %.2f; %s %.1fus/request)",
+		round+1, lc.key, sc.name, res, perReq, res.RPS*perReq/1e6, core[0], core[1], res.Generator, gen)
+	if sc.rounds == nil {
+		sc.rounds, sc.cpu = map[string][]loadgen.Result{}, map[string][]float64{}
+		sc.busy, sc.core0, sc.core1, sc.gen = map[string][]float64{}, map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
+	}
+	k := lc.key
+	sc.rounds[k], sc.cpu[k] = append(sc.rounds[k], res), append(sc.cpu[k], perReq)
+	sc.busy[k], sc.gen[k] = append(sc.busy[k], res.RPS*perReq/1e6), append(sc.gen[k], gen)
+	sc.core0[k], sc.core1[k] = append(sc.core0[k], core[0]), append(sc.core1[k], core[1])
+	return res, peak
+}
+
+// busyTarget is the share of its core a data plane must use in a
+// keep-alive run for the run to measure the data plane, not the load.
+const busyTarget = 0.90
+
+// busyVerdict says whether sc's data plane kept its core busy in run k,
+// and if not, what the core numbers point to.
+func busyVerdict(sc *meshScenario, k string) string {
+	busy := median(sc.busy[k])
+	switch {
+	case busy >= busyTarget:
+		return "ok"
+	case median(sc.core1[k]) >= 0.95:
+		return "**BELOW TARGET**: the load side (CPU 1) was saturated, the generator is the bottleneck"
+	case median(sc.core0[k])-busy >= 0.10:
+		return fmt.Sprintf("**BELOW TARGET**: CPU 0 was %.0f%% busy but only %.0f%% of it was this data plane: other processes ran there (a shared machine)",
+			100*median(sc.core0[k]), 100*busy)
+	default:
+		return "**BELOW TARGET**: neither core was saturated: the data plane waited on the load (too few requests in flight)"
+	}
 }
 
 // BenchmarkMesh is `make bench-mesh`: haconnect against the ceiling and the
@@ -108,49 +178,34 @@ func BenchmarkMesh(b *testing.B) {
 		})
 	}
 	for _, sc := range scenarios {
-		sc.rounds, sc.cpu = map[string][]loadgen.Result{}, map[string][]float64{}
 		pinDataPlane(b, sc.pids...)
 	}
+	// The load side: the app (benchApp), Consul and this process.
+	pinLoadSide(b, m.consul.Proc.Cmd.Process.Pid)
 	defer pinTestProcess(b)()
 
 	rounds, dur, modes := 3, 3*time.Second, []string{"keep-alive", "new connection per request"}
 	if short {
-		rounds, dur, modes = 1, 500*time.Millisecond, modes[:1]
+		rounds, dur, modes = 1, time.Second, modes[:1]
+	}
+	cases := []*loadCase{{key: modes[0], conns: 32, dur: dur, scenarios: scenarios}}
+	if !short {
+		cases = append(cases, &loadCase{key: modes[1], conns: 8, newConn: true, dur: dur, scenarios: scenarios})
 	}
 	idleRSS := map[string]int64{"HAProxy (api sidecar)": rss(apiPids[0]) + rss(apiPids[1]), "haconnect sidecar incl. SPOA (api)": rss(apiPids[2]), "consul connect proxy (capi)": rss(capi.pid)}
 	loadRSS := map[string]int64{}
 	for i := 0; i < b.N; i++ {
 		for r := 0; r < rounds; r++ {
-			for _, mode := range modes {
-				for _, sc := range scenarios {
-					var cfg = loadgen.Config{Addr: sc.addr, Conns: 32, Duration: dur, NewConnPerRequest: mode != "keep-alive"}
-					if sc.tls {
-						cfg.TLS = tlsCfg
-					}
-					if cfg.NewConnPerRequest {
-						cfg.Conns = 8
-					}
-					meter := loadgen.StartCPU(sc.pids...)
-					sampler := startRSSSampler(sc.pids)
-					res := loadgen.Run(context.Background(), cfg)
-					peak := sampler()
-					var used time.Duration
-					for _, u := range meter.Stop() {
-						used += u
-					}
-					if res.Errors > 0 || res.Requests == 0 {
-						b.Fatalf("%s (%s): %d errors, e.g. %s", sc.name, mode, res.Errors, res.FirstError)
-					}
-					if strings.HasPrefix(sc.name, "3") && mode == "keep-alive" {
+			for _, lc := range cases {
+				for _, sc := range lc.scenarios {
+					_, peak := measureScenario(b, sc, lc, tlsCfg, r)
+					if strings.HasPrefix(sc.name, "3 ") && lc.key == "keep-alive" {
 						loadRSS["HAProxy (api sidecar)"] = max(loadRSS["HAProxy (api sidecar)"], peak[0]+peak[1])
 						loadRSS["haconnect sidecar incl. SPOA (api)"] = max(loadRSS["haconnect sidecar incl. SPOA (api)"], peak[2])
 					}
-					if strings.HasPrefix(sc.name, "5") && mode == "keep-alive" {
+					if strings.HasPrefix(sc.name, "5 ") && lc.key == "keep-alive" {
 						loadRSS["consul connect proxy (capi)"] = max(loadRSS["consul connect proxy (capi)"], peak[1])
 					}
-					b.Logf("round %d %-10s %-32s %s, data plane %.1fus CPU/request", r+1, mode[:8], sc.name, res, float64(used.Microseconds())/float64(res.Requests))
-					sc.rounds[mode] = append(sc.rounds[mode], res)
-					sc.cpu[mode] = append(sc.cpu[mode], float64(used.Microseconds())/float64(res.Requests))
 				}
 			}
 		}
@@ -172,7 +227,7 @@ func BenchmarkMesh(b *testing.B) {
 	hit, miss := decisionCost(b, m)
 	applies := applyTimes(b, m, short)
 
-	rep := report{scenarios: scenarios, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+	rep := report{scenarios: scenarios, cases: cases, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
 		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
 	b.Log("\n" + rep.markdown())
 	ka := "keep-alive"
@@ -326,6 +381,7 @@ func applyTimes(b *testing.B, m *mesh, short bool) []applyTime {
 
 type report struct {
 	scenarios        []*meshScenario
+	cases            []*loadCase
 	modes            []string
 	rounds           int
 	dur              time.Duration
@@ -350,11 +406,15 @@ func (r report) markdown() string {
 	hv, _ := exec.Command("haproxy", "-v").Output()
 	fmt.Fprintf(&s, "# haconnect benchmarks\n\nGenerated by `make bench-mesh` (`BenchmarkMesh` in `e2e/mesh_bench_test.go`) on %s.\n\n", time.Now().UTC().Format("2006-01-02"))
 	fmt.Fprintf(&s, "Machine: %d CPUs (%s), Linux, %s; HAProxy %s; Consul v1.16.3.\n\n", runtime.NumCPU(), cpuModel, runtime.Version(), strings.Fields(string(hv) + " ? ? ?")[2])
-	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds of %s per scenario and mode), medians reported. "+
+	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds of %s per scenario and load), medians reported. "+
 		"The data planes under test (HAProxy with one thread, the haconnect process with its SPOA, Consul's proxies) are pinned to CPU 0; "+
-		"the load generator (`internal/testkit/loadgen`, HTTP/1.1, mTLS with a client certificate where the scenario needs it), the app "+
-		"(a one-thread HAProxy answering 200) and the Consul agent to CPU 1. CPU/request is the data plane's user+system time (from /proc) per request.\n\n",
-		r.rounds, r.dur)
+		"the load generator, the app (a one-thread HAProxy answering 200 with a %d-byte body, or 16 KiB at `%s`) and the Consul agent to CPU 1. "+
+		"Generators: `wrk` (one thread) for keep-alive plain HTTP entry points (the two-hop scenarios enter at the caller sidecar's plain upstream port); "+
+		"for mTLS entry points (a client certificate, which wrk cannot present) and for a new connection per request, `internal/testkit/loadgen`, "+
+		"a Go HTTP/1.1 client that parses responses without allocating. "+
+		"CPU/request is the data plane's user+system time (from /proc) per request; "+
+		"core busy is req/s x CPU/request, the share of its core the data plane used (target > %.2f in every keep-alive run).\n\n",
+		r.rounds, r.dur, smallBody, bigPath, busyTarget)
 	base := map[string]float64{}
 	consulRPS := map[string]float64{}
 	ceiling := r.scenarios[7]
@@ -367,7 +427,7 @@ func (r report) markdown() string {
 		if mode != "keep-alive" {
 			conns = 8
 		}
-		fmt.Fprintf(&s, "## %s (%d connections)\n\n| scenario | req/s | vs 2 (bare mTLS) | vs 5 (consul proxy) | vs 8 (ceiling) | p50 | p99 | data plane CPU/request | CPU vs 8 (ceiling) |\n|---|---|---|---|---|---|---|---|---|\n", mode, conns)
+		fmt.Fprintf(&s, "## %s (%d connections, %d-byte body)\n\n| scenario | req/s | vs 2 (bare mTLS) | vs 5 (consul proxy) | vs 8 (ceiling) | p50 | p99 | data plane CPU/request | CPU vs 8 (ceiling) | data plane core busy |\n|---|---|---|---|---|---|---|---|---|---|\n", mode, conns, smallBody)
 		for _, sc := range r.scenarios {
 			rs := sc.rounds[mode]
 			var p50 []float64
@@ -379,8 +439,15 @@ func (r report) markdown() string {
 				cpu = fmt.Sprintf("%.1f us", median(sc.cpu[mode]))
 				cpuRatio = fmt.Sprintf("%.2fx", median(sc.cpu[mode])/median(ceiling.cpu[mode]))
 			}
-			fmt.Fprintf(&s, "| %s | %.0f | %.2f | %.2f | %.2f | %s | %s | %s | %s |\n", sc.name, medianRPS(rs), medianRPS(rs)/base[mode], medianRPS(rs)/consulRPS[mode],
-				medianRPS(rs)/medianRPS(ceiling.rounds[mode]), time.Duration(median(p50)).Round(time.Microsecond), medianP99(rs).Round(time.Microsecond), cpu, cpuRatio)
+			busy := "-"
+			if len(sc.pids) > 0 {
+				busy = fmt.Sprintf("%.2f", median(sc.busy[mode]))
+				if mode == "keep-alive" && median(sc.busy[mode]) < busyTarget {
+					busy = "**" + busy + "** (below target)"
+				}
+			}
+			fmt.Fprintf(&s, "| %s | %.0f | %.2f | %.2f | %.2f | %s | %s | %s | %s | %s |\n", sc.name, medianRPS(rs), medianRPS(rs)/base[mode], medianRPS(rs)/consulRPS[mode],
+				medianRPS(rs)/medianRPS(ceiling.rounds[mode]), time.Duration(median(p50)).Round(time.Microsecond), medianP99(rs).Round(time.Microsecond), cpu, cpuRatio, busy)
 		}
 		s.WriteString("\n")
 	}
@@ -394,6 +461,7 @@ func (r report) markdown() string {
 		"%+.1f us of data plane CPU per request (%.2fx), %.2fx the req/s.\n\n",
 		median(limited.cpu[ka])-median(inbound.cpu[ka]), median(limited.cpu[ka])/median(inbound.cpu[ka]),
 		medianRPS(limited.rounds[ka])/medianRPS(inbound.rounds[ka]))
+	s.WriteString(r.generatorCheck())
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
 	fmt.Fprintf(&s, "| | figure |\n|---|---|\n")
 	fmt.Fprintf(&s, "| decision at cache hit (one core) | %.0f ns, %.0f allocs -> %.1f M decisions/s |\n", r.hit.nsPerOp, r.hit.allocs, 1e3/r.hit.nsPerOp)
@@ -413,6 +481,49 @@ func (r report) markdown() string {
 		fmt.Fprintf(&s, "| %d | %s | %s / %s | %s |\n", a.instances, a.start.Round(time.Millisecond), a.addOneP50.Round(100*time.Microsecond), a.addOneMax.Round(100*time.Microsecond), a.method)
 	}
 	s.WriteString("\nCommand: `make bench-mesh` (about 5 minutes; writes this file and `docs/benchmarks.png`).\n")
+	return s.String()
+}
+
+// generatorCheck is the report's check that every keep-alive run measured
+// the data plane, not the load: per run, how busy the data plane kept its
+// core, both cores' load, and what the generator spent per request, with
+// a visible note for each run below the target.
+func (r report) generatorCheck() string {
+	var s, notes strings.Builder
+	fmt.Fprintf(&s, "## Generator check (keep-alive runs)\n\nA run measures the data plane only if the data plane kept its core busy: "+
+		"target > %.2f of CPU 0 (req/s x CPU/request). CPU 0 and CPU 1 are the cores' busy shares from /proc/stat, whatever ran there "+
+		"(CPU 1: the generator, the app, Consul). Generator CPU/request is wrk's or the Go client's own CPU time per request.\n\n", busyTarget)
+	s.WriteString("| load | scenario | generator | data plane core busy | CPU 0 busy | CPU 1 busy | generator CPU/request | verdict |\n|---|---|---|---|---|---|---|---|\n")
+	below := 0
+	for _, lc := range r.cases {
+		if lc.newConn {
+			continue
+		}
+		for _, sc := range lc.scenarios {
+			if len(sc.pids) == 0 || len(sc.rounds[lc.key]) == 0 {
+				continue
+			}
+			k := lc.key
+			v := busyVerdict(sc, k)
+			if v != "ok" {
+				below++
+				fmt.Fprintf(&notes, "- %s, %s: data plane core busy %.2f. %s.\n", lc.key, sc.name, median(sc.busy[k]), strings.TrimPrefix(v, "**BELOW TARGET**: "))
+			}
+			fmt.Fprintf(&s, "| %s | %s | %s | %.2f | %.2f | %.2f | %.1f us | %s |\n", k, sc.name, sc.rounds[k][0].Generator,
+				median(sc.busy[k]), median(sc.core0[k]), median(sc.core1[k]), median(sc.gen[k]), v)
+		}
+	}
+	s.WriteString("\n")
+	if below > 0 {
+		fmt.Fprintf(&s, "> **WARNING: %d keep-alive run(s) did not keep the data plane's core %.0f%% busy**; their req/s understate the data plane "+
+			"(their CPU/request still holds):\n>\n", below, 100*busyTarget)
+		for _, line := range strings.Split(strings.TrimSpace(notes.String()), "\n") {
+			s.WriteString("> " + line + "\n")
+		}
+		s.WriteString("\n")
+	} else {
+		fmt.Fprintf(&s, "Every keep-alive run kept the data plane's core above %.0f%% busy.\n\n", 100*busyTarget)
+	}
 	return s.String()
 }
 

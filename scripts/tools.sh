@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what haconnect's tests and demo need on a Debian machine,
-# idempotently: Debian's haproxy (2.6 on bookworm) and a real consul built
+# idempotently: Debian's haproxy (2.6 on bookworm), wrk (the benchmarks'
+# generator) and a real consul built
 # from the Go module proxy (cached under .tools/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -15,6 +16,13 @@ if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
 	# The package starts a system haproxy; haconnect runs its own.
 	$SUDO systemctl disable --now haproxy >/dev/null 2>&1 || $SUDO service haproxy stop >/dev/null 2>&1 || true
 fi
+# wrk: the load generator of `make bench-mesh` for plain HTTP entry points.
+if ! command -v wrk >/dev/null 2>&1; then
+	echo "tools: installing wrk from Debian"
+	$SUDO apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null
+fi
+echo "tools: $(wrk --version 2>&1 | sed -n 1p)"
 HAPROXY_BIN=/usr/sbin/haproxy
 [[ -x $HAPROXY_BIN ]] || HAPROXY_BIN="$(command -v haproxy)"
 # sed reads all its input (unlike head), so haproxy never dies of SIGPIPE.

@@ -1,0 +1,100 @@
+package loadgen
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestReadResponse(t *testing.T) {
+	for _, c := range []struct {
+		in     string
+		code   int
+		closed bool
+		rest   string
+	}{
+		{"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokNEXT", 200, false, "NEXT"},
+		{"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nnoNEXT", 403, true, "NEXT"},
+		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nNEXT", 200, false, "NEXT"},
+		{"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\nNEXT", 200, true, "NEXT"},
+		{"HTTP/1.1 204 No Content\r\n\r\nNEXT", 204, false, "NEXT"},
+	} {
+		r := bufio.NewReader(strings.NewReader(c.in))
+		code, closed, err := readResponse(r)
+		rest := make([]byte, 16)
+		n, _ := r.Read(rest)
+		if err != nil || code != c.code || closed != c.closed || string(rest[:n]) != c.rest {
+			t.Errorf("%q: code %d closed %v err %v rest %q", c.in, code, closed, err, rest[:n])
+		}
+	}
+	for _, bad := range []string{"HTTP/1.1 2x0 OK\r\n\r\n", "garbage\r\n\r\n", "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "HTTP/1.1 200 OK\r\nno colon\r\n\r\n"} {
+		if _, _, err := readResponse(bufio.NewReader(strings.NewReader(bad))); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+}
+
+// TestRunAgainstNetHTTP runs the generator against Go's own server, keep-alive
+// and a connection per request, and checks that every answer was counted.
+func TestRunAgainstNetHTTP(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/chunked" {
+			w.Write([]byte("a"))
+			w.(http.Flusher).Flush()
+			w.Write([]byte("b"))
+			return
+		}
+		fmt.Fprint(w, strings.Repeat("x", 100))
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+	for _, cfg := range []Config{
+		{Addr: l.Addr().String(), Conns: 4, Duration: 300 * time.Millisecond},
+		{Addr: l.Addr().String(), Conns: 4, Duration: 300 * time.Millisecond, Path: "/chunked"},
+		{Addr: l.Addr().String(), Conns: 2, Duration: 300 * time.Millisecond, NewConnPerRequest: true},
+	} {
+		res := Run(context.Background(), cfg)
+		if res.Errors > 0 || res.Requests < 10 {
+			t.Errorf("%+v: %s (%s)", cfg, res, res.FirstError)
+		}
+	}
+}
+
+func TestParseWrk(t *testing.T) {
+	out := `Running 1s test @ http://127.0.0.1:8080/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   672.03us  213.32us   4.69ms   88.52%
+    Req/Sec    47.99k     2.51k   50.73k    80.00%
+  Latency Distribution
+     50%  615.00us
+     75%  710.00us
+     90%  866.00us
+     99%    1.62ms
+  47762 requests in 1.00s, 3.69MB read
+  Socket errors: connect 0, read 2, write 0, timeout 0
+  Non-2xx or 3xx responses: 10
+Requests/sec:  47762.13
+Transfer/sec:      3.69MB
+`
+	var res Result
+	if err := parseWrk(out, &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.Requests != 47752 || res.Errors != 12 || res.P50 != 615*time.Microsecond || res.P90 != 866*time.Microsecond ||
+		res.P99 != 1620*time.Microsecond || res.RPS < 47751 || res.RPS > 47753 {
+		t.Errorf("%+v", res)
+	}
+	if err := parseWrk("nothing", &res); err == nil {
+		t.Error("no error for output without a summary")
+	}
+}
