@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,18 +22,32 @@ import (
 
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/internal/testkit/loadgen"
+	"github.com/haconnect/haconnect/plugin/haproxy"
 )
 
 // benchApp is the cheapest possible app: HAProxy answering 200 itself, so
 // that the proxies under test, not the app, use the CPU. It answers
 // /16k with a body of 16 KiB and any other path with a body of 100 bytes
 // (the benchmarks' two response sizes). It runs on CPU 1, the load side.
-func benchApp(b testing.TB) int {
+func benchApp(b testing.TB) int { return startBenchApp(b).port }
+
+// benchAppServer is benchApp with its admin socket, through which it
+// counts the requests it answered: every scenario ends at the app, so the
+// count over a window of a run is that window's requests, whatever the
+// generator reports for the whole run (connection set-up included).
+type benchAppServer struct {
+	port  int
+	admin *haproxy.Admin
+}
+
+func startBenchApp(b testing.TB) *benchAppServer {
 	port := harness.FreePort(b)
 	dir := harness.TempDir(b)
 	big := harness.WriteFile(b, dir, "16k.txt", strings.Repeat("0123456789abcdef", 1024))
+	sock := filepath.Join(dir, "app.sock")
 	h := harness.StartHAProxy(b, dir, fmt.Sprintf(`global
     nbthread 1
+    stats socket %s mode 600 level admin
     # the 16 KiB answer is built whole in one buffer
     tune.bufsize 65536
 defaults
@@ -44,9 +59,27 @@ frontend app
     bind 127.0.0.1:%d
     http-request return status 200 content-type text/plain file %s if { path /16k }
     http-request return status 200 content-type text/plain string %s
-`, port, big, strings.Repeat("x", smallBody)), fmt.Sprintf("127.0.0.1:%d", port))
+`, sock, port, big, strings.Repeat("x", smallBody)), fmt.Sprintf("127.0.0.1:%d", port))
 	pinLoadSide(b, h.Proc.Cmd.Process.Pid)
-	return port
+	return &benchAppServer{port: port, admin: haproxy.NewAdmin(sock)}
+}
+
+// requests is how many requests the app has answered so far.
+func (a *benchAppServer) requests(b testing.TB) int64 {
+	out, err := a.admin.Command("show info")
+	if err != nil {
+		b.Fatalf("the app's admin socket: %v", err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, "CumReq: "); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err == nil {
+				return n
+			}
+		}
+	}
+	b.Fatalf("no CumReq in the app's show info:\n%s", out)
+	return 0
 }
 
 // The app's two response bodies (benchApp).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -38,35 +39,55 @@ type meshScenario struct {
 // loadCase is one kind of load, run against each of its scenarios in
 // every round.
 type loadCase struct {
-	key       string // the scenarios' rounds, cpu, ... are keyed by it
-	conns     int
-	path      string
-	newConn   bool
-	dur       time.Duration
+	key     string // the scenarios' rounds, cpu, ... are keyed by it
+	conns   int
+	path    string
+	newConn bool
+	// warm is how long the load runs before the measured window of dur:
+	// connections (TLS handshakes on every hop) are set up outside it.
+	warm, dur time.Duration
 	scenarios []*meshScenario
 }
 
-// measureScenario runs lc's load once against sc and records it.
-func measureScenario(b *testing.B, sc *meshScenario, lc *loadCase, tlsCfg *tls.Config, round int) (loadgen.Result, []int64) {
-	cfg := loadgen.Config{Addr: sc.addr, Conns: lc.conns, Duration: lc.dur, NewConnPerRequest: lc.newConn, Path: lc.path}
+// measureScenario runs lc's load against sc and records it. The figures
+// are those of a window of lc.dur after lc.warm, while the load runs:
+// requests counted by the app, CPU by /proc; the latencies and errors are
+// the generator's for the whole run.
+func measureScenario(b *testing.B, app *benchAppServer, sc *meshScenario, lc *loadCase, tlsCfg *tls.Config, round int) (loadgen.Result, []int64) {
+	cfg := loadgen.Config{Addr: sc.addr, Conns: lc.conns, Duration: lc.warm + lc.dur + 10*time.Second, NewConnPerRequest: lc.newConn, Path: lc.path}
 	if sc.tls {
 		cfg.TLS = tlsCfg
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan loadgen.Result, 1)
+	go func() { done <- runLoad(ctx, cfg) }()
+	warmUp(b, app, lc.warm, done)
 	cores := loadgen.StartCores()
 	meter := loadgen.StartCPU(sc.pids...)
 	sampler := startRSSSampler(sc.pids)
-	res := runLoad(context.Background(), cfg)
-	peak := sampler()
+	n0, t0 := app.requests(b), time.Now()
+	time.Sleep(lc.dur)
+	n1, elapsed := app.requests(b), time.Since(t0)
 	var used time.Duration
 	for _, u := range meter.Stop() {
 		used += u
 	}
 	core := cores.Stop()
-	if res.Errors > 0 || res.Requests == 0 {
-		b.Fatalf("%s (%s): %d errors, e.g. %s", sc.name, lc.key, res.Errors, res.FirstError)
+	peak := sampler()
+	cancel()
+	var res loadgen.Result
+	select {
+	case res = <-done:
+	case <-time.After(30 * time.Second):
+		b.Fatalf("%s (%s): the generator did not stop", sc.name, lc.key)
 	}
-	perReq := float64(used.Microseconds()) / float64(res.Requests)
+	if res.Errors > 0 || res.Requests == 0 || n1 <= n0 {
+		b.Fatalf("%s (%s): %d errors, %d requests in the run, %d in the measured window, e.g. %s", sc.name, lc.key, res.Errors, res.Requests, n1-n0, res.FirstError)
+	}
 	gen := float64(res.GeneratorCPU.Microseconds()) / float64(res.Requests)
+	res.Requests, res.RPS = n1-n0, float64(n1-n0)/elapsed.Seconds()
+	perReq := float64(used.Microseconds()) / float64(res.Requests)
 	b.Logf("round %d %-24s %-48s %s, data plane %.1fus CPU/request (core busy %.2f; CPU 0 %.2f, CPU 1 %.2f; %s %.1fus/request)",
 		round+1, lc.key, sc.name, res, perReq, res.RPS*perReq/1e6, core[0], core[1], res.Generator, gen)
 	if sc.rounds == nil {
@@ -78,6 +99,82 @@ func measureScenario(b *testing.B, sc *meshScenario, lc *loadCase, tlsCfg *tls.C
 	sc.busy[k], sc.gen[k] = append(sc.busy[k], res.RPS*perReq/1e6), append(sc.gen[k], gen)
 	sc.core0[k], sc.core1[k] = append(sc.core0[k], core[0]), append(sc.core1[k], core[1])
 	return res, peak
+}
+
+// matrixCell is one cell of the two-hop matrix: a body size and a number
+// of keep-alive connections.
+type matrixCell struct {
+	key, body, path string
+	conns           int
+}
+
+// matrixCells are the matrix's cells, the first being the keep-alive run
+// of every scenario (key ka). The -short smoke runs one more cell only.
+func matrixCells(short bool, ka string) []matrixCell {
+	cells := []matrixCell{
+		{key: ka, body: fmt.Sprintf("%d B", smallBody), path: "/", conns: 32},
+		{key: fmt.Sprintf("%d B, 512 connections", smallBody), body: fmt.Sprintf("%d B", smallBody), path: "/", conns: 512},
+		{key: "16 KiB, 32 connections", body: "16 KiB", path: bigPath, conns: 32},
+		{key: "16 KiB, 512 connections", body: "16 KiB", path: bigPath, conns: 512},
+	}
+	if short {
+		return []matrixCell{cells[0], cells[3]}
+	}
+	return cells
+}
+
+// warmUp lets a load run at least min, then until the app's request rate
+// is steady (two successive 250 ms steps within 20% of each other; at
+// most 5 s more): Consul's proxy, for one, took over a second to set up
+// 512 connections on a busy machine. It returns early if the load ended.
+// A min of 0 measures from the start (a new connection per request).
+func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan loadgen.Result) {
+	const step = 250 * time.Millisecond
+	if min == 0 {
+		return
+	}
+	sleep := func(d time.Duration) bool {
+		select {
+		case res := <-done:
+			done <- res // the caller reads it and reports the failure
+			return false
+		case <-time.After(d):
+			return true
+		}
+	}
+	if !sleep(min) {
+		return
+	}
+	prev, last := app.requests(b), int64(-1)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		if !sleep(step) {
+			return
+		}
+		cur := app.requests(b)
+		rate := cur - prev
+		if last > 0 && rate > 0 && float64(rate) >= 0.8*float64(last) && float64(rate) <= 1.25*float64(last) {
+			return
+		}
+		prev, last = cur, rate
+	}
+}
+
+// warmFor is the least time a keep-alive load of conns connections runs
+// before warmUp looks for a steady rate: every hop's TLS handshakes
+// (about 1 ms of CPU each) are done by then.
+func warmFor(conns int) time.Duration {
+	if conns > 100 {
+		return time.Second
+	}
+	return 250 * time.Millisecond
+}
+
+// matrixDur is how long each of the matrix's extra runs lasts.
+func matrixDur(short bool) time.Duration {
+	if short {
+		return 500 * time.Millisecond
+	}
+	return 2 * time.Second
 }
 
 // busyTarget is the share of its core a data plane must use in a
@@ -109,10 +206,15 @@ func busyVerdict(sc *meshScenario, k string) string {
 // CI smoke (about 5 s of load, no report).
 func BenchmarkMesh(b *testing.B) {
 	short := testing.Short()
-	m := &mesh{consul: harness.StartConsul(b)}
+	// Consul's proxy asks the agent's HTTP API on each new upstream
+	// connection: at 512 connections opened at once it passed the agent's
+	// default of 200 concurrent HTTP connections per client address (429,
+	// then the proxy's connections failed). Every client here is 127.0.0.1.
+	m := &mesh{consul: harness.StartConsul(b, "limits { http_max_conns_per_client = 4096 }")}
 	m.consul.SetIntentions(b, "api", harness.Source("web", api.IntentionActionAllow))
 	m.consul.SetIntentions(b, "capi", harness.Source("cweb", api.IntentionActionAllow))
-	appPort := benchApp(b)
+	app := startBenchApp(b)
+	appPort := app.port
 	bareAddr, barePid := bareMTLS(b, m.consul, appPort)
 	ceilingAddr, ceilingPids := bareTwoHops(b, m.consul, appPort)
 	apiIn := benchRegister(b, m, "api-1", appPort, "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)))
@@ -184,13 +286,22 @@ func BenchmarkMesh(b *testing.B) {
 	pinLoadSide(b, m.consul.Proc.Cmd.Process.Pid)
 	defer pinTestProcess(b)()
 
-	rounds, dur, modes := 3, 3*time.Second, []string{"keep-alive", "new connection per request"}
+	rounds, dur, newConnDur, modes := 3, 3*time.Second, 2*time.Second, []string{"keep-alive", "new connection per request"}
 	if short {
-		rounds, dur, modes = 1, time.Second, modes[:1]
+		rounds, dur, modes = 1, 500*time.Millisecond, modes[:1]
 	}
-	cases := []*loadCase{{key: modes[0], conns: 32, dur: dur, scenarios: scenarios}}
+	cases := []*loadCase{{key: modes[0], conns: 32, warm: warmFor(32), dur: dur, scenarios: scenarios}}
 	if !short {
-		cases = append(cases, &loadCase{key: modes[1], conns: 8, newConn: true, dur: dur, scenarios: scenarios})
+		cases = append(cases, &loadCase{key: modes[1], conns: 8, newConn: true, dur: newConnDur, scenarios: scenarios})
+	}
+	// The two-hop matrix: response bodies of 100 B and 16 KiB, 32 and 512
+	// keep-alive connections, for haconnect (http, tcp), Consul's proxy
+	// and the ceiling. Its 100 B, 32 connections cell is the keep-alive run
+	// above.
+	matrix := []*meshScenario{scenarios[3], scenarios[5], scenarios[4], scenarios[7]}
+	cells := matrixCells(short, modes[0])
+	for _, c := range cells[1:] {
+		cases = append(cases, &loadCase{key: c.key, conns: c.conns, path: c.path, warm: warmFor(c.conns), dur: matrixDur(short), scenarios: matrix})
 	}
 	idleRSS := map[string]int64{"HAProxy (api sidecar)": rss(apiPids[0]) + rss(apiPids[1]), "haconnect sidecar incl. SPOA (api)": rss(apiPids[2]), "consul connect proxy (capi)": rss(capi.pid)}
 	loadRSS := map[string]int64{}
@@ -198,7 +309,7 @@ func BenchmarkMesh(b *testing.B) {
 		for r := 0; r < rounds; r++ {
 			for _, lc := range cases {
 				for _, sc := range lc.scenarios {
-					_, peak := measureScenario(b, sc, lc, tlsCfg, r)
+					_, peak := measureScenario(b, app, sc, lc, tlsCfg, r)
 					if strings.HasPrefix(sc.name, "3 ") && lc.key == "keep-alive" {
 						loadRSS["HAProxy (api sidecar)"] = max(loadRSS["HAProxy (api sidecar)"], peak[0]+peak[1])
 						loadRSS["haconnect sidecar incl. SPOA (api)"] = max(loadRSS["haconnect sidecar incl. SPOA (api)"], peak[2])
@@ -227,7 +338,7 @@ func BenchmarkMesh(b *testing.B) {
 	hit, miss := decisionCost(b, m)
 	applies := applyTimes(b, m, short)
 
-	rep := report{scenarios: scenarios, cases: cases, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+	rep := report{scenarios: scenarios, cases: cases, cells: cells, matrix: matrix, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
 		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
 	b.Log("\n" + rep.markdown())
 	ka := "keep-alive"
@@ -238,6 +349,13 @@ func BenchmarkMesh(b *testing.B) {
 	b.ReportMetric(median(scenarios[6].cpu[ka])/median(scenarios[3].cpu[ka]), "routed/2hop-cpu")
 	b.ReportMetric(median(scenarios[3].cpu[ka])/median(scenarios[7].cpu[ka]), "2hop/ceiling-cpu")
 	b.ReportMetric(median(scenarios[8].cpu[ka])-median(scenarios[2].cpu[ka]), "ratelimit-cpu-us")
+	worstRPS, worstCPU := math.Inf(1), 0.0
+	for _, c := range cells {
+		worstRPS = min(worstRPS, medianRPS(scenarios[5].rounds[c.key])/medianRPS(scenarios[4].rounds[c.key]))
+		worstCPU = max(worstCPU, median(scenarios[5].cpu[c.key])/median(scenarios[4].cpu[c.key]))
+	}
+	b.ReportMetric(worstRPS, "tcp/consul-req/s-worst-cell")
+	b.ReportMetric(worstCPU, "tcp/consul-cpu-worst-cell")
 	if path := os.Getenv("HACONNECT_BENCH_REPORT"); path != "" && !short {
 		if err := os.WriteFile(path, []byte(rep.markdown()), 0o644); err != nil {
 			b.Fatal(err)
@@ -382,6 +500,8 @@ func applyTimes(b *testing.B, m *mesh, short bool) []applyTime {
 type report struct {
 	scenarios        []*meshScenario
 	cases            []*loadCase
+	cells            []matrixCell
+	matrix           []*meshScenario // 4 http, 6 tcp, 5 consul proxy, 8 ceiling
 	modes            []string
 	rounds           int
 	dur              time.Duration
@@ -406,14 +526,18 @@ func (r report) markdown() string {
 	hv, _ := exec.Command("haproxy", "-v").Output()
 	fmt.Fprintf(&s, "# haconnect benchmarks\n\nGenerated by `make bench-mesh` (`BenchmarkMesh` in `e2e/mesh_bench_test.go`) on %s.\n\n", time.Now().UTC().Format("2006-01-02"))
 	fmt.Fprintf(&s, "Machine: %d CPUs (%s), Linux, %s; HAProxy %s; Consul v1.16.3.\n\n", runtime.NumCPU(), cpuModel, runtime.Version(), strings.Fields(string(hv) + " ? ? ?")[2])
-	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds of %s per scenario and load), medians reported. "+
+	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds per scenario and load), medians reported. "+
+		"Each run measures a window (keep-alive %s, other loads 2s); a keep-alive run is measured after a warm-up that sets up the connections "+
+		"(at least 0.25s, 1s at 512 connections, then until the app's request rate is steady over two 250ms steps); "+
+		"requests are counted by the app over the window, latencies are the generator's over the whole run. "+
 		"The data planes under test (HAProxy with one thread, the haconnect process with its SPOA, Consul's proxies) are pinned to CPU 0; "+
 		"the load generator, the app (a one-thread HAProxy answering 200 with a %d-byte body, or 16 KiB at `%s`) and the Consul agent to CPU 1. "+
 		"Generators: `wrk` (one thread) for keep-alive plain HTTP entry points (the two-hop scenarios enter at the caller sidecar's plain upstream port); "+
 		"for mTLS entry points (a client certificate, which wrk cannot present) and for a new connection per request, `internal/testkit/loadgen`, "+
 		"a Go HTTP/1.1 client that parses responses without allocating. "+
 		"CPU/request is the data plane's user+system time (from /proc) per request; "+
-		"core busy is req/s x CPU/request, the share of its core the data plane used (target > %.2f in every keep-alive run).\n\n",
+		"core busy is req/s x CPU/request, the share of its core the data plane used (target > %.2f in every keep-alive run). "+
+		"The Consul agent allows 4096 concurrent HTTP connections per client (default 200), which Consul's proxy needs at 512 connections.\n\n",
 		r.rounds, r.dur, smallBody, bigPath, busyTarget)
 	base := map[string]float64{}
 	consulRPS := map[string]float64{}
@@ -461,6 +585,7 @@ func (r report) markdown() string {
 		"%+.1f us of data plane CPU per request (%.2fx), %.2fx the req/s.\n\n",
 		median(limited.cpu[ka])-median(inbound.cpu[ka]), median(limited.cpu[ka])/median(inbound.cpu[ka]),
 		medianRPS(limited.rounds[ka])/medianRPS(inbound.rounds[ka]))
+	s.WriteString(r.matrixTables())
 	s.WriteString(r.generatorCheck())
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
 	fmt.Fprintf(&s, "| | figure |\n|---|---|\n")
@@ -481,6 +606,48 @@ func (r report) markdown() string {
 		fmt.Fprintf(&s, "| %d | %s | %s / %s | %s |\n", a.instances, a.start.Round(time.Millisecond), a.addOneP50.Round(100*time.Microsecond), a.addOneMax.Round(100*time.Microsecond), a.method)
 	}
 	s.WriteString("\nCommand: `make bench-mesh` (about 5 minutes; writes this file and `docs/benchmarks.png`).\n")
+	return s.String()
+}
+
+// matrixTables is the report's two-hop matrix: each scenario's req/s,
+// CPU per request and core busy share in each cell, then the ratios the
+// issue's targets are about.
+func (r report) matrixTables() string {
+	var s strings.Builder
+	h, tcp, consul, ceiling := r.matrix[0], r.matrix[1], r.matrix[2], r.matrix[3]
+	fmt.Fprintf(&s, "## Two-hop matrix (keep-alive)\n\nResponse bodies of %d B and 16 KiB, 32 and 512 connections; %d rounds of %s per cell "+
+		"(the %d B, 32 connections cell is the keep-alive run above). Lower CPU/request is better.\n\n", smallBody, r.rounds, matrixDur(false), smallBody)
+	s.WriteString("| body | connections | scenario | req/s | data plane CPU/request | core busy | req/s vs 5 (consul proxy) | CPU vs 5 | req/s vs 8 (ceiling) | CPU vs 8 |\n|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, c := range r.cells {
+		for _, sc := range r.matrix {
+			if len(sc.rounds[c.key]) == 0 {
+				continue
+			}
+			fmt.Fprintf(&s, "| %s | %d | %s | %.0f | %.1f us | %.2f | %.2fx | %.2fx | %.2fx | %.2fx |\n", c.body, c.conns, sc.name,
+				medianRPS(sc.rounds[c.key]), median(sc.cpu[c.key]), median(sc.busy[c.key]),
+				medianRPS(sc.rounds[c.key])/medianRPS(consul.rounds[c.key]), median(sc.cpu[c.key])/median(consul.cpu[c.key]),
+				medianRPS(sc.rounds[c.key])/medianRPS(ceiling.rounds[c.key]), median(sc.cpu[c.key])/median(ceiling.cpu[c.key]))
+		}
+	}
+	s.WriteString("\n### The targets, cell by cell\n\n")
+	s.WriteString("| body | connections | 6 tcp vs 5 consul proxy, req/s (target >= 1.0) | 6 tcp vs 5, CPU/request (target <= 1.0) | 4 http vs 8 ceiling, req/s | 4 http vs 8 ceiling, CPU/request (target <= 1.15) |\n|---|---|---|---|---|---|\n")
+	mark := func(v float64, ok bool) string {
+		if ok {
+			return fmt.Sprintf("%.2fx", v)
+		}
+		return fmt.Sprintf("**%.2fx** (missed)", v)
+	}
+	for _, c := range r.cells {
+		if len(h.rounds[c.key]) == 0 {
+			continue
+		}
+		tr := medianRPS(tcp.rounds[c.key]) / medianRPS(consul.rounds[c.key])
+		tc := median(tcp.cpu[c.key]) / median(consul.cpu[c.key])
+		hr := medianRPS(h.rounds[c.key]) / medianRPS(ceiling.rounds[c.key])
+		hc := median(h.cpu[c.key]) / median(ceiling.cpu[c.key])
+		fmt.Fprintf(&s, "| %s | %d | %s | %s | %.2fx | %s |\n", c.body, c.conns, mark(tr, tr >= 1), mark(tc, tc <= 1), hr, mark(hc, hc <= 1.15))
+	}
+	s.WriteString("\n")
 	return s.String()
 }
 

@@ -98,3 +98,28 @@ Transfer/sec:      3.69MB
 		t.Error("no error for output without a summary")
 	}
 }
+
+// TestRunWrkInterrupted stops a long wrk run through its context and still
+// gets its summary.
+func TestRunWrkInterrupted(t *testing.T) {
+	if _, err := WrkPath(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "ok") })}
+	go srv.Serve(l)
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 700*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	res := RunWrk(ctx, WrkConfig{Addr: l.Addr().String(), Conns: 4, Duration: 30 * time.Second})
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("wrk ran %s after its context was done", took)
+	}
+	if res.Errors > 0 || res.Requests < 10 || res.Generator != "wrk" || res.GeneratorCPU <= 0 {
+		t.Errorf("%s, %+v", res, res)
+	}
+}

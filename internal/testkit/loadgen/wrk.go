@@ -38,8 +38,9 @@ func WrkPath() (string, error) {
 }
 
 // RunWrk runs wrk with one thread (it inherits this process's CPU
-// affinity) and reads its summary. Answers other than 2xx/3xx and socket
-// errors count as errors.
+// affinity) for cfg.Duration or until ctx is done, and reads its summary:
+// wrk stops at an interrupt (sent when ctx is done) and still prints it.
+// Answers other than 2xx/3xx and socket errors count as errors.
 func RunWrk(ctx context.Context, cfg WrkConfig) Result {
 	var res Result
 	bin, err := WrkPath()
@@ -63,6 +64,14 @@ func RunWrk(ctx context.Context, cfg WrkConfig) Result {
 	}
 	args = append(args, "http://"+cfg.Addr+cfg.Path)
 	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Cancel = func() error {
+		if err := cmd.Process.Signal(os.Interrupt); err != nil {
+			return err
+		}
+		// wrk exits 0 after an interrupt: its status is what counts.
+		return fmt.Errorf("interrupted: %w", os.ErrProcessDone)
+	}
+	cmd.WaitDelay = 5 * time.Second
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		res.Errors, res.FirstError = 1, fmt.Sprintf("wrk %s: %v\n%s", strings.Join(args, " "), err, out)
