@@ -70,14 +70,14 @@ func TestSidecarServesTheLeafRenewedAfterTheRoots(t *testing.T) {
 	t.Logf("api serves serial %v, the leaf Consul re-issued after the roots", served)
 	// Consul usually re-issues the leaf seconds after the roots, so it
 	// comes on its own, the case this test is about; now and then it comes
-	// in one change with them, which the runtime API applies. Either way
+	// in one change with them, which is a reload too (reason leaf). Either way
 	// the new leaf must be served (above). The separate case is also
 	// checked deterministically, against a real HAProxy, by
 	// plugin/sidecar's TestLeafRenewedAfterARootsChangeIsServed.
 	if out := api1.sidecar.Output(); strings.Contains(out, "reload_reason=leaf_after_ca_file") {
 		t.Log("the leaf came on its own after the roots: applied by a reload")
 	} else {
-		t.Log("the leaf came in one change with the roots: applied through the runtime API")
+		t.Log("the leaf came in one change with the roots: applied by a reload (reload_reason=leaf)")
 	}
 }
 

@@ -159,7 +159,7 @@ func TestExecuteStartFailureKeepsNothingRunning(t *testing.T) {
 
 func TestExecuteRuntimeSendsThePlannedCommands(t *testing.T) {
 	s, a, inst, reg := started(t)
-	next := stateOf(t, s, testSnapshot("LEAF2", "ROOT", 1, 2), a.applied.slots)
+	next := stateOf(t, s, testSnapshot("LEAF", "ROOT2", 1, 2), a.applied.slots)
 	p := planApply(true, a.applied, next)
 	if err := a.execute(context.Background(), p, time.Time{}); err != nil {
 		t.Fatal(err)
@@ -167,13 +167,13 @@ func TestExecuteRuntimeSendsThePlannedCommands(t *testing.T) {
 	if len(inst.runtime) != 1 || !reflect.DeepEqual(inst.runtime[0], p.runtime) || len(p.runtime) != 5 || inst.reloads != nil {
 		t.Fatalf("runtime %v reloads %d, want the plan's 5 commands in one batch and no reload", inst.runtime, len(inst.reloads))
 	}
-	// The files a later reload or restart reads: the leaf, and the
+	// The files a later reload or restart reads: the roots, and the
 	// configuration with the new slot.
-	if readFile(t, s.path("leaf.pem")) != "LEAF2\nKEY\n" || readFile(t, inst.ConfigPath()) != next.out.Config {
+	if readFile(t, s.path("roots.pem")) != "ROOT2\n" || readFile(t, inst.ConfigPath()) != next.out.Config {
 		t.Fatal("files not written after a runtime change")
 	}
-	if !reflect.DeepEqual(a.applied, next) {
-		t.Fatal("the applier does not hold the new state")
+	if !reflect.DeepEqual(a.applied, p.next) || !a.applied.caCommitted {
+		t.Fatal("the applier does not hold the new state (with its CA file committed)")
 	}
 	if got := applies(t, reg); got["runtime/ok"] != 1 || got["reload/ok"] != 0 {
 		t.Fatalf("applies %v", got)

@@ -56,6 +56,8 @@ const (
 	reasonShape = "shape" // the configuration's shape changed
 	// The leaf changed after a CA file commit (see planApply).
 	reasonLeafAfterCAFile = "leaf_after_ca_file"
+	// The leaf changed (see planApply).
+	reasonLeaf = "leaf"
 	// HAProxy refused a runtime plan's command (set by the applier).
 	reasonRuntimeRefused = "runtime_refused"
 )
@@ -66,10 +68,9 @@ type file struct{ name, data string }
 // planApply decides how HAProxy goes from prev (running or not) to next:
 //   - nothing runs: start it, with every file written;
 //   - the SPOE engine or the configuration's shape changed: reload;
-//   - the leaf changed after the running worker committed a CA file:
-//     reload;
-//   - the certificates or the upstream slots' addresses changed: the
-//     runtime API, which keeps connections and costs no `haproxy -c`;
+//   - the leaf changed: reload;
+//   - the CA roots or the upstream slots' addresses changed: the runtime
+//     API, which keeps connections and costs no `haproxy -c`;
 //   - nothing HAProxy sees changed: nothing.
 func planApply(running bool, prev, next appliedState) plan {
 	p := plan{next: next}
@@ -111,12 +112,18 @@ func planApply(running bool, prev, next appliedState) plan {
 		// certificate. Only a new worker serves the new leaf. (Fixed in
 		// HAProxy 3.3, GitHub #3165.)
 		p.reason = reasonLeafAfterCAFile
+	case next.leafPEM != prev.leafPEM:
+		// HAProxy 2.6.12's `commit ssl cert` rebuilds the inbound
+		// listener without its `verify required` when the new
+		// certificate carries no common name and no DNS name, as every
+		// Consul leaf: the listener stops asking callers for their
+		// certificate, and the SPOA denies every one (no_certificate)
+		// until the next reload. Seen on each leaf renewal and after an
+		// agent restart (a new leaf, the same roots). A reload serves
+		// the new leaf with the listener's options.
+		p.reason = reasonLeaf
 	}
-	// In one plan the certificate goes before the CA file, for the same
-	// reason.
-	if next.leafPEM != prev.leafPEM {
-		p.runtime = append(p.runtime, haproxy.SetSSLCert(next.model.LeafFile, next.leafPEM), haproxy.CommitSSLCert(next.model.LeafFile))
-	}
+	// (A new leaf never goes through the runtime API: see above.)
 	p.next.caCommitted = prev.caCommitted
 	if next.rootsPEM != prev.rootsPEM {
 		p.runtime = append(p.runtime, haproxy.SetSSLCAFile(next.model.RootsFile, next.rootsPEM), haproxy.CommitSSLCAFile(next.model.RootsFile))

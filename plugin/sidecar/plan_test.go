@@ -109,27 +109,25 @@ func TestPlanMovesInstancesThroughTheRuntimeAPI(t *testing.T) {
 	}
 }
 
-func TestPlanRotatesCertificatesThroughTheRuntimeAPI(t *testing.T) {
+// TestPlanRotatesCertificates: new roots go through the runtime API; a new
+// leaf is a reload (see planApply), with both files written first.
+func TestPlanRotatesCertificates(t *testing.T) {
 	s := testSidecar(t, nil)
 	prev := stateOf(t, s, testSnapshot("LEAF", "ROOT", 1), nil)
 	next := stateOf(t, s, testSnapshot("LEAF2", "ROOT2", 1), prev.slots)
 	p := planApply(true, prev, next)
-	leaf, roots := s.path("leaf.pem"), s.path("roots.pem")
-	// The certificate goes before the CA file (see plugin/haproxy's test).
-	want := []haproxy.Command{
-		haproxy.SetSSLCert(leaf, "LEAF2\nKEY\n"), haproxy.CommitSSLCert(leaf),
-		haproxy.SetSSLCAFile(roots, "ROOT2\n"), haproxy.CommitSSLCAFile(roots),
-	}
-	if p.method != methodRuntime || !reflect.DeepEqual(p.runtime, want) {
-		t.Fatalf("plan %s %v, want runtime %v", p.method, p.runtime, want)
+	if p.method != methodReload || p.reason != reasonLeaf || p.runtime != nil {
+		t.Fatalf("plan %s (%q) %v, want a reload for the leaf", p.method, p.reason, p.runtime)
 	}
 	if got := fileNames(p.files); !slices.Equal(got, []string{"leaf.pem", "roots.pem"}) {
-		t.Fatalf("files %v, want leaf.pem and roots.pem (a later reload reads them)", got)
+		t.Fatalf("files %v, want leaf.pem and roots.pem (the reload reads them)", got)
 	}
 	// The roots alone.
-	p = planApply(true, next, stateOf(t, s, testSnapshot("LEAF2", "ROOT3", 1), next.slots))
-	if p.method != methodRuntime || len(p.runtime) != 2 || p.runtime[0] != haproxy.SetSSLCAFile(roots, "ROOT3\n") {
-		t.Fatalf("plan %s %v, want the CA file alone", p.method, p.runtime)
+	roots := s.path("roots.pem")
+	p = planApply(true, p.next, stateOf(t, s, testSnapshot("LEAF2", "ROOT3", 1), next.slots))
+	want := []haproxy.Command{haproxy.SetSSLCAFile(roots, "ROOT3\n"), haproxy.CommitSSLCAFile(roots)}
+	if p.method != methodRuntime || !reflect.DeepEqual(p.runtime, want) {
+		t.Fatalf("plan %s %v, want runtime %v", p.method, p.runtime, want)
 	}
 }
 

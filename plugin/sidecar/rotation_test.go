@@ -2,9 +2,13 @@ package sidecar
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"net"
+	"net/url"
 	"strconv"
 	"testing"
 	"time"
@@ -12,10 +16,11 @@ import (
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 )
 
-// TestPlanReloadsALeafAfterACAFileCommit: once the running worker has
-// committed a CA file, a new leaf is a reload (HAProxy 2.6.12 cannot
-// commit it); the reload starts a worker that can again, until its own
-// next CA file commit. Roots and leaf in one plan stay a runtime change.
+// TestPlanReloadsALeafAfterACAFileCommit: a new leaf is a reload (HAProxy
+// 2.6.12 cannot commit a Consul leaf to a listener and keep its `verify
+// required`), named leaf_after_ca_file once the running worker has
+// committed a CA file (it could not commit a certificate then either).
+// The roots alone go through the runtime API.
 func TestPlanReloadsALeafAfterACAFileCommit(t *testing.T) {
 	s := testSidecar(t, nil)
 	state := stateOf(t, s, testSnapshot("LEAF", "ROOT", 1), nil)
@@ -30,26 +35,28 @@ func TestPlanReloadsALeafAfterACAFileCommit(t *testing.T) {
 		}
 		state = p.next
 	}
-	step("leaf", "LEAF2", "ROOT", methodRuntime, "")
-	step("leaf and roots", "LEAF3", "ROOT2", methodRuntime, "")
+	step("leaf", "LEAF2", "ROOT", methodReload, reasonLeaf)
+	step("leaf and roots", "LEAF3", "ROOT2", methodReload, reasonLeaf)
+	step("roots", "LEAF3", "ROOT3", methodRuntime, "")
 	if !state.caCommitted {
 		t.Fatal("a plan committing a CA file does not say so")
 	}
-	step("nothing", "LEAF3", "ROOT2", "", "")
-	step("leaf after the roots", "LEAF4", "ROOT2", methodReload, reasonLeafAfterCAFile)
-	step("leaf after the reload", "LEAF5", "ROOT2", methodRuntime, "")
-	step("roots", "LEAF5", "ROOT3", methodRuntime, "")
-	step("roots again", "LEAF5", "ROOT4", methodRuntime, "")
-	step("leaf and roots after the roots", "LEAF6", "ROOT5", methodReload, reasonLeafAfterCAFile)
+	step("nothing", "LEAF3", "ROOT3", "", "")
+	step("leaf after the roots", "LEAF4", "ROOT3", methodReload, reasonLeafAfterCAFile)
+	step("roots after the reload", "LEAF4", "ROOT4", methodRuntime, "")
+	step("roots again", "LEAF4", "ROOT5", methodRuntime, "")
+	step("leaf and roots after the roots", "LEAF5", "ROOT6", methodReload, reasonLeafAfterCAFile)
 }
 
 // TestLeafRenewedAfterARootsChangeIsServed carries plans out against a real
 // HAProxy as Consul reports a CA rotation: a root added, then the leaf
 // re-issued, each on its own; then a leaf renewal, and roots and leaf
-// changed together, twice. After each, the TLS handshake on the public
-// listener shows the new leaf's serial, and so does the client certificate
-// HAProxy's health check presents to the upstream instance. HAProxy runs
-// throughout (the same master): no step crashes it.
+// changed together, twice, with leaves shaped as Consul's (no subject, a
+// URI SAN). After each, the TLS handshake on the public listener shows the
+// new leaf's serial, the listener still refuses a caller without a client
+// certificate, and the upstream instance is shown the new leaf by HAProxy's
+// health check. HAProxy runs throughout (the same master): no step
+// crashes it.
 func TestLeafRenewedAfterARootsChangeIsServed(t *testing.T) {
 	s := testSidecar(t, nil) // the exec launcher: a real HAProxy
 	a, reg := testApplier(t, s)
@@ -124,6 +131,19 @@ func TestLeafRenewedAfterARootsChangeIsServed(t *testing.T) {
 		if got.Cmp(want.SerialNumber) != 0 {
 			t.Fatalf("%s: the listener serves serial %v, want the new leaf's %v", what, got, want.SerialNumber)
 		}
+		// It still requires a client certificate: a handshake without
+		// one fails (in TLS 1.3 the client sees the alert on its first
+		// read), so the SPOA is never asked about a caller it cannot see.
+		if c, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", "127.0.0.1:"+strconv.Itoa(inbound),
+			&tls.Config{InsecureSkipVerify: true}); err == nil {
+			_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+			_, _ = c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+			_, rerr := c.Read(make([]byte, 1))
+			c.Close()
+			if rerr == nil {
+				t.Fatalf("%s: the listener took a connection without a client certificate (verify required lost)", what)
+			}
+		}
 		// The health checks run every second: the next ones present it.
 		for deadline := time.After(5 * time.Second); ; {
 			select {
@@ -137,8 +157,17 @@ func TestLeafRenewedAfterARootsChangeIsServed(t *testing.T) {
 		}
 	}
 
-	leaf := func() *harness.Leaf { return newCA.Issue(t, self) }
-	first := oldCA.Issue(t, self)
+	// Leaves shaped as Consul's: no subject, the SPIFFE ID as the only SAN.
+	consulLeaf := func(ca *harness.ForeignCA) *harness.Leaf {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(self)
+		return ca.SignCrafted(t, &x509.Certificate{URIs: []*url.URL{u}}, key)
+	}
+	leaf := func() *harness.Leaf { return consulLeaf(newCA) }
+	first := consulLeaf(oldCA)
 	if p := apply(snap(first, oldCA.CertPEM)); p.method != methodStart {
 		t.Fatalf("first apply: %s, want start", p.method)
 	}
@@ -153,8 +182,8 @@ func TestLeafRenewedAfterARootsChangeIsServed(t *testing.T) {
 		what, roots, method string
 	}{
 		{"the leaf renewed after the roots changed", both, methodReload},
-		{"a leaf renewed later", both, methodRuntime},
-		{"roots and leaf together", both + thirdCA.CertPEM, methodRuntime},
+		{"a leaf renewed later", both, methodReload},
+		{"roots and leaf together", both + thirdCA.CertPEM, methodReload},
 		{"roots and leaf together again", both, methodReload},
 	} {
 		l := leaf()
@@ -172,7 +201,7 @@ func TestLeafRenewedAfterARootsChangeIsServed(t *testing.T) {
 	if a.proc != proc {
 		t.Fatal("HAProxy was started again")
 	}
-	if got := applies(t, reg); got["runtime/error"] != 0 || got["reload/ok"] != 2 {
-		t.Fatalf("applies %v: want two planned reloads and no refused runtime change", got)
+	if got := applies(t, reg); got["runtime/error"] != 0 || got["reload/ok"] != 4 {
+		t.Fatalf("applies %v: want four planned reloads and no refused runtime change", got)
 	}
 }
