@@ -125,7 +125,7 @@ func matrixCells(short bool, ka string) []matrixCell {
 
 // warmUp lets a load run at least min, then until the app's request rate
 // is steady (two successive 250 ms steps within 20% of each other; at
-// most 5 s more): Consul's proxy, for one, took over a second to set up
+// most 5 s more, 1 s in the -short smoke): Consul's proxy, for one, took over a second to set up
 // 512 connections on a busy machine. It returns early if the load ended.
 // A min of 0 measures from the start (a new connection per request).
 func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan loadgen.Result) {
@@ -146,7 +146,11 @@ func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan load
 		return
 	}
 	prev, last := app.requests(b), int64(-1)
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+	most := 5 * time.Second
+	if testing.Short() {
+		most = time.Second
+	}
+	for deadline := time.Now().Add(most); time.Now().Before(deadline); {
 		if !sleep(step) {
 			return
 		}
@@ -262,9 +266,11 @@ func BenchmarkMesh(b *testing.B) {
 		{name: "9 haconnect inbound, per-caller rate limit", addr: fmt.Sprintf("127.0.0.1:%d", lapiIn.port), tls: true,
 			pids: append(haproxyPids(b, lapiIn), lapiIn.sidecar.Cmd.Process.Pid)},
 	}
+	// The per-feature variants of scenario 4 (mesh_features_bench_test.go).
+	features := featureVariants(b, m, apiIn, webIn)
 	// Every path must answer before it is measured: a new upstream instance
 	// enters HAProxy's pool once its first health check passes.
-	for _, sc := range scenarios {
+	for _, sc := range append(append([]*meshScenario{}, scenarios...), features...) {
 		client := &http.Client{Timeout: 2 * time.Second}
 		scheme := "http"
 		if sc.tls {
@@ -279,7 +285,7 @@ func BenchmarkMesh(b *testing.B) {
 			return resp.StatusCode == 200
 		})
 	}
-	for _, sc := range scenarios {
+	for _, sc := range append(append([]*meshScenario{}, scenarios...), features...) {
 		pinDataPlane(b, sc.pids...)
 	}
 	// The load side: the app (benchApp), Consul and this process.
@@ -303,6 +309,7 @@ func BenchmarkMesh(b *testing.B) {
 	for _, c := range cells[1:] {
 		cases = append(cases, &loadCase{key: c.key, conns: c.conns, path: c.path, warm: warmFor(c.conns), dur: matrixDur(short), scenarios: matrix})
 	}
+	cases = append(cases, &loadCase{key: featuresKey, conns: 32, warm: warmFor(32), dur: featureDur(short), scenarios: features})
 	idleRSS := map[string]int64{"HAProxy (api sidecar)": rss(apiPids[0]) + rss(apiPids[1]), "haconnect sidecar incl. SPOA (api)": rss(apiPids[2]), "consul connect proxy (capi)": rss(capi.pid)}
 	loadRSS := map[string]int64{}
 	for i := 0; i < b.N; i++ {
@@ -338,7 +345,7 @@ func BenchmarkMesh(b *testing.B) {
 	hit, miss := decisionCost(b, m)
 	applies := applyTimes(b, m, short)
 
-	rep := report{scenarios: scenarios, cases: cases, cells: cells, matrix: matrix, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+	rep := report{scenarios: scenarios, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
 		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
 	b.Log("\n" + rep.markdown())
 	ka := "keep-alive"
@@ -353,6 +360,9 @@ func BenchmarkMesh(b *testing.B) {
 	for _, c := range cells {
 		worstRPS = min(worstRPS, medianRPS(scenarios[5].rounds[c.key])/medianRPS(scenarios[4].rounds[c.key]))
 		worstCPU = max(worstCPU, median(scenarios[5].cpu[c.key])/median(scenarios[4].cpu[c.key]))
+	}
+	for i, name := range []string{"spoe", "tagging", "telemetry", "identity", "retries"} {
+		b.ReportMetric(median(features[0].cpu[featuresKey])-median(features[i+1].cpu[featuresKey]), name+"-cpu-us")
 	}
 	b.ReportMetric(worstRPS, "tcp/consul-req/s-worst-cell")
 	b.ReportMetric(worstCPU, "tcp/consul-cpu-worst-cell")
@@ -416,8 +426,11 @@ func decisionCost(b *testing.B, m *mesh) (hit, miss cost) {
 		var before, after runtime.MemStats
 		runtime.GC()
 		runtime.ReadMemStats(&before)
-		start, n := time.Now(), 0
-		for time.Since(start) < time.Second {
+		start, n, span := time.Now(), 0, time.Second
+		if testing.Short() {
+			span = 200 * time.Millisecond
+		}
+		for time.Since(start) < span {
 			for k := 0; k < 1000; k++ {
 				f(n)
 				n++
@@ -502,6 +515,7 @@ type report struct {
 	cases            []*loadCase
 	cells            []matrixCell
 	matrix           []*meshScenario // 4 http, 6 tcp, 5 consul proxy, 8 ceiling
+	features         []*meshScenario // F0 all on, then one feature off each
 	modes            []string
 	rounds           int
 	dur              time.Duration
@@ -586,6 +600,7 @@ func (r report) markdown() string {
 		median(limited.cpu[ka])-median(inbound.cpu[ka]), median(limited.cpu[ka])/median(inbound.cpu[ka]),
 		medianRPS(limited.rounds[ka])/medianRPS(inbound.rounds[ka]))
 	s.WriteString(r.matrixTables())
+	s.WriteString(r.featureTable())
 	s.WriteString(r.generatorCheck())
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
 	fmt.Fprintf(&s, "| | figure |\n|---|---|\n")

@@ -1,0 +1,304 @@
+package e2e
+
+// The per-feature cost table of `make bench-mesh`: the two-hop HTTP path
+// (scenario 4) with each haconnect feature switched off alone, without a
+// knob in the product. The configurations that the api and web sidecars
+// rendered are copied, the feature's rules removed by their exact text,
+// and each variant runs as its own pair of HAProxy processes with the
+// same certificate files, SPOA and app, measured like the other scenarios.
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/haconnect/haconnect/internal/testkit/harness"
+)
+
+// cfgEdit changes one side's rendered configuration. A rule is a line's
+// text without its indentation, written exactly as the template renders
+// it ({api}, {apiURI}, {webURI}, {apiDir}, {webDir} stand for the
+// instances' values), or "re:" and a regular expression matching a whole
+// line. Every rule must match at least one line, or the benchmark fails:
+// a variant must never measure a feature that is no longer there.
+type cfgEdit struct {
+	side    string              // "caller" (web) or "destination" (api)
+	remove  []string            // rules deleted
+	replace map[string][]string // rule -> the lines put in its place
+}
+
+// feature is one variant of the two-hop path: the features' rules as
+// plugin/render/haproxy.cfg.tmpl writes them today. When the template
+// changes a rule, change it here too.
+type feature struct {
+	name  string
+	edits []cfgEdit
+}
+
+func meshFeatures() []feature {
+	whenChecked := " if { var(txn.hc_check) -m bool }"
+	return []feature{
+		{name: "all features on (the rendered configurations, copied)"},
+		{name: "SPOE filter (authorization) off, a fixed allow in its place", edits: []cfgEdit{{side: "destination",
+			remove: []string{
+				"filter spoe engine haconnect config {apiDir}/spoe.conf",
+				"http-request send-spoe-group haconnect l7 if hc_l7 !{ var(txn.hc_deny) -m found } { var(sess.haconnect.l7) -m int 1 }",
+				"http-request send-spoe-group haconnect l7h if hc_l7 !{ var(txn.hc_deny) -m found } { var(sess.haconnect.l7) -m int 2 }",
+			},
+			replace: map[string][]string{"http-request send-spoe-group haconnect authz" + whenChecked: {
+				"http-request set-var(sess.haconnect.auth) bool(true)" + whenChecked,
+				"http-request set-var(sess.haconnect.source) str(web)" + whenChecked,
+				"http-request set-var(sess.haconnect.spiffe) str({webURI})" + whenChecked,
+				"http-request set-var(sess.haconnect.ttl_ms) int(1000)" + whenChecked,
+			}},
+		}}},
+		{name: "tagging headers off", edits: []cfgEdit{{side: "destination", remove: []string{
+			"http-request del-header ^x[-_]haconnect[-_] -m reg",
+			"http-request del-header ^x[-_]forwarded[-_]client[-_]cert$ -m reg",
+			"http-request add-header x-haconnect-source %[var(sess.haconnect.source)]",
+			"http-request add-header x-haconnect-spiffe %[var(sess.haconnect.spiffe)]",
+			"http-request add-header x-haconnect-destination {api}",
+			"http-request set-var(sess.hc_cert_hash) ssl_c_der,sha2(256),hex,lower" + whenChecked,
+			"http-request add-header x-forwarded-client-cert By={apiURI};Hash=%[var(sess.hc_cert_hash)];URI=%[var(sess.haconnect.spiffe)]",
+			"http-request set-header x-request-id %[uuid] unless { req.hdr(x-request-id) -m found }",
+			"http-request set-header traceparent 00-%[req.hdr(traceparent),field(2,-)]-%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]-%[req.hdr(traceparent),field(4,-)] if hc_tp_len hc_tp_version hc_tp_trace hc_tp_flags !hc_tp_zero",
+			"http-request set-header traceparent 00-%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]-%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]-01 unless hc_tp_len hc_tp_version hc_tp_trace hc_tp_flags !hc_tp_zero",
+		}}}},
+		{name: "telemetry off", edits: []cfgEdit{{side: "destination", remove: []string{
+			"http-request set-var(txn.hc_t0) date(0,us)",
+			"http-request set-var(txn.hc_ckey) var(sess.haconnect.source,),concat(|{api})",
+			"http-request track-sc0 var(txn.hc_ckey) table haconnect_callers",
+			"http-response set-var(txn.hc_lat) date(0,us),sub(txn.hc_t0)",
+			`re:http-response sc-inc-gpc\(\d+,0\) if \{ (status \d+:\d+|var\(txn\.hc_lat\) -m int \d+:\d+|var\(txn\.hc_lat\),and\(\d+\) gt 0) \}`,
+		}}}},
+		// The check's decision exactly; the variables it is computed
+		// through (the peer's ID looked up by certificate, then by the
+		// Lua parse) by pattern.
+		{name: "upstream identity check off", edits: []cfgEdit{{side: "caller", remove: []string{
+			"http-response deny deny_status 502 unless { var(txn.hc_peer) -m str {apiURI} }",
+			`re:http-response (unset-var|set-var)\(txn\.hc_(peer|idn)\)( .*)?`,
+		}}}},
+		{name: "retries off", edits: []cfgEdit{{side: "caller",
+			remove: []string{
+				"option redispatch 1",
+				"retry-on conn-failure empty-response response-timeout 503",
+				"http-request disable-l7-retry unless METH_GET || METH_HEAD || METH_OPTIONS || { method PUT DELETE TRACE }",
+			},
+			replace: map[string][]string{`re:retries \d+`: {"retries 0"}},
+		}}},
+	}
+}
+
+// ruleMatcher matches a rule against a line's text.
+func ruleMatcher(b testing.TB, rule string) func(string) bool {
+	if re, ok := strings.CutPrefix(rule, "re:"); ok {
+		r, err := regexp.Compile("^(?:" + re + ")$")
+		if err != nil {
+			b.Fatalf("rule %q: %v", rule, err)
+		}
+		return r.MatchString
+	}
+	return func(line string) bool { return line == rule }
+}
+
+// applyEdit applies e to cfg's lines. It fails the benchmark, naming the
+// rule, when a rule matches no line.
+func applyEdit(b testing.TB, variant, side, cfgPath string, lines []string, e cfgEdit, subst *strings.Replacer) []string {
+	type op struct {
+		rule string
+		with []string
+	}
+	var ops []op
+	for _, r := range e.remove {
+		ops = append(ops, op{rule: r})
+	}
+	for r, with := range e.replace {
+		ops = append(ops, op{rule: r, with: with})
+	}
+	for _, o := range ops {
+		rule := subst.Replace(o.rule)
+		match := ruleMatcher(b, rule)
+		var out []string
+		found := 0
+		for _, line := range lines {
+			text := strings.TrimSpace(line)
+			if !match(text) {
+				out = append(out, line)
+				continue
+			}
+			found++
+			indent := line[:len(line)-len(strings.TrimLeft(line, " \t"))]
+			for _, w := range o.with {
+				out = append(out, indent+subst.Replace(w))
+			}
+		}
+		if found == 0 {
+			b.Fatalf("per-feature variant %q: the rule\n\t%s\nis not in the %s's rendered configuration (%s): the template changed, so this "+
+				"variant would not switch the feature off. Update the rule table in e2e/mesh_features_bench_test.go (meshFeatures) "+
+				"to the template's new rules.", variant, rule, side, cfgPath)
+		}
+		lines = out
+	}
+	return lines
+}
+
+var bindLine = regexp.MustCompile(`^(\s*bind\s+)(\S+):(\d+)(.*)$`)
+
+// relocate makes a copy of a rendered configuration runnable beside the
+// sidecar's own HAProxy: every bind gets the port that ports maps its old
+// port to (new ones are taken as needed), the admin socket moves to dir,
+// and the listeners fd transfer is dropped (no master here).
+func relocate(b testing.TB, lines []string, dir string, ports map[int]int) []string {
+	sockets := 0
+	var out []string
+	for _, line := range lines {
+		text := strings.TrimSpace(line)
+		if strings.HasPrefix(text, "stats socket ") {
+			sockets++
+			out = append(out, "    stats socket "+filepath.Join(dir, "admin.sock")+" mode 600 level admin")
+			continue
+		}
+		if m := bindLine.FindStringSubmatch(line); m != nil {
+			old, _ := strconv.Atoi(m[3])
+			if _, ok := ports[old]; !ok {
+				ports[old] = harness.FreePort(b)
+			}
+			line = fmt.Sprintf("%s%s:%d%s", m[1], m[2], ports[old], m[4])
+		}
+		out = append(out, line)
+	}
+	if sockets != 1 {
+		b.Fatalf("a rendered configuration with %d stats socket lines (1 expected)", sockets)
+	}
+	return out
+}
+
+// pointUpstream replaces the server slots of the caller's upstream backend
+// (addresses the sidecar sets through the runtime API; the file has
+// placeholders) with one server at addr, after the backend's
+// default-server line, which carries the TLS settings.
+func pointUpstream(b testing.TB, lines []string, backend, addr, cfgPath string) []string {
+	var out []string
+	in, placed, slots := false, false, 0
+	slot := regexp.MustCompile(`^server s\d+ `)
+	for _, line := range lines {
+		text := strings.TrimSpace(line)
+		if strings.HasPrefix(text, "backend ") || strings.HasPrefix(text, "frontend ") {
+			in = text == "backend "+backend
+		}
+		if in && slot.MatchString(text) {
+			slots++
+			continue
+		}
+		out = append(out, line)
+		if in && strings.HasPrefix(text, "default-server ") && !placed {
+			out = append(out, "    server s1 "+addr)
+			placed = true
+		}
+	}
+	if !placed || slots == 0 {
+		b.Fatalf("backend %s in %s: no default-server line or no server slots (%d): the template changed; update pointUpstream in e2e/mesh_features_bench_test.go", backend, cfgPath, slots)
+	}
+	return out
+}
+
+// featureVariants starts, for each feature of meshFeatures, the two-hop
+// path with that feature off: copies of apiIn's (destination) and webIn's
+// (caller, upstream "api") rendered configurations, edited, each run by its
+// own one-thread HAProxy. The destination's copy keeps asking the api
+// sidecar's SPOA, whose process is counted in the variant's CPU.
+func featureVariants(b *testing.B, m *mesh, apiIn, webIn *instance) []*meshScenario {
+	read := func(in *instance) (string, []string) {
+		p := filepath.Join(in.dir, "haproxy.cfg")
+		data, err := os.ReadFile(p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return p, strings.Split(string(data), "\n")
+	}
+	apiPath, apiLines := read(apiIn)
+	webPath, webLines := read(webIn)
+	subst := strings.NewReplacer("{api}", "api", "{apiURI}", m.consul.IssueLeaf(b, "api").URI, "{webURI}", m.consul.IssueLeaf(b, "web").URI,
+		"{apiDir}", apiIn.dir, "{webDir}", webIn.dir)
+	var out []*meshScenario
+	for i, f := range meshFeatures() {
+		dst, src := append([]string(nil), apiLines...), append([]string(nil), webLines...)
+		for _, e := range f.edits {
+			switch e.side {
+			case "destination":
+				dst = applyEdit(b, f.name, e.side, apiPath, dst, e, subst)
+			case "caller":
+				src = applyEdit(b, f.name, e.side, webPath, src, e, subst)
+			default:
+				b.Fatalf("feature %q: side %q", f.name, e.side)
+			}
+		}
+		ports := map[int]int{}
+		dir := harness.TempDir(b)
+		dstDir, srcDir := filepath.Join(dir, "destination"), filepath.Join(dir, "caller")
+		for _, d := range []string{dstDir, srcDir} {
+			if err := os.Mkdir(d, 0o700); err != nil {
+				b.Fatal(err)
+			}
+		}
+		dst = relocate(b, dst, dstDir, ports)
+		if _, ok := ports[apiIn.port]; !ok {
+			b.Fatalf("%s binds no listener on the inbound port %d", apiPath, apiIn.port)
+		}
+		src = relocate(b, src, srcDir, ports)
+		entry, ok := ports[webIn.upstream["api"]]
+		if !ok {
+			b.Fatalf("%s binds no listener on the upstream port %d", webPath, webIn.upstream["api"])
+		}
+		src = pointUpstream(b, src, "upstream_api", fmt.Sprintf("127.0.0.1:%d", ports[apiIn.port]), webPath)
+		hd := harness.StartHAProxy(b, dstDir, strings.Join(dst, "\n"), fmt.Sprintf("127.0.0.1:%d", ports[apiIn.port]))
+		hs := harness.StartHAProxy(b, srcDir, strings.Join(src, "\n"), fmt.Sprintf("127.0.0.1:%d", entry))
+		out = append(out, &meshScenario{name: fmt.Sprintf("F%d %s", i, f.name), addr: fmt.Sprintf("127.0.0.1:%d", entry),
+			pids: []int{hs.Proc.Cmd.Process.Pid, hd.Proc.Cmd.Process.Pid, apiIn.sidecar.Cmd.Process.Pid}})
+	}
+	return out
+}
+
+// featureDur is how long each variant's measured window lasts.
+func featureDur(short bool) time.Duration {
+	if short {
+		return 500 * time.Millisecond
+	}
+	return 3 * time.Second
+}
+
+// featureTable is the report's per-feature cost table.
+func (r report) featureTable() string {
+	if len(r.features) == 0 {
+		return ""
+	}
+	var s strings.Builder
+	k := featuresKey
+	all := r.features[0]
+	fmt.Fprintf(&s, "## Per-feature cost (two hops, http, keep-alive, 32 connections)\n\n"+
+		"The configurations the api and web sidecars rendered for scenario 4, copied, each feature's rules removed by their exact text "+
+		"(`e2e/mesh_features_bench_test.go`; the benchmark fails if a rule is missing), each variant run as its own pair of one-thread "+
+		"HAProxies with the same certificates, SPOA and app, in the same rounds as the scenarios. SPOE off puts a fixed allow in place of "+
+		"the authorization, so that requests still pass. A feature's cost is the CPU per request it adds to F0 (all on). "+
+		"F0 against scenario 4 (the same configurations run by the sidecars): %.2fx the CPU per request.\n\n",
+		median(all.cpu[k])/median(r.scenarios[3].cpu["keep-alive"]))
+	s.WriteString("| variant | req/s | data plane CPU/request | the feature's cost (CPU/request) | share of F0's CPU | core busy |\n|---|---|---|---|---|---|\n")
+	for i, v := range r.features {
+		cost, share := "-", "-"
+		if i > 0 {
+			d := median(all.cpu[k]) - median(v.cpu[k])
+			cost, share = fmt.Sprintf("%+.1f us", d), fmt.Sprintf("%.0f%%", 100*d/median(all.cpu[k]))
+		}
+		fmt.Fprintf(&s, "| %s | %.0f | %.1f us | %s | %s | %.2f |\n", v.name, medianRPS(v.rounds[k]), median(v.cpu[k]), cost, share, median(v.busy[k]))
+	}
+	s.WriteString("\n")
+	return s.String()
+}
+
+// featuresKey keys the variants' runs.
+const featuresKey = "per-feature variants"
