@@ -4,7 +4,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -185,7 +184,7 @@ func TestUpstreamIdentityIsTheURISAN(t *testing.T) {
 	out := logText(web.sidecar)
 	for _, svc := range []string{"api", "db"} {
 		// HAProxy prints a warning both to its log and to stderr.
-		re := regexp.MustCompile(`upstream certificate ([0-9A-F]{64}) refused: it names ` +
+		re := regexp.MustCompile(`upstream certificate ([0-9A-F]+\|.+?) refused: it names ` +
 			regexp.QuoteMeta(fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/evil, not spiffe://%s/ns/default/dc/dc1/svc/%s", td, td, svc)))
 		certs := map[string]bool{}
 		for _, m := range re.FindAllStringSubmatch(out, -1) {
@@ -205,18 +204,18 @@ func TestUpstreamIdentityIsTheURISAN(t *testing.T) {
 	}
 
 	// Past a certificate's first response, the check is the native map
-	// lookup alone: the entry Lua made is keyed by the SHA-256 of the DER,
-	// and an entry changed through the runtime API decides the next
-	// response, which the Lua parse would have refused.
+	// lookup alone: the entry Lua made is keyed by the certificate's
+	// serial and issuer, and an entry changed through the runtime API
+	// decides the next response, which the Lua parse would have refused.
 	evil := apiImpostors["in another extension"]
-	sum := sha256.Sum256(evil.TLS.Certificate[0])
-	key := strings.ToUpper(hex.EncodeToString(sum[:]))
+	key := peerMapKey(t, evil.TLS.Certificate[0])
 	mapFile := filepath.Join(web.dir, "upstream_peers.map")
 	evilURI := fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/evil", td)
 	if entries := web.admin(t, "show map "+mapFile); !strings.Contains(entries, " "+key+" "+evilURI+"\n") {
 		t.Fatalf("no entry %s -> %s in the map:\n%s", key, evilURI, entries)
 	}
-	web.admin(t, fmt.Sprintf("set map %s %s spiffe://%s/ns/default/dc/dc1/svc/api", mapFile, key, td))
+	// (The runtime API splits its arguments at spaces unless escaped.)
+	web.admin(t, fmt.Sprintf("set map %s %s spiffe://%s/ns/default/dc/dc1/svc/api", mapFile, strings.ReplaceAll(key, " ", `\ `), td))
 	api.present(evil)
 	if code, _, err := web.call("api"); err != nil || code != 200 {
 		t.Errorf("with the map entry changed: %d %v, want the native lookup's 200", code, err)
@@ -241,4 +240,25 @@ func deniedResponses(t *testing.T, in *instance, backend string) int {
 	}
 	t.Fatalf("no dresp in %q", stat)
 	return 0
+}
+
+// peerMapKey is the upstream identity map's key of a certificate:
+// "<serial, hex upper-case>|<issuer DN as HAProxy's ssl_s_i_dn writes it>".
+func peerMapKey(t testing.TB, der []byte) string {
+	t.Helper()
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dn strings.Builder
+	for _, rdn := range cert.Issuer.ToRDNSequence() {
+		for _, atv := range rdn {
+			name := map[string]string{"2.5.4.3": "CN", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST"}[atv.Type.String()]
+			if name == "" {
+				t.Fatalf("issuer attribute %s: not named here", atv.Type)
+			}
+			fmt.Fprintf(&dn, "/%s=%v", name, atv.Value)
+		}
+	}
+	return strings.ToUpper(hex.EncodeToString(cert.SerialNumber.Bytes())) + "|" + dn.String()
 }

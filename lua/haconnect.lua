@@ -242,9 +242,10 @@ end)
 -- HAProxy 2.6 verifies an upstream's chain against Consul's CA (ca-file) but
 -- has no fetch for a server certificate's URI SAN, and `verifyhost` checks
 -- DNS names, which the requester of a Consul leaf chooses. The upstream
--- backends therefore key a map by the SHA-256 of the peer's certificate
--- (ssl_s_der,sha2(256),hex) whose value is the certificate's SPIFFE ID, and
--- compare that natively on every response. Only on a miss, i.e. once per
+-- backends therefore key a map by the peer's certificate, named by its
+-- serial number and issuer ("<serial hex>|<issuer DN>": a CA never issues
+-- two certificates with one serial, RFC 5280 4.1.2.2), whose value is the
+-- certificate's SPIFFE ID, and compare that natively on every response. Only on a miss, i.e. once per
 -- distinct certificate, do they call lua.haconnect_peer_uri, which parses
 -- the DER, fills the map, and returns the ID.
 --
@@ -455,7 +456,7 @@ end
 
 -- lua.haconnect_peer_uri(<map file>,<expected SPIFFE ID>): the SPIFFE ID of
 -- the upstream's certificate, or nothing (the caller then refuses). The
--- result is put in the map under the certificate's SHA-256, a refusal
+-- result is put in the map under the certificate's serial and issuer, a refusal
 -- included, so each certificate is parsed and logged once.
 core.register_fetches("haconnect_peer_uri", function(txn, map, want)
   local der = txn.f:ssl_s_der()
@@ -463,7 +464,8 @@ core.register_fetches("haconnect_peer_uri", function(txn, map, want)
     core.Warning("haconnect: upstream refused: no peer certificate (want " .. tostring(want) .. ")")
     return nil
   end
-  local key = txn.c:hex(txn.c:sha2(der, 256))
+  -- The key the configuration looks up (ssl_s_serial,hex,concat(|,<issuer>)).
+  local key = txn.c:hex(txn.f:ssl_s_serial() or "") .. "|" .. (txn.f:ssl_s_i_dn() or "")
   local ok, uri, why = pcall(haconnect_uri_san, der)
   if not ok then
     uri, why = nil, "parse error: " .. tostring(uri)

@@ -1,10 +1,8 @@
 package lua
 
 import (
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -129,8 +127,19 @@ func TestPeerMapKeepsAReparsedCertificate(t *testing.T) {
 	ca := harness.NewForeignCA(t)
 	leaf := ca.Issue(t, peerAPI)
 	p := startPeerSidecar(t, ca, func() *tls.Certificate { return &leaf.TLS })
-	sum := sha256.Sum256(leaf.TLS.Certificate[0])
-	key := strings.ToUpper(hex.EncodeToString(sum[:]))
+	// The entry's key, as the configuration names the certificate
+	// ("<serial>|<issuer>"), read from the map after a first response;
+	// the runtime API needs its spaces escaped.
+	p.get()
+	out, err := p.admin.Command("show map " + p.mapFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields := strings.Fields(strings.TrimSpace(out))
+	if len(fields) < 3 || fields[len(fields)-1] != peerAPI || !strings.Contains(fields[1], "|/CN=") {
+		t.Fatalf("show map: %q, want one entry <ref> <serial>|<issuer> %s", out, peerAPI)
+	}
+	key := strings.Join(fields[1:len(fields)-1], `\ `)
 	for i := 0; i < 1100; i++ {
 		if _, err := p.admin.Command(fmt.Sprintf("del map %s %s", p.mapFile, key)); err != nil {
 			t.Fatal(err)
