@@ -263,13 +263,28 @@ func (c *cluster) setIntentions(t testing.TB, flip api.IntentionAction) {
 
 // The faults, through the Docker engine.
 
-func (c *cluster) stop(service string) {
+// stop stops services' containers at the same time, as `docker stop`.
+func (c *cluster) stop(services ...string) {
 	c.t.Helper()
-	timeout := 5
-	if err := c.cli.ContainerStop(context.Background(), c.container(service), container.StopOptions{Timeout: &timeout}); err != nil {
-		c.t.Fatalf("stop %s: %v", service, err)
+	ids := make([]string, len(services))
+	for i, s := range services {
+		ids[i] = c.container(s)
 	}
-	c.stopped[service] = true
+	errs := make([]error, len(services))
+	var wg sync.WaitGroup
+	for i := range services {
+		wg.Go(func() {
+			timeout := 5
+			errs[i] = c.cli.ContainerStop(context.Background(), ids[i], container.StopOptions{Timeout: &timeout})
+		})
+	}
+	wg.Wait()
+	for i, s := range services {
+		if errs[i] != nil {
+			c.t.Fatalf("stop %s: %v", s, errs[i])
+		}
+		c.stopped[s] = true
+	}
 }
 
 func (c *cluster) start(service string) {
@@ -400,6 +415,22 @@ func (c *cluster) servedLeaf(node string) (*x509.Certificate, error) {
 	}
 	defer conn.Close()
 	return conn.ConnectionState().PeerCertificates[0], nil
+}
+
+// requiresClientCert reports whether a node's inbound listener refuses a
+// caller without a client certificate (in TLS 1.3 the client sees the
+// refusal on its first read).
+func (c *cluster) requiresClientCert(node string) bool {
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", c.addr(node, 21000), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		return true
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+	_, _ = conn.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+	_, err = conn.Read(make([]byte, 1))
+	var ne net.Error
+	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
 }
 
 // upInPool counts the api instances UP in web's HAProxy (its stats page,
