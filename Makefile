@@ -8,7 +8,7 @@ CONSUL := $(CURDIR)/.tools/consul-$(CONSUL_VERSION)/consul
 export HACONNECT_CONSUL ?= $(CONSUL)
 FUZZTIME ?= 30s
 
-.PHONY: all build tools test fuzz bench bench-mesh bench-smoke images demo demo-local clean
+.PHONY: all build tools test test-cluster fuzz bench bench-mesh bench-smoke images demo demo-local demo-cluster clean
 
 all: build
 
@@ -34,6 +34,13 @@ test: tools
 	$(GO) test -count=1 -timeout 20m ./...
 	$(MAKE) bench-smoke
 	$(MAKE) fuzz
+
+## test-cluster: every fault scenario on a real Consul cluster in containers
+## (docker-compose.cluster.yml: leader loss, node partition, all servers down,
+## agent restart, CA rotation; ~8 min). `make test` runs the first two.
+test-cluster: tools
+	$(GO) vet -tags cluster ./e2e/
+	$(GO) test -tags cluster -count=1 -timeout 30m -run '^TestCluster' -v ./e2e/
 
 ## bench-smoke: every benchmark once, briefly, so that none can rot
 bench-smoke:
@@ -67,6 +74,12 @@ images:
 ## else the SPOA demo with local processes (dev Consul, Debian HAProxy)
 demo: tools build
 	@if docker info >/dev/null 2>&1; then bash scripts/compose-demo.sh; else bash scripts/demo.sh; fi
+
+## demo-cluster: the mesh on a real Consul cluster in containers (three
+## servers, three nodes with their own agents), a leader stopped under
+## traffic, then torn down (DEMO_KEEP=1 leaves it running)
+demo-cluster: tools
+	bash scripts/cluster-demo.sh
 
 ## demo-local: the process-mode demo, Docker or not
 demo-local: tools build
