@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strings"
@@ -109,7 +110,8 @@ type matrixCell struct {
 }
 
 // matrixCells are the matrix's cells, the first being the keep-alive run
-// of every scenario (key ka). The -short smoke runs one more cell only.
+// of every scenario (key ka). The -short smoke runs one more cell only
+// (32 connections: 512 take longer to set up than its runs last).
 func matrixCells(short bool, ka string) []matrixCell {
 	cells := []matrixCell{
 		{key: ka, body: fmt.Sprintf("%d B", smallBody), path: "/", conns: 32},
@@ -118,14 +120,14 @@ func matrixCells(short bool, ka string) []matrixCell {
 		{key: "16 KiB, 512 connections", body: "16 KiB", path: bigPath, conns: 512},
 	}
 	if short {
-		return []matrixCell{cells[0], cells[3]}
+		return []matrixCell{cells[0], cells[2]}
 	}
 	return cells
 }
 
 // warmUp lets a load run at least min, then until the app's request rate
 // is steady (two successive 250 ms steps within 20% of each other; at
-// most 5 s more, 1 s in the -short smoke): Consul's proxy, for one, took over a second to set up
+// most 5 s more; not in the -short smoke): Consul's proxy, for one, took over a second to set up
 // 512 connections on a busy machine. It returns early if the load ended.
 // A min of 0 measures from the start (a new connection per request).
 func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan loadgen.Result) {
@@ -145,12 +147,11 @@ func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan load
 	if !sleep(min) {
 		return
 	}
-	prev, last := app.requests(b), int64(-1)
-	most := 5 * time.Second
 	if testing.Short() {
-		most = time.Second
+		return // the smoke measures nothing
 	}
-	for deadline := time.Now().Add(most); time.Now().Before(deadline); {
+	prev, last := app.requests(b), int64(-1)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
 		if !sleep(step) {
 			return
 		}
@@ -167,7 +168,7 @@ func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan load
 // before warmUp looks for a steady rate: every hop's TLS handshakes
 // (about 1 ms of CPU each) are done by then.
 func warmFor(conns int) time.Duration {
-	if conns > 100 {
+	if conns > 100 && !testing.Short() {
 		return time.Second
 	}
 	return 250 * time.Millisecond
@@ -176,7 +177,7 @@ func warmFor(conns int) time.Duration {
 // matrixDur is how long each of the matrix's extra runs lasts.
 func matrixDur(short bool) time.Duration {
 	if short {
-		return 500 * time.Millisecond
+		return 300 * time.Millisecond
 	}
 	return 2 * time.Second
 }
@@ -310,7 +311,7 @@ func BenchmarkMesh(b *testing.B) {
 
 	rounds, dur, newConnDur, modes := 3, 3*time.Second, 2*time.Second, []string{"keep-alive", "new connection per request"}
 	if short {
-		rounds, dur, modes = 1, 500*time.Millisecond, modes[:1]
+		rounds, dur, modes = 1, 300*time.Millisecond, modes[:1]
 	}
 	cases := []*loadCase{{key: modes[0], conns: 32, warm: warmFor(32), dur: dur, scenarios: scenarios}}
 	if !short {
@@ -389,17 +390,91 @@ func BenchmarkMesh(b *testing.B) {
 			b.Fatal(err)
 		}
 		png := strings.TrimSuffix(path, ".md") + ".png"
-		var bars []benchreport.Bar
-		base := medianRPS(scenarios[1].rounds[ka])
-		for _, sc := range scenarios {
-			bars = append(bars, benchreport.Bar{Label: sc.name, Value: medianRPS(sc.rounds[ka]),
-				Note: fmt.Sprintf("(%.2fx bare mTLS)", medianRPS(sc.rounds[ka])/base)})
-		}
-		if err := benchreport.BarChart(png, "haconnect bench-mesh: keep-alive req/s, 32 connections (median of rounds)", "req/s", bars); err != nil {
+		if err := benchreport.Chart(png, "haconnect bench-mesh (medians of rounds; data planes on one core)", rep.chartPanels()); err != nil {
 			b.Fatal(err)
 		}
 		b.Logf("wrote %s and %s", path, png)
+	} else if err := benchreport.Chart(filepath.Join(b.TempDir(), "benchmarks.png"), "smoke", rep.chartPanels()); err != nil {
+		b.Fatal(err) // the smoke draws the chart too, so that it cannot rot
 	}
+}
+
+// scenarioKind is whose data plane a scenario measures, for the chart.
+func scenarioKind(sc *meshScenario) benchreport.Kind {
+	switch {
+	case len(sc.pids) == 0:
+		return benchreport.Other
+	case strings.Contains(sc.name, "consul"):
+		return benchreport.Consul
+	case strings.Contains(sc.name, "bare HAProxy"):
+		return benchreport.Ceiling
+	case strings.HasPrefix(sc.name, "F"):
+		return benchreport.Variant
+	}
+	return benchreport.Haconnect
+}
+
+// chartPanels is the chart: each haconnect scenario against its peers, in
+// req/s and in data plane CPU per request, the two-hop matrix cell by
+// cell, and the per-feature costs. Each haconnect bar notes its ratios to
+// the peers that matter for it: bare mTLS for one hop, Consul's proxy and
+// the ceiling for two.
+func (r report) chartPanels() []benchreport.Panel {
+	ka := "keep-alive"
+	bare, consul, ceiling := r.scenarios[1], r.scenarios[4], r.scenarios[7]
+	twoHop := func(sc *meshScenario) bool { return strings.Contains(sc.name, "two hops") }
+	note := func(sc *meshScenario, k string, v func(*meshScenario, string) float64) string {
+		if scenarioKind(sc) != benchreport.Haconnect && scenarioKind(sc) != benchreport.Consul {
+			return ""
+		}
+		if !twoHop(sc) {
+			return fmt.Sprintf("%.2fx bare mTLS", v(sc, k)/v(bare, k))
+		}
+		if sc == consul {
+			return fmt.Sprintf("%.2fx ceiling", v(sc, k)/v(ceiling, k))
+		}
+		return fmt.Sprintf("%.2fx Consul's proxy, %.2fx ceiling", v(sc, k)/v(consul, k), v(sc, k)/v(ceiling, k))
+	}
+	rps := func(sc *meshScenario, k string) float64 { return medianRPS(sc.rounds[k]) }
+	cpu := func(sc *meshScenario, k string) float64 { return median(sc.cpu[k]) }
+	var reqs, cpus []benchreport.Bar
+	for _, sc := range r.scenarios {
+		reqs = append(reqs, benchreport.Bar{Label: sc.name, Value: rps(sc, ka), Kind: scenarioKind(sc), Note: note(sc, ka, rps)})
+		if len(sc.pids) > 0 {
+			cpus = append(cpus, benchreport.Bar{Label: sc.name, Value: cpu(sc, ka), Kind: scenarioKind(sc), Note: note(sc, ka, cpu)})
+		}
+	}
+	panels := []benchreport.Panel{
+		{Title: fmt.Sprintf("Keep-alive, 32 connections, %d B: req/s (longer is better)", smallBody), Unit: "req/s", Bars: reqs},
+		{Title: "Keep-alive, 32 connections: data plane CPU per request (shorter is better)", Unit: "us", Format: "%.1f", Bars: cpus},
+	}
+	var mrps, mcpu []benchreport.Bar
+	for _, c := range r.cells {
+		group := fmt.Sprintf("%s body, %d connections", c.body, c.conns)
+		for _, sc := range r.matrix {
+			if len(sc.rounds[c.key]) == 0 {
+				continue
+			}
+			mrps = append(mrps, benchreport.Bar{Group: group, Label: sc.name, Value: rps(sc, c.key), Kind: scenarioKind(sc), Note: note(sc, c.key, rps)})
+			mcpu = append(mcpu, benchreport.Bar{Group: group, Label: sc.name, Value: cpu(sc, c.key), Kind: scenarioKind(sc), Note: note(sc, c.key, cpu)})
+		}
+	}
+	panels = append(panels,
+		benchreport.Panel{Title: "Two hops by body and connections: data plane CPU per request (shorter is better)", Unit: "us", Format: "%.1f", Bars: mcpu},
+		benchreport.Panel{Title: "Two hops by body and connections: req/s (longer is better)", Unit: "req/s", Bars: mrps})
+	if len(r.features) > 0 {
+		var costs []benchreport.Bar
+		all := cpu(r.features[0], featuresKey)
+		for _, v := range r.features[1:] {
+			costs = append(costs, benchreport.Bar{Label: strings.TrimSpace(v.name[strings.Index(v.name, " "):]), Value: all - cpu(v, featuresKey),
+				Kind: benchreport.Variant, Note: fmt.Sprintf("(%.0f%% of all on)", 100*(all-cpu(v, featuresKey))/all)})
+		}
+		plain, l7 := r.scenarios[3], r.scenarios[9]
+		costs = append(costs, benchreport.Bar{Label: "L7 check on (10 against 4)", Value: cpu(l7, ka) - cpu(plain, ka), Kind: benchreport.Haconnect,
+			Note: fmt.Sprintf("(%.0f%% of 4)", 100*(cpu(l7, ka)-cpu(plain, ka))/cpu(plain, ka))})
+		panels = append(panels, benchreport.Panel{Title: "Two hops, http: CPU per request each feature costs (its variant against all on)", Unit: "us", Format: "%+.1f", Bars: costs})
+	}
+	return panels
 }
 
 // intentionFlips measures, over n flips, the time from an intention write

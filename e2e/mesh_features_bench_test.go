@@ -24,7 +24,7 @@ import (
 // text without its indentation, written exactly as the template renders
 // it ({api}, {apiURI}, {webURI}, {apiDir}, {webDir} stand for the
 // instances' values), or "re:" and a regular expression matching a whole
-// line. Every rule must match at least one line, or the benchmark fails:
+// line (substituted first, so values in it must not need quoting). Every rule must match at least one line, or the benchmark fails:
 // a variant must never measure a feature that is no longer there.
 type cfgEdit struct {
 	side    string              // "caller" (web) or "destination" (api)
@@ -33,8 +33,12 @@ type cfgEdit struct {
 }
 
 // feature is one variant of the two-hop path: the features' rules as
-// plugin/render/haproxy.cfg.tmpl writes them today. When the template
-// changes a rule, change it here too.
+// plugin/render/haproxy.cfg.tmpl writes them. A rule names what the
+// feature does (the header a tagging rule writes, the variable a
+// telemetry rule sets) and leaves free only how it computes it, so that
+// an optimisation of a rule's expression keeps the table valid while a
+// rule that disappears or is renamed fails the benchmark: then change it
+// here too.
 type feature struct {
 	name  string
 	edits []cfgEdit
@@ -42,13 +46,13 @@ type feature struct {
 
 func meshFeatures() []feature {
 	whenChecked := " if { var(txn.hc_check) -m bool }"
+	header := func(name string) string { return `re:http-request (add|set)-header ` + regexp.QuoteMeta(name) + ` .*` }
 	return []feature{
 		{name: "all features on (the rendered configurations, copied)"},
 		{name: "SPOE filter (authorization) off, a fixed allow in its place", edits: []cfgEdit{{side: "destination",
 			remove: []string{
 				"filter spoe engine haconnect config {apiDir}/spoe.conf",
-				"http-request send-spoe-group haconnect l7 if hc_l7 !{ var(txn.hc_deny) -m found } { var(sess.haconnect.l7) -m int 1 }",
-				"http-request send-spoe-group haconnect l7h if hc_l7 !{ var(txn.hc_deny) -m found } { var(sess.haconnect.l7) -m int 2 }",
+				`re:http-request send-spoe-group haconnect l7h? .*`,
 			},
 			replace: map[string][]string{"http-request send-spoe-group haconnect authz" + whenChecked: {
 				"http-request set-var(sess.haconnect.auth) bool(true)" + whenChecked,
@@ -58,23 +62,22 @@ func meshFeatures() []feature {
 			}},
 		}}},
 		{name: "tagging headers off", edits: []cfgEdit{{side: "destination", remove: []string{
-			"http-request del-header ^x[-_]haconnect[-_] -m reg",
-			"http-request del-header ^x[-_]forwarded[-_]client[-_]cert$ -m reg",
-			"http-request add-header x-haconnect-source %[var(sess.haconnect.source)]",
-			"http-request add-header x-haconnect-spiffe %[var(sess.haconnect.spiffe)]",
-			"http-request add-header x-haconnect-destination {api}",
-			"http-request set-var(sess.hc_cert_hash) ssl_c_der,sha2(256),hex,lower" + whenChecked,
-			"http-request add-header x-forwarded-client-cert By={apiURI};Hash=%[var(sess.hc_cert_hash)];URI=%[var(sess.haconnect.spiffe)]",
-			"http-request set-header x-request-id %[uuid] unless { req.hdr(x-request-id) -m found }",
-			"http-request set-header traceparent 00-%[req.hdr(traceparent),field(2,-)]-%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]-%[req.hdr(traceparent),field(4,-)] if hc_tp_len hc_tp_version hc_tp_trace hc_tp_flags !hc_tp_zero",
-			"http-request set-header traceparent 00-%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]-%[uuid,bytes(0,8)]%[uuid,bytes(0,8)]-01 unless hc_tp_len hc_tp_version hc_tp_trace hc_tp_flags !hc_tp_zero",
+			`re:http-request del-header \^x\[-_\].* -m reg`,
+			header("x-haconnect-source"),
+			header("x-haconnect-spiffe"),
+			header("x-haconnect-destination"),
+			`re:http-request set-var\(sess\.hc_cert_hash\) .*`,
+			header("x-forwarded-client-cert"),
+			header("x-request-id"),
+			`re:http-request set-var\(txn\.hc_tp\) .*`,
+			header("traceparent"),
 		}}}},
 		{name: "telemetry off", edits: []cfgEdit{{side: "destination", remove: []string{
-			"http-request set-var(txn.hc_t0) date(0,us)",
-			"http-request set-var(txn.hc_ckey) var(sess.haconnect.source,),concat(|{api})",
+			`re:http-request set-var\(txn\.hc_t0\) .*`,
+			`re:http-request set-var\(txn\.hc_ckey\) .*`,
 			"http-request track-sc0 var(txn.hc_ckey) table haconnect_callers",
-			"http-response set-var(txn.hc_lat) date(0,us),sub(txn.hc_t0)",
-			`re:http-response sc-inc-gpc\(\d+,0\) if \{ (status \d+:\d+|var\(txn\.hc_lat\) -m int \d+:\d+|var\(txn\.hc_lat\),and\(\d+\) gt 0) \}`,
+			`re:http-response set-var\(txn\.hc_lat\) .*`,
+			`re:http-response sc-inc-gpc\(\d+,0\) .*`,
 		}}}},
 		// The check's decision exactly; the variables it is computed
 		// through (the peer's ID looked up by certificate, then by the
@@ -85,9 +88,9 @@ func meshFeatures() []feature {
 		}}}},
 		{name: "retries off", edits: []cfgEdit{{side: "caller",
 			remove: []string{
-				"option redispatch 1",
-				"retry-on conn-failure empty-response response-timeout 503",
-				"http-request disable-l7-retry unless METH_GET || METH_HEAD || METH_OPTIONS || { method PUT DELETE TRACE }",
+				`re:option redispatch( .*)?`,
+				`re:retry-on .*`,
+				`re:http-request disable-l7-retry .*`,
 			},
 			replace: map[string][]string{`re:retries \d+`: {"retries 0"}},
 		}}},
@@ -267,7 +270,7 @@ func featureVariants(b *testing.B, m *mesh, apiIn, webIn *instance) []*meshScena
 // featureDur is how long each variant's measured window lasts.
 func featureDur(short bool) time.Duration {
 	if short {
-		return 500 * time.Millisecond
+		return 300 * time.Millisecond
 	}
 	return 3 * time.Second
 }

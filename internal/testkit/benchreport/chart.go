@@ -1,5 +1,5 @@
 // Package benchreport writes the mesh benchmark's results: a Markdown
-// report and a PNG bar chart (drawn with the standard library and a bitmap
+// report and a PNG chart (drawn with the standard library and a bitmap
 // font, so that it needs nothing installed).
 package benchreport
 
@@ -16,43 +16,138 @@ import (
 	"golang.org/x/image/math/fixed"
 )
 
-// Bar is one bar of a chart.
+// Kind says whose figure a bar is: it gives the bar's colour, the same in
+// every panel, so that haconnect and each peer read apart at a glance.
+type Kind int
+
+const (
+	Other     Kind = iota // e.g. straight to the app
+	Haconnect             // haconnect's data plane
+	Consul                // Consul's built-in proxy
+	Ceiling               // bare HAProxy, nothing else: the limit
+	Variant               // haconnect with a feature switched off
+)
+
+var kindColor = map[Kind]color.RGBA{
+	Other:     {0xbd, 0xbd, 0xbd, 0xff},
+	Haconnect: {0x1e, 0x88, 0xe5, 0xff},
+	Consul:    {0xfb, 0x8c, 0x00, 0xff},
+	Ceiling:   {0x61, 0x61, 0x61, 0xff},
+	Variant:   {0x90, 0xca, 0xf9, 0xff},
+}
+
+var kindName = map[Kind]string{
+	Haconnect: "haconnect", Consul: "Consul's proxy", Ceiling: "bare HAProxy (ceiling)", Variant: "haconnect, one feature off", Other: "no proxy",
+}
+
+// Bar is one bar of a panel.
 type Bar struct {
 	Label string
 	Value float64
 	Note  string // printed after the value, e.g. a ratio
+	Kind  Kind
+	// Group, when it changes from the bar before, is printed as a
+	// heading above the bar (e.g. a matrix cell).
+	Group string
 }
 
-// BarChart draws horizontal bars, one per row, scaled to the largest value,
-// and writes a PNG to path.
-func BarChart(path, title, unit string, bars []Bar) error {
-	const (
-		width, rowH, top, left, right = 1000, 34, 50, 290, 240
-	)
-	height := top + rowH*len(bars) + 30
+// Panel is one horizontal bar chart with its own scale.
+type Panel struct {
+	Title  string // e.g. "req/s (higher is better)"
+	Unit   string // after each value
+	Format string // of each value, default "%.0f"
+	Bars   []Bar
+}
+
+const (
+	width            = 1200
+	rowH             = 22
+	left             = 420 // bars start here; labels are left of it
+	right            = 330 // room for the value and the note
+	panelGap         = 18
+	titleH, legendH  = 34, 26
+	charW            = 7 // basicfont.Face7x13
+	maxLabelChars    = (left - 30) / charW
+	panelTitleHeight = 24
+)
+
+// Chart draws the panels one under the other, under a title and a legend
+// of the kinds the bars use, and writes a PNG to path.
+func Chart(path, title string, panels []Panel) error {
+	height := titleH + legendH
+	for _, p := range panels {
+		height += panelTitleHeight + panelGap
+		group := ""
+		for _, b := range p.Bars {
+			if b.Group != "" && b.Group != group {
+				height += rowH
+				group = b.Group
+			}
+			height += rowH
+		}
+	}
+	height += 10
 	img := image.NewRGBA(image.Rect(0, 0, width, height))
 	draw.Draw(img, img.Bounds(), image.NewUniform(color.White), image.Point{}, draw.Src)
 	text := func(x, y int, s string, c color.Color) {
-		d := &font.Drawer{Dst: img, Src: image.NewUniform(c), Face: basicfont.Face7x13,
-			Dot: fixed.P(x, y)}
+		d := &font.Drawer{Dst: img, Src: image.NewUniform(c), Face: basicfont.Face7x13, Dot: fixed.P(x, y)}
 		d.DrawString(s)
 	}
-	text(20, 25, title, color.Black)
-	maxV := 0.0
-	for _, b := range bars {
-		maxV = max(maxV, b.Value)
+	box := func(x0, y0, x1, y1 int, c color.Color) {
+		draw.Draw(img, image.Rect(x0, y0, x1, y1), image.NewUniform(c), image.Point{}, draw.Src)
 	}
-	palette := []color.RGBA{{0x9e, 0x9e, 0x9e, 0xff}, {0x60, 0x7d, 0x8b, 0xff}, {0x1e, 0x88, 0xe5, 0xff},
-		{0x43, 0xa0, 0x47, 0xff}, {0xe5, 0x39, 0x35, 0xff}, {0xfb, 0x8c, 0x00, 0xff}}
-	for i, b := range bars {
-		y := top + i*rowH
-		text(20, y+20, b.Label, color.Black)
-		w := 0
-		if maxV > 0 {
-			w = int(float64(width-left-right) * b.Value / maxV)
+	text(20, 22, title, color.Black)
+	// The legend: the kinds used, in a fixed order.
+	used := map[Kind]bool{}
+	for _, p := range panels {
+		for _, b := range p.Bars {
+			used[b.Kind] = true
 		}
-		draw.Draw(img, image.Rect(left, y+6, left+w, y+rowH-6), image.NewUniform(palette[i%len(palette)]), image.Point{}, draw.Src)
-		text(left+w+8, y+20, fmt.Sprintf("%.0f %s %s", b.Value, unit, b.Note), color.Black)
+	}
+	x := 20
+	for _, k := range []Kind{Haconnect, Variant, Consul, Ceiling, Other} {
+		if !used[k] {
+			continue
+		}
+		box(x, titleH+2, x+14, titleH+14, kindColor[k])
+		text(x+20, titleH+13, kindName[k], color.Black)
+		x += 20 + charW*len(kindName[k]) + 24
+	}
+	y := titleH + legendH
+	grey := color.RGBA{0x75, 0x75, 0x75, 0xff}
+	for _, p := range panels {
+		y += panelGap
+		box(20, y-8, width-20, y-7, color.RGBA{0xe0, 0xe0, 0xe0, 0xff})
+		text(20, y+12, p.Title, color.Black)
+		y += panelTitleHeight
+		maxV := 0.0
+		for _, b := range p.Bars {
+			maxV = max(maxV, b.Value)
+		}
+		format := p.Format
+		if format == "" {
+			format = "%.0f"
+		}
+		group := ""
+		for _, b := range p.Bars {
+			if b.Group != "" && b.Group != group {
+				text(30, y+15, b.Group, grey)
+				y += rowH
+				group = b.Group
+			}
+			label := b.Label
+			if len(label) > maxLabelChars {
+				label = label[:maxLabelChars-3] + "..."
+			}
+			text(30, y+15, label, color.Black)
+			w := 0
+			if maxV > 0 && b.Value > 0 {
+				w = int(float64(width-left-right) * b.Value / maxV)
+			}
+			box(left, y+4, left+w, y+rowH-4, kindColor[b.Kind])
+			text(left+w+8, y+15, fmt.Sprintf(format+" %s %s", b.Value, p.Unit, b.Note), color.Black)
+			y += rowH
+		}
 	}
 	f, err := os.Create(path)
 	if err != nil {
@@ -63,4 +158,9 @@ func BarChart(path, title, unit string, bars []Bar) error {
 		return err
 	}
 	return f.Close()
+}
+
+// BarChart draws one panel of bars scaled to the largest value.
+func BarChart(path, title, unit string, bars []Bar) error {
+	return Chart(path, title, []Panel{{Title: unit, Unit: unit, Bars: bars}})
 }
