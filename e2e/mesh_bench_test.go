@@ -126,9 +126,10 @@ func matrixCells(short bool, ka string) []matrixCell {
 }
 
 // warmUp lets a load run at least min, then until the app's request rate
-// is steady (two successive 250 ms steps within 20% of each other; at
-// most 5 s more; not in the -short smoke): Consul's proxy, for one, took over a second to set up
-// 512 connections on a busy machine. It returns early if the load ended.
+// is steady: two successive 250 ms steps within 20% of each other, at
+// most 2 s more (4 s after a min of 1 s or more), not in the -short
+// smoke. Consul's proxy, for one, took over a second to set up 512
+// connections on a busy machine. It returns early if the load ended.
 // A min of 0 measures from the start (a new connection per request).
 func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan loadgen.Result) {
 	const step = 250 * time.Millisecond
@@ -151,7 +152,11 @@ func warmUp(b *testing.B, app *benchAppServer, min time.Duration, done chan load
 		return // the smoke measures nothing
 	}
 	prev, last := app.requests(b), int64(-1)
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+	most := 2 * time.Second
+	if min >= time.Second {
+		most = 4 * time.Second
+	}
+	for deadline := time.Now().Add(most); time.Now().Before(deadline); {
 		if !sleep(step) {
 			return
 		}
@@ -717,7 +722,7 @@ func (r report) markdown() string {
 	for _, a := range r.applies {
 		fmt.Fprintf(&s, "| %d | %s | %s / %s | %s |\n", a.instances, a.start.Round(time.Millisecond), a.addOneP50.Round(100*time.Microsecond), a.addOneMax.Round(100*time.Microsecond), a.method)
 	}
-	s.WriteString("\nCommand: `make bench-mesh` (about 5 minutes; writes this file and `docs/benchmarks.png`).\n")
+	s.WriteString("\nCommand: `make bench-mesh` (about 8 minutes on 2 cores; writes this file and `docs/benchmarks.png`).\n")
 	return s.String()
 }
 
