@@ -48,6 +48,18 @@ type loadCase struct {
 	// connections (TLS handshakes on every hop) are set up outside it.
 	warm, dur time.Duration
 	scenarios []*meshScenario
+	// repeat runs the scenarios this many times in each round (default
+	// once): more, shorter samples where small differences matter.
+	repeat int
+}
+
+// order is the scenarios in the order a round runs them.
+func (lc *loadCase) order() []*meshScenario {
+	var out []*meshScenario
+	for i := 0; i < max(1, lc.repeat); i++ {
+		out = append(out, lc.scenarios...)
+	}
+	return out
 }
 
 // measureScenario runs lc's load against sc and records it. The figures
@@ -331,13 +343,13 @@ func BenchmarkMesh(b *testing.B) {
 	for _, c := range cells[1:] {
 		cases = append(cases, &loadCase{key: c.key, conns: c.conns, path: c.path, warm: warmFor(c.conns), dur: matrixDur(short), scenarios: matrix})
 	}
-	cases = append(cases, &loadCase{key: featuresKey, conns: 32, warm: warmFor(32), dur: featureDur(short), scenarios: features})
+	cases = append(cases, &loadCase{key: featuresKey, conns: 32, warm: warmFor(32), dur: featureDur(short), scenarios: features, repeat: featureRepeat(short)})
 	idleRSS := map[string]int64{"HAProxy (api sidecar)": rss(apiPids[0]) + rss(apiPids[1]), "haconnect sidecar incl. SPOA (api)": rss(apiPids[2]), "consul connect proxy (capi)": rss(capi.pid)}
 	loadRSS := map[string]int64{}
 	for i := 0; i < b.N; i++ {
 		for r := 0; r < rounds; r++ {
 			for _, lc := range cases {
-				for _, sc := range lc.scenarios {
+				for _, sc := range lc.order() {
 					_, peak := measureScenario(b, app, sc, lc, tlsCfg, r)
 					if strings.HasPrefix(sc.name, "3 ") && lc.key == "keep-alive" {
 						loadRSS["HAProxy (api sidecar)"] = max(loadRSS["HAProxy (api sidecar)"], peak[0]+peak[1])
@@ -640,7 +652,7 @@ func (r report) markdown() string {
 	fmt.Fprintf(&s, "Machine: %d CPUs (%s), Linux, %s; HAProxy %s; Consul v1.16.3.\n\n", runtime.NumCPU(), cpuModel, runtime.Version(), strings.Fields(string(hv) + " ? ? ?")[2])
 	s.WriteString(r.targets())
 	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds per scenario and load), medians reported. "+
-		"Each run measures a window (keep-alive %s, other loads 2s); a keep-alive run is measured after a warm-up that sets up the connections "+
+		"Each run measures a window (keep-alive %s; new connections and the matrix 2s; the feature variants 1.5s, twice a round); a keep-alive run is measured after a warm-up that sets up the connections "+
 		"(at least 0.25s, 1s at 512 connections, then until the app's request rate is steady over two 250ms steps); "+
 		"requests are counted by the app over the window, latencies are the generator's over the whole run. "+
 		"The data planes under test (HAProxy with one thread, the haconnect process with its SPOA, Consul's proxies) are pinned to CPU 0; "+

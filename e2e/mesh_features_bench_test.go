@@ -267,12 +267,22 @@ func featureVariants(b *testing.B, m *mesh, apiIn, webIn *instance) []*meshScena
 	return out
 }
 
-// featureDur is how long each variant's measured window lasts.
+// featureDur is how long each variant's measured window lasts, and
+// featureRepeat how many windows a round takes of each: a feature's cost
+// is a difference of a few microseconds, and more samples give steadier
+// medians than longer ones on a shared machine.
 func featureDur(short bool) time.Duration {
 	if short {
 		return 300 * time.Millisecond
 	}
-	return 3 * time.Second
+	return 1500 * time.Millisecond
+}
+
+func featureRepeat(short bool) int {
+	if short {
+		return 1
+	}
+	return 2
 }
 
 // featureTable is the report's per-feature cost table.
@@ -287,7 +297,7 @@ func (r report) featureTable() string {
 		"The configurations the api and web sidecars rendered for scenario 4, copied, each feature's rules removed by their exact text "+
 		"(`e2e/mesh_features_bench_test.go`; the benchmark fails if a rule is missing), each variant run as its own pair of one-thread "+
 		"HAProxies with the same certificates, SPOA and app, in the same rounds as the scenarios. SPOE off puts a fixed allow in place of "+
-		"the authorization, so that requests still pass. A feature's cost is the CPU per request it adds to F0 (all on). "+
+		"the authorization, so that requests still pass. Each round runs the variants twice, medians over all runs. A feature's cost is the CPU per request it adds to F0 (all on). "+
 		"F0 against scenario 4 (the same configurations run by the sidecars): %.2fx the CPU per request.\n\n",
 		median(all.cpu[k])/median(r.scenarios[3].cpu["keep-alive"]))
 	s.WriteString("| variant | req/s | data plane CPU/request | the feature's cost (CPU/request) | share of F0's CPU | core busy |\n|---|---|---|---|---|---|\n")
