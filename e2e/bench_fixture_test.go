@@ -135,6 +135,12 @@ backend app
 // nothing else: no authorization, tagging, counting or identity check.
 // It returns the first one's address and both HAProxies' pids.
 func bareTwoHops(b testing.TB, c *harness.Consul, appPort int) (string, []int) {
+	return bareTwoHopsWith(b, c, appPort, "http", true)
+}
+
+// bareTwoHopsWith is bareTwoHops in mode (http or tcp), with or without
+// mTLS between the two HAProxies: the parts of the ceiling's cost.
+func bareTwoHopsWith(b testing.TB, c *harness.Consul, appPort int, mode string, mTLS bool) (string, []int) {
 	dir := harness.TempDir(b)
 	apiLeaf, webLeaf := c.IssueLeaf(b, "api"), c.IssueLeaf(b, "web")
 	roots, _ := c.RootsPEM(b)
@@ -143,28 +149,33 @@ func bareTwoHops(b testing.TB, c *harness.Consul, appPort int) (string, []int) {
 	harness.WriteFile(b, dir, "roots.pem", roots)
 	inner := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
 	outer := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
-	common := `global
+	common := fmt.Sprintf(`global
     nbthread 1
     ssl-default-bind-options ssl-min-ver TLSv1.2
     ssl-default-server-options ssl-min-ver TLSv1.2
 defaults
-    mode http
+    mode %s
     timeout connect 5s
     timeout client 1m
     timeout server 1m
-`
+`, mode)
+	bindTLS, serverTLS := "", ""
+	if mTLS {
+		bindTLS = fmt.Sprintf(" ssl crt %s ca-file %s verify required", filepath.Join(dir, "api.pem"), filepath.Join(dir, "roots.pem"))
+		serverTLS = fmt.Sprintf(" ssl crt %s ca-file %s verify required", filepath.Join(dir, "web.pem"), filepath.Join(dir, "roots.pem"))
+	}
 	hi := harness.StartHAProxy(b, harness.TempDir(b), common+fmt.Sprintf(`frontend inner
-    bind %s ssl crt %s ca-file %s verify required
+    bind %s%s
     default_backend app
 backend app
     server app 127.0.0.1:%d
-`, inner, filepath.Join(dir, "api.pem"), filepath.Join(dir, "roots.pem"), appPort), inner)
+`, inner, bindTLS, appPort), inner)
 	ho := harness.StartHAProxy(b, harness.TempDir(b), common+fmt.Sprintf(`frontend outer
     bind %s
     default_backend inner
 backend inner
-    server inner %s ssl crt %s ca-file %s verify required
-`, outer, inner, filepath.Join(dir, "web.pem"), filepath.Join(dir, "roots.pem")), outer)
+    server inner %s%s
+`, outer, inner, serverTLS), outer)
 	return outer, []int{ho.Proc.Cmd.Process.Pid, hi.Proc.Cmd.Process.Pid}
 }
 

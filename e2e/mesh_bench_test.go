@@ -239,6 +239,17 @@ func BenchmarkMesh(b *testing.B) {
 	appPort := app.port
 	bareAddr, barePid := bareMTLS(b, m.consul, appPort)
 	ceilingAddr, ceilingPids := bareTwoHops(b, m.consul, appPort)
+	// The ceiling's parts (keep-alive only): the same two HAProxies in TCP
+	// mode, and each mode without TLS between them.
+	var parts []*meshScenario
+	for _, p := range []struct {
+		name, mode string
+		mTLS       bool
+	}{{"C1 bare HAProxy two hops, TCP mode, mTLS", "tcp", true}, {"C2 bare HAProxy two hops, HTTP mode, no TLS", "http", false},
+		{"C3 bare HAProxy two hops, TCP mode, no TLS", "tcp", false}} {
+		addr, pids := bareTwoHopsWith(b, m.consul, appPort, p.mode, p.mTLS)
+		parts = append(parts, &meshScenario{name: p.name, addr: addr, pids: pids})
+	}
 	apiIn := benchRegister(b, m, "api-1", appPort, "-admin-bind", fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)))
 	webIn := benchRegisterWeb(b, m, "web-1", "web", "api")
 	// The same two hops with protocol tcp (L4, like Consul's proxy).
@@ -299,7 +310,7 @@ func BenchmarkMesh(b *testing.B) {
 	features := featureVariants(b, m, apiIn, webIn)
 	// Every path must answer before it is measured: a new upstream instance
 	// enters HAProxy's pool once its first health check passes.
-	for _, sc := range append(append([]*meshScenario{}, scenarios...), features...) {
+	for _, sc := range append(append(append([]*meshScenario{}, scenarios...), features...), parts...) {
 		client := &http.Client{Timeout: 2 * time.Second}
 		scheme := "http"
 		if sc.tls {
@@ -319,7 +330,7 @@ func BenchmarkMesh(b *testing.B) {
 		code, _, err := l7webIn.callPath("l7api", "/admin")
 		return err == nil && code == http.StatusForbidden
 	})
-	for _, sc := range append(append([]*meshScenario{}, scenarios...), features...) {
+	for _, sc := range append(append(append([]*meshScenario{}, scenarios...), features...), parts...) {
 		pinDataPlane(b, sc.pids...)
 	}
 	// The load side: the app (benchApp), Consul and this process.
@@ -330,7 +341,7 @@ func BenchmarkMesh(b *testing.B) {
 	if short {
 		rounds, dur, modes = 1, 300*time.Millisecond, modes[:1]
 	}
-	cases := []*loadCase{{key: modes[0], conns: 32, warm: warmFor(32), dur: dur, scenarios: scenarios}}
+	cases := []*loadCase{{key: modes[0], conns: 32, warm: warmFor(32), dur: dur, scenarios: append(append([]*meshScenario{}, scenarios...), parts...)}}
 	if !short {
 		cases = append(cases, &loadCase{key: modes[1], conns: 8, newConn: true, dur: newConnDur, scenarios: scenarios})
 	}
@@ -379,7 +390,7 @@ func BenchmarkMesh(b *testing.B) {
 	hit, miss := decisionCost(b, m)
 	applies := applyTimes(b, m, short)
 
-	rep := report{scenarios: scenarios, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+	rep := report{scenarios: scenarios, parts: parts, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
 		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
 	b.Log("\n" + rep.markdown())
 	ka := "keep-alive"
@@ -626,6 +637,7 @@ type report struct {
 	cells            []matrixCell
 	matrix           []*meshScenario // 4 http, 6 tcp, 5 consul proxy, 8 ceiling
 	features         []*meshScenario // F0 all on, then one feature off each
+	parts            []*meshScenario // the ceiling in TCP mode, and without TLS
 	modes            []string
 	rounds           int
 	dur              time.Duration
@@ -715,6 +727,7 @@ func (r report) markdown() string {
 		"%.2fx the req/s, %.2fx the CPU efficiency (4's CPU per request over 10's; target >= 0.85), %+.1f us of data plane CPU per request.\n\n",
 		medianRPS(l7.rounds[ka])/medianRPS(plain.rounds[ka]), median(plain.cpu[ka])/median(l7.cpu[ka]), median(l7.cpu[ka])-median(plain.cpu[ka]))
 	s.WriteString(r.matrixTables())
+	s.WriteString(r.ceilingParts())
 	s.WriteString(r.featureTable())
 	s.WriteString(r.generatorCheck())
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
@@ -793,6 +806,32 @@ func (r report) targets() string {
 	row(fmt.Sprintf("every keep-alive run keeps its data plane's core > %.0f%% busy (generator check below)", 100*busyTarget),
 		fmt.Sprintf("%d of %d runs below", below, runs), below == 0)
 	s.WriteString("\n")
+	return s.String()
+}
+
+// ceilingParts is the report's breakdown of the ceiling's CPU per
+// request: HTTP processing and the mTLS between the hops, from the same
+// two bare HAProxies in TCP mode and without TLS.
+func (r report) ceilingParts() string {
+	if len(r.parts) < 3 {
+		return ""
+	}
+	ka := "keep-alive"
+	ceiling, consul := r.scenarios[7], r.scenarios[4]
+	tcpTLS, httpPlain, tcpPlain := r.parts[0], r.parts[1], r.parts[2]
+	cpu := func(x *meshScenario) float64 { return median(x.cpu[ka]) }
+	var s strings.Builder
+	s.WriteString("## Where the ceiling's CPU goes (keep-alive, 32 connections)\n\nThe ceiling's two bare HAProxies again, in TCP mode and without TLS between them " +
+		"(the client's side stays plain HTTP, the app the same), in the same rounds.\n\n")
+	s.WriteString("| scenario | req/s | data plane CPU/request | core busy |\n|---|---|---|---|\n")
+	for _, x := range []*meshScenario{ceiling, tcpTLS, httpPlain, tcpPlain, consul} {
+		fmt.Fprintf(&s, "| %s | %.0f | %.1f us | %.2f |\n", x.name, medianRPS(x.rounds[ka]), cpu(x), median(x.busy[ka]))
+	}
+	fmt.Fprintf(&s, "\nHTTP processing on both hops (8 against C1): %.1f us per request (%.0f%% of the ceiling). "+
+		"mTLS between the hops: %.1f us in HTTP mode (8 against C2, %.0f%%), %.1f us in TCP mode (C1 against C3). "+
+		"The ceiling against Consul's proxy (5): %+.1f us per request.\n\n",
+		cpu(ceiling)-cpu(tcpTLS), 100*(cpu(ceiling)-cpu(tcpTLS))/cpu(ceiling), cpu(ceiling)-cpu(httpPlain), 100*(cpu(ceiling)-cpu(httpPlain))/cpu(ceiling),
+		cpu(tcpTLS)-cpu(tcpPlain), cpu(ceiling)-cpu(consul))
 	return s.String()
 }
 
