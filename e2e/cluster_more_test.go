@@ -48,6 +48,10 @@ func TestClusterAllServersDown(t *testing.T) {
 	const window = 20 * time.Second
 	c := startCluster(t, window)
 	starts := c.sidecarStarts()
+	before, _, err := c.agent("web").Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	load := c.startLoad(4*time.Minute, streams("api-1", "api-2"))
 	time.Sleep(3 * time.Second)
 
@@ -137,6 +141,15 @@ func TestClusterAllServersDown(t *testing.T) {
 		}
 	}
 	c.noSidecarRestarted(t, starts)
+	// The servers kept their Raft data: the same CA and trust domain.
+	after, _, err := c.agent("web").Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.TrustDomain != before.TrustDomain || after.ActiveRootID != before.ActiveRootID {
+		t.Errorf("the CA changed across the servers' restart: trust domain %s -> %s, active root %s -> %s",
+			before.TrustDomain, after.TrustDomain, before.ActiveRootID, after.ActiveRootID)
+	}
 }
 
 // TestClusterAgentRestart: the Consul agent under a sidecar restarts (it
