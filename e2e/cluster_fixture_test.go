@@ -67,7 +67,8 @@ func startCluster(t *testing.T, staleWindow time.Duration) *cluster {
 	t.Helper()
 	cli := harness.Docker(t)
 	harness.Images(t)
-	c := &cluster{t: t, cli: cli, stopped: map[string]bool{}, project: fmt.Sprintf("haconnect-cluster-%d-%d", os.Getpid(), rand.IntN(1e6))}
+	reapClusters(t, cli)
+	c := &cluster{t: t, cli: cli, stopped: map[string]bool{}, project: fmt.Sprintf("%s%d-%d", clusterProjectPrefix, os.Getpid(), rand.IntN(1e6))}
 	c.net = freeClusterNet(t, cli)
 	env := append(os.Environ(), "HACONNECT_CLUSTER_NET="+c.net,
 		fmt.Sprintf("HACONNECT_CLUSTER_CONSUL_PORT=%d", harness.FreePort(t)),
@@ -120,6 +121,49 @@ func startCluster(t *testing.T, staleWindow time.Duration) *cluster {
 	}
 	t.Logf("cluster %s up on %s.0/24 in %v", c.project, c.net, time.Since(started).Round(100*time.Millisecond))
 	return c
+}
+
+// clusterProjectPrefix starts the compose project of every cluster a test
+// starts, followed by the test process's pid.
+const clusterProjectPrefix = "haconnect-cluster-test-"
+
+// reapClusters removes what is left of clusters whose test process is gone
+// (a test killed by go test's timeout runs no cleanup): their containers,
+// networks and volumes. Clusters of running processes are left alone, and
+// so is a user's `haconnect-cluster` project.
+func reapClusters(t *testing.T, cli *client.Client) {
+	t.Helper()
+	ctx := context.Background()
+	ctrs, err := cli.ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("label", "com.docker.compose.project"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := map[string]bool{}
+	for _, ctr := range ctrs {
+		project := ctr.Labels["com.docker.compose.project"]
+		rest, ok := strings.CutPrefix(project, clusterProjectPrefix)
+		pid, _, _ := strings.Cut(rest, "-")
+		var n int
+		if _, err := fmt.Sscanf(pid, "%d", &n); ok && err == nil && !alive(n) {
+			dead[project] = true
+		}
+	}
+	for project := range dead {
+		label := filters.NewArgs(filters.Arg("label", "com.docker.compose.project="+project))
+		ctrs, _ := cli.ContainerList(ctx, container.ListOptions{All: true, Filters: label})
+		for _, ctr := range ctrs {
+			_ = cli.ContainerRemove(ctx, ctr.ID, container.RemoveOptions{Force: true, RemoveVolumes: true})
+		}
+		nets, _ := cli.NetworkList(ctx, network.ListOptions{Filters: label})
+		for _, n := range nets {
+			_ = cli.NetworkRemove(ctx, n.ID)
+		}
+		vols, _ := cli.VolumeList(ctx, volume.ListOptions{Filters: label})
+		for _, v := range vols.Volumes {
+			_ = cli.VolumeRemove(ctx, v.Name, true)
+		}
+		t.Logf("removed the cluster %s left by a test process that is gone", project)
+	}
 }
 
 // freeClusterNet picks a /24 in 10.87.100-249.0 that no Docker network uses.
