@@ -280,9 +280,10 @@ func (c *cluster) leader() string {
 	return ""
 }
 
-// setIntentions writes api's intentions (web and probe allowed, flip as
-// given, anyone else denied) through the first server that takes the
-// write, and returns an error if none does.
+// trySetIntentions writes api's intentions (web and probe allowed, flip as
+// given, anyone else denied) through the first running server that takes
+// the write, and returns an error if none does; setIntentions fails the
+// test then.
 func (c *cluster) trySetIntentions(flip api.IntentionAction) error {
 	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "api", Sources: []*api.SourceIntention{
 		harness.Source("web", api.IntentionActionAllow), harness.Source("probe", api.IntentionActionAllow),
