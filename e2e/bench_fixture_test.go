@@ -37,6 +37,7 @@ func benchApp(b testing.TB) int { return startBenchApp(b).port }
 // generator reports for the whole run (connection set-up included).
 type benchAppServer struct {
 	port  int
+	pid   int
 	admin *haproxy.Admin
 }
 
@@ -61,7 +62,7 @@ frontend app
     http-request return status 200 content-type text/plain string %s
 `, sock, port, big, strings.Repeat("x", smallBody)), fmt.Sprintf("127.0.0.1:%d", port))
 	pinLoadSide(b, h.Proc.Cmd.Process.Pid)
-	return &benchAppServer{port: port, admin: haproxy.NewAdmin(sock)}
+	return &benchAppServer{port: port, pid: h.Proc.Cmd.Process.Pid, admin: haproxy.NewAdmin(sock)}
 }
 
 // requests is how many requests the app has answered so far.

@@ -60,10 +60,10 @@ type Panel struct {
 }
 
 const (
-	width            = 1200
+	width            = 1320
 	rowH             = 22
 	left             = 420 // bars start here; labels are left of it
-	right            = 330 // room for the value and the note
+	right            = 420 // room for the value and the note
 	panelGap         = 18
 	titleH, legendH  = 34, 26
 	charW            = 7 // basicfont.Face7x13
