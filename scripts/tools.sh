@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what haconnect's tests and demo need on a Debian machine,
-# idempotently: Debian's haproxy (2.6 on bookworm), wrk (the benchmarks'
-# generator) and a real consul built
+# idempotently: Debian's haproxy (2.6 on bookworm), wrk and h2load (the
+# benchmarks' generators) and a real consul built
 # from the Go module proxy (cached under .tools/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,13 +16,18 @@ if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
 	# The package starts a system haproxy; haconnect runs its own.
 	$SUDO systemctl disable --now haproxy >/dev/null 2>&1 || $SUDO service haproxy stop >/dev/null 2>&1 || true
 fi
-# wrk: the load generator of `make bench-mesh` for plain HTTP entry points.
-if ! command -v wrk >/dev/null 2>&1; then
-	echo "tools: installing wrk from Debian"
+# The load generators of `make bench-mesh`: wrk for plain HTTP/1.1 entry
+# points, h2load (nghttp2-client) for gRPC.
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+if [[ ${#missing[@]} -gt 0 ]]; then
+	echo "tools: installing ${missing[*]} from Debian"
 	$SUDO apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "tools: $(wrk --version 2>&1 | sed -n 1p)"
+echo "tools: $(h2load --version 2>&1 | sed -n 1p)"
 HAPROXY_BIN=/usr/sbin/haproxy
 [[ -x $HAPROXY_BIN ]] || HAPROXY_BIN="$(command -v haproxy)"
 # sed reads all its input (unlike head), so haproxy never dies of SIGPIPE.

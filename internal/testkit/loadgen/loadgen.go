@@ -51,6 +51,10 @@ type Result struct {
 	// GeneratorCPU the CPU time it used: what the load side spent.
 	Generator    string
 	GeneratorCPU time.Duration
+	// GeneratorRequests is how many requests the generator made in the
+	// time GeneratorCPU covers, when that is more than Requests (h2load's
+	// warm-up); 0: Requests.
+	GeneratorRequests int64
 }
 
 func (r Result) String() string {
