@@ -182,9 +182,11 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 				c = tc
 			}
 			conn, r = c, bufio.NewReaderSize(c, 16<<10)
-		}
-		if dl, ok := ctx.Deadline(); ok {
-			_ = conn.SetDeadline(dl.Add(2 * time.Second))
+			// The run's deadline does not move: set once per connection
+			// (each SetDeadline re-arms a runtime timer).
+			if dl, ok := ctx.Deadline(); ok {
+				_ = conn.SetDeadline(dl.Add(2 * time.Second))
+			}
 		}
 		code, closed, err := roundTrip(conn, r, req)
 		if err != nil {
