@@ -235,10 +235,14 @@ func busyVerdict(sc *meshScenario, k string) string {
 
 // BenchmarkMesh is `make bench-mesh`: haconnect against the ceiling and the
 // peers, in one run on one machine, alternating rounds, medians. The data
-// planes under test share CPU 0; the load generator, the app, the Consul
-// agent and Consul's own work share CPU 1. With HACONNECT_BENCH_REPORT set
-// it writes that Markdown file and a PNG chart next to it. -short is the
-// CI smoke (about 5 s of load, no report).
+// planes under test share CPU 0; the load generator (wrk for plain HTTP,
+// the Go client for mTLS and new connections), the app, the Consul agent
+// and Consul's own work share CPU 1. Besides the scenarios, it runs the
+// two-hop matrix (bodies x connections), the ceiling's parts (TCP mode, no
+// TLS) and the per-feature variants (mesh_features_bench_test.go), and
+// checks that every keep-alive run kept its data plane's core busy. With
+// HACONNECT_BENCH_REPORT set it writes that Markdown file and a PNG chart
+// next to it. -short is the CI smoke (about 10 s of load, no report).
 func BenchmarkMesh(b *testing.B) {
 	short := testing.Short()
 	// Consul's proxy asks the agent's HTTP API on each new upstream
