@@ -145,7 +145,15 @@ func (w *Watch) Run(ctx context.Context) {
 		if w.Status.answered(time.Now()) && w.OnRecovered != nil {
 			w.OnRecovered()
 		}
-		retry.Reset()
+		// Only a blocking query's answer resets the backoff. The query
+		// after a failure carries no index, and an agent that cannot
+		// reach any server still answers it from its cache (the CA
+		// roots) while its blocking queries fail at once: reset there,
+		// the watch would answer, fail and retry every 100ms for as long
+		// as the servers are gone.
+		if q.WaitIndex != 0 || q.WaitHash != "" {
+			retry.Reset()
+		}
 		if res.Index < last.Index { // the index went backwards (e.g. a snapshot restore): start over
 			res.Index = 0
 		}
