@@ -399,6 +399,12 @@ func BenchmarkMesh(b *testing.B) {
 		}
 	}
 	b.Logf("routed scenario: sessions by chain target backend %v", byTarget)
+	// Where each data plane's CPU goes (mesh_perf_bench_test.go).
+	perfDur, profiled := 2*time.Second, append(append([]*meshScenario{}, scenarios...), parts...)
+	if short {
+		perfDur, profiled = 300*time.Millisecond, []*meshScenario{scenarios[1], scenarios[7]}
+	}
+	perf := profileAll(b, app, tlsCfg, profiled, perfDur)
 	flips := 50
 	if short {
 		flips = 5
@@ -407,7 +413,7 @@ func BenchmarkMesh(b *testing.B) {
 	hit, miss := decisionCost(b, m)
 	applies := applyTimes(b, m, short)
 
-	rep := report{scenarios: scenarios, parts: parts, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+	rep := report{scenarios: scenarios, parts: parts, perf: perf, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
 		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
 	b.Log("\n" + rep.markdown())
 	ka := "keep-alive"
@@ -655,6 +661,7 @@ type report struct {
 	matrix           []*meshScenario // 4 http, 6 tcp, 5 consul proxy, 8 ceiling
 	features         []*meshScenario // F0 all on, then one feature off each
 	parts            []*meshScenario // the ceiling in TCP mode, and without TLS
+	perf             perfBreakdown
 	modes            []string
 	rounds           int
 	dur              time.Duration
@@ -745,6 +752,7 @@ func (r report) markdown() string {
 		medianRPS(l7.rounds[ka])/medianRPS(plain.rounds[ka]), median(plain.cpu[ka])/median(l7.cpu[ka]), median(l7.cpu[ka])-median(plain.cpu[ka]))
 	s.WriteString(r.matrixTables())
 	s.WriteString(r.ceilingParts())
+	s.WriteString(r.perfTable())
 	s.WriteString(r.featureTable())
 	s.WriteString(r.generatorCheck())
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")

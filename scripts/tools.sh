@@ -26,6 +26,13 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 	$SUDO apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# perf (linux-perf) only adds bench-mesh's CPU breakdown: without it, or on
+# a kernel that refuses it, the report says so.
+if ! command -v perf >/dev/null 2>&1; then
+	echo "tools: installing linux-perf from Debian (optional)"
+	{ $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends linux-perf; } >/dev/null 2>&1 ||
+		echo "tools: linux-perf not installed: bench-mesh will have no CPU breakdown"
+fi
 echo "tools: $(wrk --version 2>&1 | sed -n 1p)"
 echo "tools: $(h2load --version 2>&1 | sed -n 1p)"
 HAPROXY_BIN=/usr/sbin/haproxy
