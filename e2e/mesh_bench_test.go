@@ -773,7 +773,7 @@ func (r report) markdown() string {
 	for _, a := range r.applies {
 		fmt.Fprintf(&s, "| %d | %s | %s / %s | %s |\n", a.instances, a.start.Round(time.Millisecond), a.addOneP50.Round(100*time.Microsecond), a.addOneMax.Round(100*time.Microsecond), a.method)
 	}
-	s.WriteString("\nCommand: `make bench-mesh` (about 8 minutes on 2 cores; writes this file and `docs/benchmarks.png`).\n")
+	s.WriteString("\nCommand: `make bench-mesh` (about 9 minutes on 2 cores; writes this file and `docs/benchmarks.png`).\n")
 	return s.String()
 }
 
