@@ -413,7 +413,7 @@ func BenchmarkMesh(b *testing.B) {
 	hit, miss := decisionCost(b, m)
 	applies := applyTimes(b, m, short)
 
-	rep := report{scenarios: scenarios, parts: parts, perf: perf, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
+	rep := report{scenarios: scenarios, parts: parts, perf: perf, newConnDur: newConnDur, cases: cases, cells: cells, matrix: matrix, features: features, modes: modes, rounds: rounds, dur: dur, flips: flips, flipP50: flipP50, flipP99: flipP99,
 		hit: hit, miss: miss, idleRSS: idleRSS, loadRSS: loadRSS, applies: applies}
 	b.Log("\n" + rep.markdown())
 	ka := "keep-alive"
@@ -662,6 +662,7 @@ type report struct {
 	features         []*meshScenario // F0 all on, then one feature off each
 	parts            []*meshScenario // the ceiling in TCP mode, and without TLS
 	perf             perfBreakdown
+	newConnDur       time.Duration
 	modes            []string
 	rounds           int
 	dur              time.Duration
@@ -688,7 +689,7 @@ func (r report) markdown() string {
 	fmt.Fprintf(&s, "Machine: %d CPUs (%s), Linux, %s; HAProxy %s; Consul v1.16.3.\n\n", runtime.NumCPU(), cpuModel, runtime.Version(), strings.Fields(string(hv) + " ? ? ?")[2])
 	s.WriteString(r.targets())
 	fmt.Fprintf(&s, "Method: the scenarios run in alternating rounds (%d rounds per scenario and load), medians reported. "+
-		"Each run measures a window (keep-alive %s; new connections and the matrix 2s; the feature variants 1.5s, twice a round); a keep-alive run is measured after a warm-up that sets up the connections "+
+		"Each run measures a window (keep-alive %s; new connections %s; the matrix %s; the feature variants %s, %d a round); a keep-alive run is measured after a warm-up that sets up the connections "+
 		"(at least 0.25s, 1s at 512 connections, then until the app's request rate is steady over two 250ms steps); "+
 		"requests are counted by the app over the window, latencies are the generator's over the whole run. "+
 		"The data planes under test (HAProxy with one thread, the haconnect process with its SPOA, Consul's proxies) are pinned to CPU 0; "+
@@ -699,7 +700,7 @@ func (r report) markdown() string {
 		"CPU/request is the data plane's user+system time (from /proc) per request; "+
 		"core busy is req/s x CPU/request, the share of its core the data plane used (target > %.2f in every keep-alive run). "+
 		"The Consul agent allows 4096 concurrent HTTP connections per client (default 200), which Consul's proxy needs at 512 connections.\n\n",
-		r.rounds, r.dur, smallBody, bigPath, busyTarget)
+		r.rounds, r.dur, r.newConnDur, matrixDur(false), featureDur(false), featureRepeat(false), smallBody, bigPath, busyTarget)
 	base := map[string]float64{}
 	consulRPS := map[string]float64{}
 	ceiling := r.scenarios[7]
