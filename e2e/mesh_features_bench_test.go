@@ -297,14 +297,15 @@ func (r report) featureTable() string {
 		"The configurations the api and web sidecars rendered for scenario 4, copied, each feature's rules removed by their exact text "+
 		"(`e2e/mesh_features_bench_test.go`; the benchmark fails if a rule is missing), each variant run as its own pair of one-thread "+
 		"HAProxies with the same certificates, SPOA and app, in the same rounds as the scenarios. SPOE off puts a fixed allow in place of "+
-		"the authorization, so that requests still pass. Each round runs the variants twice, medians over all runs. A feature's cost is the CPU per request it adds to F0 (all on). "+
+		"the authorization, so that requests still pass. Each round runs the variants twice. A feature's cost is the CPU per request it adds to F0 (all on): "+
+		"the median of the differences between F0's run and the variant's run of the same round and repetition. "+
 		"F0 against scenario 4 (the same configurations run by the sidecars): %.2fx the CPU per request.\n\n",
 		median(all.cpu[k])/median(r.scenarios[3].cpu["keep-alive"]))
 	s.WriteString("| variant | req/s | data plane CPU/request | the feature's cost (CPU/request) | share of F0's CPU | core busy |\n|---|---|---|---|---|---|\n")
 	for i, v := range r.features {
 		cost, share := "-", "-"
 		if i > 0 {
-			d := median(all.cpu[k]) - median(v.cpu[k])
+			d := featureCost(all, v)
 			cost, share = fmt.Sprintf("%+.1f us", d), fmt.Sprintf("%.0f%%", 100*d/median(all.cpu[k]))
 		}
 		fmt.Fprintf(&s, "| %s | %.0f | %.1f us | %s | %s | %.2f |\n", v.name, medianRPS(v.rounds[k]), median(v.cpu[k]), cost, share, median(v.busy[k]))
@@ -312,11 +313,32 @@ func (r report) featureTable() string {
 	// The L7 check is a feature a caller's intention switches on: its cost
 	// is scenario 10 against scenario 4, run by the sidecars.
 	plain, l7 := r.scenarios[3], r.scenarios[9]
-	d := median(l7.cpu["keep-alive"]) - median(plain.cpu["keep-alive"])
+	d := pairedDiff(l7.cpu["keep-alive"], plain.cpu["keep-alive"])
 	fmt.Fprintf(&s, "| L7 check on (scenario 10 against 4: an intention with HTTP permissions, each request sent to the SPOA) | %.0f | %.1f us | %+.1f us | %.0f%% of 4's CPU | %.2f |\n",
 		medianRPS(l7.rounds["keep-alive"]), median(l7.cpu["keep-alive"]), d, 100*d/median(plain.cpu["keep-alive"]), median(l7.busy["keep-alive"]))
 	s.WriteString("\n")
 	return s.String()
+}
+
+// featureCost is what the feature v switches off costs: the median of the
+// differences between F0's run and v's run of the same round and
+// repetition (run a few seconds apart), which a shared machine's drift
+// disturbs less than a difference of medians.
+func featureCost(all, v *meshScenario) float64 {
+	return pairedDiff(all.cpu[featuresKey], v.cpu[featuresKey])
+}
+
+// pairedDiff is the median of a[i]-b[i]: two series of runs taken in the
+// same rounds.
+func pairedDiff(a, b []float64) float64 {
+	var d []float64
+	for i := 0; i < min(len(a), len(b)); i++ {
+		d = append(d, a[i]-b[i])
+	}
+	if len(d) == 0 {
+		return 0
+	}
+	return median(d)
 }
 
 // featuresKey keys the variants' runs.
