@@ -126,6 +126,19 @@ func TestClusterNodePartition(t *testing.T) {
 			stalled++
 		}
 	}
+	// Requests through web answered while api-2 was cut off: by api-1.
+	around := 0
+	var firstAround time.Time
+	for _, name := range []string{"GET keep-alive", "GET new-conn", "POST keep-alive"} {
+		for _, a := range load.answers(name) {
+			if a.ok() && a.sent.After(cut.Add(2*time.Second)) {
+				around++
+				if firstAround.IsZero() || a.at.Before(firstAround) {
+					firstAround = a.at
+				}
+			}
+		}
+	}
 
 	rejoin := time.Now()
 	c.reconnect("api-2")
@@ -152,6 +165,8 @@ func TestClusterNodePartition(t *testing.T) {
 
 	t.Logf("FIGURES partition | api-2 out of web's HAProxy pool %s after the cut (health checks), Consul critical %s after | last request answered by api-2 sent %s after the cut | %d requests sent around the cut took over 1s | partition held %v",
 		since(cut, down), since(cut, critical), since(cut, lastAPI2), stalled, partitionFor)
+	t.Logf("FIGURES partition | %d requests through web sent 2s or more after the cut answered during the partition (by api-1), the first %s after the cut",
+		around, since(cut, firstAround))
 	t.Logf("FIGURES partition | reconnect: Consul passing %s, UP in web's pool %s, first answer from api-2 %s after the reconnect",
 		since(rejoin, passing), since(rejoin, up), since(rejoin, answered))
 	load.figures(t, "partition")
@@ -164,6 +179,8 @@ func TestClusterNodePartition(t *testing.T) {
 		}
 	}
 	switch {
+	case around == 0:
+		t.Errorf("no request through web was answered while api-2 was cut off")
 	case down.IsZero() && critical.IsZero():
 		t.Errorf("api-2 never left web's pool")
 	case passing.IsZero() || up.IsZero():
