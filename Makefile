@@ -37,7 +37,7 @@ test: tools
 
 ## test-cluster: every fault scenario on a real Consul cluster in containers
 ## (docker-compose.cluster.yml: leader loss, node partition, all servers down,
-## agent restart, CA rotation; ~8 min). `make test` runs the first two.
+## agent restart, CA rotation; 5-6 min). `make test` runs the first two.
 test-cluster: tools
 	$(GO) vet -tags cluster ./e2e/
 	$(GO) test -tags cluster -count=1 -timeout 30m -run '^TestCluster' -v ./e2e/
