@@ -226,13 +226,7 @@ func (in *instance) do(client *http.Client, dest string, r chainRequest) answer 
 	for k, v := range r.headers {
 		req.Header.Set(k, v)
 	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return answer{at: time.Now(), sent: sent, err: err}
-	}
-	b, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	a := answer{at: time.Now(), sent: sent, code: resp.StatusCode, body: string(b), err: err}
+	a := answerOf(client, req, sent)
 	if f := strings.Fields(a.body); a.code == 200 && len(f) >= 2 {
 		a.id, a.uri = f[0], f[1]
 	}
@@ -442,4 +436,16 @@ func logLine(out string, words ...string) string {
 		}
 	}
 	return ""
+}
+
+// answerOf sends req (sent then) and records its answer, the body read
+// whole.
+func answerOf(client *http.Client, req *http.Request, sent time.Time) answer {
+	resp, err := client.Do(req)
+	if err != nil {
+		return answer{at: time.Now(), sent: sent, err: err}
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return answer{at: time.Now(), sent: sent, code: resp.StatusCode, body: string(b), err: err}
 }
