@@ -407,21 +407,7 @@ func TestChainHTTP(t *testing.T) {
 // (maintenance: critical in Consul, still running) under a load of GETs,
 // none of which may fail, come back, and are deregistered.
 func TestChainFailover(t *testing.T) {
-	m := newChainMesh(t)
-	v1 := m.addVersion("api", "api-v1-1", "v1")
-	v2 := m.addVersion("api", "api-v2-1", "v2")
-	m.addVersion("api-backup", "api-backup-1", "")
-	web := m.add("web", "web-1", "api")
-	setChain(t, m, "api", resolver("api", "", func(e *api.ServiceResolverConfigEntry) {
-		e.Failover = map[string]api.ServiceResolverFailover{"*": {Service: "api-backup"}}
-	}), nil, nil)
-	for _, id := range []string{"api-v1-1", "api-v2-1"} {
-		harness.WaitFor(t, 20*time.Second, "web reaches "+id, func() bool {
-			return web.do(reuseClient(), "api", chainRequest{}).id == id
-		})
-	}
-	l := startChainLoad(web, "api", 4, 60*time.Second, func(int) chainRequest { return chainRequest{} })
-	time.Sleep(time.Second)
+	m, v1, v2, _, l := failoverUnderLoad(t)
 	if n := l.share("api-backup-"); n != 0 {
 		t.Errorf("api-backup served %.1f%% while api was healthy", 100*n)
 	}
@@ -600,21 +586,7 @@ func TestChainTCPFailover(t *testing.T) {
 // requests to an upstream gone before its health says so); none may fail
 // once api-backup serves.
 func TestChainFailoverStopped(t *testing.T) {
-	m := newChainMesh(t)
-	v1 := m.addVersion("api", "api-v1-1", "v1")
-	v2 := m.addVersion("api", "api-v2-1", "v2")
-	m.addVersion("api-backup", "api-backup-1", "")
-	web := m.add("web", "web-1", "api")
-	setChain(t, m, "api", resolver("api", "", func(e *api.ServiceResolverConfigEntry) {
-		e.Failover = map[string]api.ServiceResolverFailover{"*": {Service: "api-backup"}}
-	}), nil, nil)
-	for _, id := range []string{"api-v1-1", "api-v2-1"} {
-		harness.WaitFor(t, 20*time.Second, "web reaches "+id, func() bool {
-			return web.do(reuseClient(), "api", chainRequest{}).id == id
-		})
-	}
-	l := startChainLoad(web, "api", 4, 60*time.Second, func(int) chainRequest { return chainRequest{} })
-	time.Sleep(time.Second)
+	_, v1, v2, _, l := failoverUnderLoad(t)
 	stopped := time.Now()
 	for _, in := range []*instance{v1, v2} {
 		if err := in.sidecar.Signal(syscall.SIGTERM); err != nil {
@@ -668,9 +640,7 @@ func TestChainFailoverIdentity(t *testing.T) {
 	m := newChainMesh(t)
 	v1 := m.addVersion("api", "api-v1-1", "v1")
 	web := m.add("web", "web-1", "api")
-	setChain(t, m, "api", resolver("api", "", func(e *api.ServiceResolverConfigEntry) {
-		e.Failover = map[string]api.ServiceResolverFailover{"*": {Service: "api-backup"}}
-	}), nil, nil)
+	setChain(t, m, "api", resolver("api", "", failoverToBackup), nil, nil)
 	harness.WaitFor(t, 20*time.Second, "web reaches api-v1-1", func() bool {
 		return web.do(reuseClient(), "api", chainRequest{}).id == "api-v1-1"
 	})
@@ -736,4 +706,31 @@ func TestChainRefusedFromTheStart(t *testing.T) {
 		Destination: &api.ServiceRouteDestination{ServiceSubset: "v2", RetryOn: []string{"connect-failure"}},
 	}))
 	waitAnswers(t, web, "api", 20*time.Second, "the fixed chain followed: v2", 20, chainRequest{}, from("api-v2-"))
+}
+
+// failoverToBackup makes api's resolver fail over to api-backup.
+func failoverToBackup(e *api.ServiceResolverConfigEntry) {
+	e.Failover = map[string]api.ServiceResolverFailover{"*": {Service: "api-backup"}}
+}
+
+// failoverUnderLoad starts what TestChainFailover and
+// TestChainFailoverStopped share: api (v1 and v2) failing over to
+// api-backup, web reaching both api instances, and a load of GETs through
+// web that has run for a second.
+func failoverUnderLoad(t *testing.T) (m *mesh, v1, v2, web *instance, l *chainLoad) {
+	t.Helper()
+	m = newChainMesh(t)
+	v1 = m.addVersion("api", "api-v1-1", "v1")
+	v2 = m.addVersion("api", "api-v2-1", "v2")
+	m.addVersion("api-backup", "api-backup-1", "")
+	web = m.add("web", "web-1", "api")
+	setChain(t, m, "api", resolver("api", "", failoverToBackup), nil, nil)
+	for _, id := range []string{"api-v1-1", "api-v2-1"} {
+		harness.WaitFor(t, 20*time.Second, "web reaches "+id, func() bool {
+			return web.do(reuseClient(), "api", chainRequest{}).id == id
+		})
+	}
+	l = startChainLoad(web, "api", 4, 60*time.Second, func(int) chainRequest { return chainRequest{} })
+	time.Sleep(time.Second)
+	return m, v1, v2, web, l
 }
