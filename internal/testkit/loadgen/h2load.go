@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -122,14 +121,7 @@ func RunH2load(ctx context.Context, cfg H2loadConfig) Result {
 		return fail(err.Error())
 	}
 	res.GeneratorRequests = all
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	pct := func(p float64) time.Duration {
-		if len(lat) == 0 {
-			return 0
-		}
-		return lat[min(len(lat)-1, int(float64(len(lat))*p))]
-	}
-	res.P50, res.P90, res.P99 = pct(0.50), pct(0.90), pct(0.99)
+	res.percentiles(lat)
 	return res
 }
 

@@ -123,6 +123,11 @@ func collect(workers []worker, elapsed time.Duration) Result {
 // requests' latencies over elapsed.
 func (res *Result) summarize(lat []time.Duration, elapsed time.Duration) {
 	res.RPS = float64(res.Requests) / elapsed.Seconds()
+	res.percentiles(lat)
+}
+
+// percentiles sets P50, P90 and P99 from the latencies (sorted in place).
+func (res *Result) percentiles(lat []time.Duration) {
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	pct := func(p float64) time.Duration {
 		if len(lat) == 0 {
