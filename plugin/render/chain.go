@@ -109,12 +109,7 @@ func ChainFrontend(u Upstream) []string {
 		}
 		// Splits: cumulative weights against the one draw; the last split
 		// with a weight takes the rest.
-		last := -1
-		for k, sp := range r.Splits {
-			if sp.Weight > 0 {
-				last = k
-			}
-		}
+		last := lastWeighted(r.Splits)
 		cum := 0
 		for k, sp := range r.Splits {
 			id := s + k
@@ -857,12 +852,7 @@ func (m *Model) SplitVars() []SplitVar {
 		}
 		s := 0
 		for _, r := range u.Routes {
-			last := -1
-			for k, sp := range r.Splits {
-				if sp.Weight > 0 {
-					last = k
-				}
-			}
+			last := lastWeighted(r.Splits)
 			cum := 0
 			for k, sp := range r.Splits {
 				cum += sp.Weight
@@ -889,4 +879,16 @@ func hasFailover(u Upstream, id string) bool {
 		}
 	}
 	return false
+}
+
+// lastWeighted is the index of the last split with a weight (-1: none),
+// the one that takes the rest of the draw.
+func lastWeighted(splits []Split) int {
+	last := -1
+	for k, sp := range splits {
+		if sp.Weight > 0 {
+			last = k
+		}
+	}
+	return last
 }
