@@ -69,14 +69,8 @@ func (lc *loadCase) order() []*meshScenario {
 // the generator's for the whole run.
 func measureScenario(b *testing.B, app *benchAppServer, sc *meshScenario, lc *loadCase, tlsCfg *tls.Config, round int) (loadgen.Result, []int64) {
 	cfg := loadgen.Config{Addr: sc.addr, Conns: lc.conns, Duration: lc.warm + lc.dur + 10*time.Second, NewConnPerRequest: lc.newConn, Path: lc.path}
-	if sc.tls {
-		cfg.TLS = tlsCfg
-	}
-	ctx, cancel := context.WithCancel(context.Background())
+	done, cancel := startWarmLoad(b, app, sc, cfg, tlsCfg, lc.warm)
 	defer cancel()
-	done := make(chan loadgen.Result, 1)
-	go func() { done <- runLoad(ctx, cfg) }()
-	warmUp(b, app, lc.warm, done)
 	cores := loadgen.StartCores()
 	meter := loadgen.StartCPU(sc.pids...)
 	appMeter := loadgen.StartCPU(app.pid)
@@ -141,6 +135,20 @@ func matrixCells(short bool, ka string) []matrixCell {
 		return []matrixCell{cells[0], cells[2]}
 	}
 	return cells
+}
+
+// startWarmLoad runs cfg's load against sc (with tlsCfg where sc takes
+// mTLS) until cancelled or its duration ends, and returns once it has
+// warmed up (warmUp); done receives its result.
+func startWarmLoad(b *testing.B, app *benchAppServer, sc *meshScenario, cfg loadgen.Config, tlsCfg *tls.Config, warm time.Duration) (chan loadgen.Result, context.CancelFunc) {
+	if sc.tls {
+		cfg.TLS = tlsCfg
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan loadgen.Result, 1)
+	go func() { done <- runLoad(ctx, cfg) }()
+	warmUp(b, app, warm, done)
+	return done, cancel
 }
 
 // warmUp lets a load run at least min, then until the app's request rate

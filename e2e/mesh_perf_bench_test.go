@@ -9,7 +9,6 @@ package e2e
 
 import (
 	"bufio"
-	"context"
 	"crypto/tls"
 	"fmt"
 	"os/exec"
@@ -54,15 +53,8 @@ func perfCheck(b testing.TB) string {
 // profileScenario runs sc's keep-alive load, and once it is steady samples
 // sc's processes for dur.
 func profileScenario(b *testing.B, app *benchAppServer, sc *meshScenario, tlsCfg *tls.Config, dur time.Duration) (cpuShares, error) {
-	cfg := loadgen.Config{Addr: sc.addr, Conns: 32, Duration: time.Minute}
-	if sc.tls {
-		cfg.TLS = tlsCfg
-	}
-	ctx, cancel := context.WithCancel(context.Background())
+	done, cancel := startWarmLoad(b, app, sc, loadgen.Config{Addr: sc.addr, Conns: 32, Duration: time.Minute}, tlsCfg, warmFor(32))
 	defer cancel()
-	done := make(chan loadgen.Result, 1)
-	go func() { done <- runLoad(ctx, cfg) }()
-	warmUp(b, app, warmFor(32), done)
 	data := filepath.Join(harness.TempDir(b), "perf.data")
 	var pids []string
 	for _, p := range sc.pids {
