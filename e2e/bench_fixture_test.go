@@ -23,6 +23,7 @@ import (
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/internal/testkit/loadgen"
 	"github.com/haconnect/haconnect/plugin/haproxy"
+	"github.com/haconnect/haconnect/plugin/render"
 )
 
 // benchApp is the cheapest possible app: HAProxy answering 200 itself, so
@@ -151,10 +152,16 @@ func bareTwoHopsWith(b testing.TB, c *harness.Consul, appPort int, mode string, 
 	harness.WriteFile(b, dir, "roots.pem", roots)
 	inner := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
 	outer := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b))
+	// The same TLS parameters as the sidecars' (the template's global
+	// section): the ceiling measures what haconnect's features cost, not
+	// a choice of protocol version or cipher.
 	common := fmt.Sprintf(`global
     nbthread 1
     ssl-default-bind-options ssl-min-ver TLSv1.2
-    ssl-default-server-options ssl-min-ver TLSv1.2
+    ssl-default-server-options ssl-min-ver TLSv1.2 ssl-max-ver TLSv1.2
+    ssl-default-bind-ciphers `+render.TLS12Ciphers+`
+    ssl-default-server-ciphers `+render.TLS12Ciphers+`
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
 defaults
     mode %s
     timeout connect 5s

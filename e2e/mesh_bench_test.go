@@ -709,7 +709,9 @@ func (r report) markdown() string {
 		"a Go HTTP/1.1 client that parses responses without allocating. "+
 		"CPU/request is the data plane's user+system time (from /proc) per request; "+
 		"core busy is req/s x CPU/request, the share of its core the data plane used (target > %.2f in every keep-alive run). "+
-		"The Consul agent allows 4096 concurrent HTTP connections per client (default 200), which Consul's proxy needs at 512 connections.\n\n",
+		"The Consul agent allows 4096 concurrent HTTP connections per client (default 200), which Consul's proxy needs at 512 connections. "+
+		"TLS: between two HAProxies (haconnect's sidecars, the ceiling and C1) TLS 1.2 with ECDHE-ECDSA-AES128-GCM-SHA256, what the sidecars negotiate "+
+		"(Envoy's client default too); the Go client and Consul's proxies negotiate TLS 1.3 with AES-128-GCM.\n\n",
 		r.rounds, r.dur, r.newConnDur, matrixDur(false), featureDur(false), featureRepeat(false), smallBody, bigPath, busyTarget)
 	base := map[string]float64{}
 	consulRPS := map[string]float64{}

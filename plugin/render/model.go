@@ -78,6 +78,17 @@ func (*Model) UntrackedTable() string { return UntrackedTable }
 // ConnKeyLen is the ConnTable key length (for templates).
 func (*Model) ConnKeyLen() int { return ConnKeyLen }
 
+// TLS12Ciphers are the TLS 1.2 ciphers of every listener and server line,
+// in order of preference: ECDHE (forward secrecy) with an AEAD, AES-128-GCM
+// first, for ECDSA leaves (Consul's default) and RSA ones. Between sidecars
+// TLS 1.2 is what is negotiated (see the template's global section).
+const TLS12Ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:" +
+	"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:" +
+	"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+
+// TLS12Ciphers is the TLS 1.2 cipher list (for templates).
+func (*Model) TLS12Ciphers() string { return TLS12Ciphers }
+
 // InboundFrontend names the inbound frontend (for templates).
 func (*Model) InboundFrontend() string { return InboundFrontend }
 
