@@ -25,12 +25,17 @@ import (
 
 // meshScenario is one way of reaching the app.
 type meshScenario struct {
-	name   string
-	addr   string
-	tls    bool
-	pids   []int // processes of the data plane under test
-	rounds map[string][]loadgen.Result
-	cpu    map[string][]float64 // data plane CPU us per request
+	name string
+	addr string
+	tls  bool
+	pids []int // processes of the data plane under test
+	// variant is a per-feature variant's configuration (nil for the
+	// scenarios), and instr its user-space instructions per request, by
+	// side ("destination", "caller"), under callgrind.
+	variant *variantConfig
+	instr   map[string]float64
+	rounds  map[string][]loadgen.Result
+	cpu     map[string][]float64 // data plane CPU us per request
 	// busy is the fraction of one core the data plane used (req/s x CPU
 	// per request); cores the busy fraction of CPU 0 and CPU 1, whatever
 	// ran there; gen the load generator's CPU us per request; load the
@@ -413,6 +418,13 @@ func BenchmarkMesh(b *testing.B) {
 		perfDur, profiled = 300*time.Millisecond, []*meshScenario{scenarios[1], scenarios[7]}
 	}
 	perf := profileAll(b, app, tlsCfg, profiled, perfDur)
+	// The per-feature variants' instructions per request, under callgrind
+	// (mesh_instructions_bench_test.go).
+	instrDur := 5 * time.Second
+	if short {
+		instrDur = time.Second
+	}
+	featureInstructions(b, features, instrDur)
 	flips := 50
 	if short {
 		flips = 5
@@ -439,6 +451,7 @@ func BenchmarkMesh(b *testing.B) {
 	}
 	for i, name := range []string{"spoe", "tagging", "telemetry", "identity", "retries"} {
 		b.ReportMetric(featureCost(features[0], features[i+1]), name+"-cpu-us")
+		b.ReportMetric(instrCost(features[0], features[i+1]), name+"-instr")
 	}
 	b.ReportMetric(medianRPS(scenarios[9].rounds[ka])/medianRPS(scenarios[3].rounds[ka]), "l7/2hop-req/s")
 	b.ReportMetric(median(scenarios[3].cpu[ka])/median(scenarios[9].cpu[ka]), "l7/2hop-cpu")

@@ -230,42 +230,80 @@ func featureVariants(b *testing.B, m *mesh, apiIn, webIn *instance) []*meshScena
 		"{apiDir}", apiIn.dir, "{webDir}", webIn.dir)
 	var out []*meshScenario
 	for i, f := range meshFeatures() {
-		dst, src := append([]string(nil), apiLines...), append([]string(nil), webLines...)
+		v := &variantConfig{dst: append([]string(nil), apiLines...), src: append([]string(nil), webLines...),
+			apiPath: apiPath, webPath: webPath, inboundPort: apiIn.port, upstreamPort: webIn.upstream["api"]}
 		for _, e := range f.edits {
 			switch e.side {
 			case "destination":
-				dst = applyEdit(b, f.name, e.side, apiPath, dst, e, subst)
+				v.dst = applyEdit(b, f.name, e.side, apiPath, v.dst, e, subst)
 			case "caller":
-				src = applyEdit(b, f.name, e.side, webPath, src, e, subst)
+				v.src = applyEdit(b, f.name, e.side, webPath, v.src, e, subst)
 			default:
 				b.Fatalf("feature %q: side %q", f.name, e.side)
 			}
 		}
-		ports := map[int]int{}
-		dir := harness.TempDir(b)
-		dstDir, srcDir := filepath.Join(dir, "destination"), filepath.Join(dir, "caller")
-		for _, d := range []string{dstDir, srcDir} {
-			if err := os.Mkdir(d, 0o700); err != nil {
-				b.Fatal(err)
-			}
-		}
-		dst = relocate(b, dst, dstDir, ports)
-		if _, ok := ports[apiIn.port]; !ok {
-			b.Fatalf("%s binds no listener on the inbound port %d", apiPath, apiIn.port)
-		}
-		src = relocate(b, src, srcDir, ports)
-		entry, ok := ports[webIn.upstream["api"]]
-		if !ok {
-			b.Fatalf("%s binds no listener on the upstream port %d", webPath, webIn.upstream["api"])
-		}
-		src = pointUpstream(b, src, "upstream_api", fmt.Sprintf("127.0.0.1:%d", ports[apiIn.port]), webPath)
-		hd := harness.StartHAProxy(b, dstDir, strings.Join(dst, "\n"), fmt.Sprintf("127.0.0.1:%d", ports[apiIn.port]))
-		hs := harness.StartHAProxy(b, srcDir, strings.Join(src, "\n"), fmt.Sprintf("127.0.0.1:%d", entry))
-		out = append(out, &meshScenario{name: fmt.Sprintf("F%d %s", i, f.name), addr: fmt.Sprintf("127.0.0.1:%d", entry),
+		p := v.place(b, false)
+		hd := harness.StartHAProxy(b, p.dstDir, p.dst, p.inbound)
+		hs := harness.StartHAProxy(b, p.srcDir, p.src, p.entry)
+		out = append(out, &meshScenario{name: fmt.Sprintf("F%d %s", i, f.name), addr: p.entry, variant: v,
 			pids: []int{hs.Proc.Cmd.Process.Pid, hd.Proc.Cmd.Process.Pid, apiIn.sidecar.Cmd.Process.Pid}})
 	}
 	return out
 }
+
+// variantConfig is one variant's two configurations, edited, as the
+// sidecars wrote them (their paths and ports).
+type variantConfig struct {
+	dst, src                  []string
+	apiPath, webPath          string
+	inboundPort, upstreamPort int // the api sidecar's inbound port, web's upstream port for api
+}
+
+// placedVariant is a variant's configurations moved to new directories
+// and free ports, the caller's upstream pointed at the destination.
+type placedVariant struct {
+	dstDir, srcDir string
+	dst, src       string // configuration texts
+	inbound, entry string // the destination's inbound, the caller's entry (plain HTTP)
+}
+
+// place moves v to new directories and free ports. noChecks drops the
+// caller's health checks (their TLS handshakes would count with the
+// requests in an instruction count).
+func (v *variantConfig) place(b testing.TB, noChecks bool) placedVariant {
+	ports := map[int]int{}
+	dir := harness.TempDir(b)
+	p := placedVariant{dstDir: filepath.Join(dir, "destination"), srcDir: filepath.Join(dir, "caller")}
+	for _, d := range []string{p.dstDir, p.srcDir} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			b.Fatal(err)
+		}
+	}
+	dst := relocate(b, v.dst, p.dstDir, ports)
+	inbound, ok := ports[v.inboundPort]
+	if !ok {
+		b.Fatalf("%s binds no listener on the inbound port %d", v.apiPath, v.inboundPort)
+	}
+	src := relocate(b, v.src, p.srcDir, ports)
+	entry, ok := ports[v.upstreamPort]
+	if !ok {
+		b.Fatalf("%s binds no listener on the upstream port %d", v.webPath, v.upstreamPort)
+	}
+	p.inbound, p.entry = fmt.Sprintf("127.0.0.1:%d", inbound), fmt.Sprintf("127.0.0.1:%d", entry)
+	src = pointUpstream(b, src, "upstream_api", p.inbound, v.webPath)
+	if noChecks {
+		for i, l := range src {
+			if strings.HasPrefix(strings.TrimSpace(l), "default-server ") {
+				src[i] = healthCheck.ReplaceAllString(l, "$2")
+			}
+		}
+	}
+	p.dst, p.src = strings.Join(dst, "\n"), strings.Join(src, "\n")
+	return p
+}
+
+// healthCheck is a default-server line's health check settings.
+var healthCheck = regexp.MustCompile(` check( inter \S+| fall \d+| rise \d+)*(\s|$)`)
 
 // featureDur is how long each variant's measured window lasts, and
 // featureRepeat how many windows a round takes of each: a feature's cost
@@ -299,23 +337,28 @@ func (r report) featureTable() string {
 		"HAProxies with the same certificates, SPOA and app, in the same rounds as the scenarios. SPOE off puts a fixed allow in place of "+
 		"the authorization, so that requests still pass. Each round runs the variants twice. A feature's cost is the CPU per request it adds to F0 (all on): "+
 		"the median of the differences between F0's run and the variant's run of the same round and repetition. "+
-		"F0 against scenario 4 (the same configurations run by the sidecars): %.2fx the CPU per request.\n\n",
+		"F0 against scenario 4 (the same configurations run by the sidecars): %.2fx the CPU per request. "+
+		"Instructions: each variant's two HAProxies once more, each under valgrind's callgrind, a keep-alive wrk run of 8 connections "+
+		"(the caller's health checks off): the user-space instructions each executed per request (destination + caller; `e2e/mesh_instructions_bench_test.go`). "+
+		"A count does not move with what else the machine runs, as CPU time does; it leaves out the kernel's work (the same sockets and syscalls in every variant), "+
+		"counts each byte of a `rep movsb` copy as one instruction and does not see glibc's malloc.\n\n",
 		median(all.cpu[k])/median(r.scenarios[3].cpu["keep-alive"]))
-	s.WriteString("| variant | req/s | data plane CPU/request | the feature's cost (CPU/request) | share of F0's CPU | core busy |\n|---|---|---|---|---|---|\n")
+	s.WriteString("| variant | req/s | data plane CPU/request | the feature's cost (CPU/request) | share of F0's CPU | core busy | instructions/request (destination + caller) | the feature's cost (instructions/request) |\n|---|---|---|---|---|---|---|---|\n")
 	for i, v := range r.features {
 		cost, share := "-", "-"
 		if i > 0 {
 			d := featureCost(all, v)
 			cost, share = fmt.Sprintf("%+.1f us", d), fmt.Sprintf("%.0f%%", 100*d/median(all.cpu[k]))
 		}
-		fmt.Fprintf(&s, "| %s | %.0f | %.1f us | %s | %s | %.2f |\n", v.name, medianRPS(v.rounds[k]), median(v.cpu[k]), cost, share, median(v.busy[k]))
+		fmt.Fprintf(&s, "| %s | %.0f | %.1f us | %s | %s | %.2f |%s\n", v.name, medianRPS(v.rounds[k]), median(v.cpu[k]), cost, share, median(v.busy[k]), instrColumns(all, v))
 	}
 	// The L7 check is a feature a caller's intention switches on: its cost
 	// is scenario 10 against scenario 4, run by the sidecars.
 	plain, l7 := r.scenarios[3], r.scenarios[9]
 	d := pairedDiff(l7.cpu["keep-alive"], plain.cpu["keep-alive"])
-	fmt.Fprintf(&s, "| L7 check on (scenario 10 against 4: an intention with HTTP permissions, each request sent to the SPOA) | %.0f | %.1f us | %+.1f us | %.0f%% of 4's CPU | %.2f |\n",
+	fmt.Fprintf(&s, "| L7 check on (scenario 10 against 4: an intention with HTTP permissions, each request sent to the SPOA) | %.0f | %.1f us | %+.1f us | %.0f%% of 4's CPU | %.2f |",
 		medianRPS(l7.rounds["keep-alive"]), median(l7.cpu["keep-alive"]), d, 100*d/median(plain.cpu["keep-alive"]), median(l7.busy["keep-alive"]))
+	s.WriteString(" - | - |\n")
 	s.WriteString("\n")
 	return s.String()
 }

@@ -17,10 +17,12 @@ if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
 	$SUDO systemctl disable --now haproxy >/dev/null 2>&1 || $SUDO service haproxy stop >/dev/null 2>&1 || true
 fi
 # The load generators of `make bench-mesh`: wrk for plain HTTP/1.1 entry
-# points, h2load (nghttp2-client) for gRPC.
+# points, h2load (nghttp2-client) for gRPC; valgrind (callgrind) counts the
+# per-feature variants' instructions.
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v callgrind_control >/dev/null 2>&1 || missing+=(valgrind)
 if [[ ${#missing[@]} -gt 0 ]]; then
 	echo "tools: installing ${missing[*]} from Debian"
 	$SUDO apt-get update -qq
