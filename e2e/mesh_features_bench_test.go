@@ -78,6 +78,9 @@ func meshFeatures() []feature {
 			"http-request track-sc0 var(txn.hc_ckey) table haconnect_callers",
 			`re:http-response set-var\(txn\.hc_lat\) .*`,
 			`re:http-response sc-inc-gpc\(\d+,0\) .*`,
+			`re:http-response set-var\(txn\.hc_(skey|sum)\) .*`,
+			"http-response track-sc1 var(txn.hc_skey) table haconnect_sums",
+			`re:http-response sc-set-gpt\(\d,1\) .*`,
 		}}}},
 		// The check's decision exactly; the variables it is computed
 		// through (the peer's ID looked up by certificate, then by the
@@ -338,7 +341,7 @@ func (r report) featureTable() string {
 		"the authorization, so that requests still pass. Each round runs the variants twice. A feature's cost is the CPU per request it adds to F0 (all on): "+
 		"the median of the differences between F0's run and the variant's run of the same round and repetition. "+
 		"F0 against scenario 4 (the same configurations run by the sidecars): %.2fx the CPU per request. "+
-		"Instructions: each variant's two HAProxies once more, each under valgrind's callgrind, a keep-alive wrk run of 8 connections "+
+		"Instructions: each variant's two HAProxies once more, each under valgrind's callgrind, a keep-alive wrk run of 2 connections "+
 		"(the caller's health checks off): the user-space instructions each executed per request (destination + caller; `e2e/mesh_instructions_bench_test.go`). "+
 		"A count does not move with what else the machine runs, as CPU time does; it leaves out the kernel's work (the same sockets and syscalls in every variant), "+
 		"counts each byte of a `rep movsb` copy as one instruction and does not see glibc's malloc.\n\n",

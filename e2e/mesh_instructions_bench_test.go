@@ -44,10 +44,12 @@ func callgrindTools(b testing.TB) (valgrind, control string) {
 
 // featureInstructions counts, for every variant, the instructions each of
 // its two HAProxies executes per request, over dur of a keep-alive wrk run
-// (8 connections) that has set up its connections before: the count
-// starts once the run is steady, and the requests counted are those the
-// destination answered in the window (CumReq). The caller's health
-// checks are off. A run with an error fails the benchmark.
+// that has set up its connections before: the count starts once the run is
+// steady, and the requests counted are those the destination answered in
+// the window (CumReq). Two connections: each has its authorization checked
+// again every second, a cost that the rate valgrind slows HAProxy to would
+// spread over too few requests with more. The caller's health checks are
+// off. A run with an error fails the benchmark.
 func featureInstructions(b *testing.B, variants []*meshScenario, dur time.Duration) {
 	valgrind, control := callgrindTools(b)
 	bin := harness.HAProxyBinary(b)
@@ -74,7 +76,7 @@ func featureInstructions(b *testing.B, variants []*meshScenario, dur time.Durati
 		warm := 3 * time.Second
 		done := make(chan loadgen.Result, 1)
 		go func() {
-			done <- loadgen.RunWrk(context.Background(), loadgen.WrkConfig{Addr: p.entry, Conns: 8, Duration: warm + dur + 2*time.Second})
+			done <- loadgen.RunWrk(context.Background(), loadgen.WrkConfig{Addr: p.entry, Conns: 2, Duration: warm + dur + 2*time.Second})
 		}()
 		time.Sleep(warm)
 		for _, pid := range pids {

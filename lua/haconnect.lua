@@ -20,11 +20,15 @@
 -- Callers' tables (plugin/render/ratelimit.go): key "source|destination",
 --   gpc0..gpc4 = answers by status class (1xx..5xx),
 --   gpc5.. = answers per latency bucket (not cumulative; the rest is +Inf),
---   then answers whose latency has bit i set (the sum is rebuilt from them),
+--   then, without thread sums, answers whose latency has bit i set (the
+--   sum is rebuilt from them),
 --   then from HACONNECT_RATE_BASE requests refused by each rate limit scope.
 --   A caller may have entries in several tables (its budget's window
 --   changed): they are added up.
 -- haconnect_denied: key "source|destination|reason", gpc0 = count.
+-- HACONNECT_SUM_TABLE (thread sums; "-" when the bits above are used): key
+--   "thread|source|destination", the sum in microseconds is
+--   gpt1 * HACONNECT_SUM_CARRY + gpt0.
 
 local function env(name)
   local v = os.getenv(name)
@@ -55,17 +59,21 @@ local function admin(cmd)
   return out
 end
 
--- entries parses `show table` into { {key = ..., gpc = {[0] = n, ...}} }.
+-- entries parses `show table` into
+-- { {key = ..., gpc = {[0] = n, ...}, gpt = {[0] = n, ...}} }.
 local function entries(text)
   local out = {}
   for line in string.gmatch(text or "", "[^\n]+") do
     local key = string.match(line, " key=(%S+)")
     if key then
-      local gpc = {}
-      for i, v in string.gmatch(line, "gpc(%d+)=(%d+)") do
+      local gpc, gpt = {}, {}
+      for i, v in string.gmatch(line, " gpc(%d+)=(%d+)") do
         gpc[tonumber(i)] = tonumber(v)
       end
-      out[#out + 1] = { key = key, gpc = gpc }
+      for i, v in string.gmatch(line, " gpt(%d+)=(%d+)") do
+        gpt[tonumber(i)] = tonumber(v)
+      end
+      out[#out + 1] = { key = key, gpc = gpc, gpt = gpt }
     end
   end
   return out
@@ -144,6 +152,22 @@ local function render()
         for i = 1, #scopes do
           s.limited[i] = s.limited[i] + (e.gpc[rateBase + i - 1] or 0)
         end
+      end
+    end
+  end
+  -- Thread sums: each thread's share of a caller's sum.
+  local sumTable = env("HACONNECT_SUM_TABLE")
+  if sumTable ~= "-" then
+    local carry = tonumber(env("HACONNECT_SUM_CARRY"))
+    local text, err = admin("show table " .. sumTable)
+    if not text then
+      return nil, "runtime API: " .. tostring(err)
+    end
+    for _, e in ipairs(entries(text)) do
+      local id = string.match(e.key, "^%d+|(.*)$")
+      local s = id and series[id]
+      if s then
+        s.sum = s.sum + (e.gpt[1] or 0) * carry + (e.gpt[0] or 0)
       end
     end
   end

@@ -304,6 +304,13 @@ type rateView struct {
 	MapFile                 string
 }
 
+// scopedLimits reports whether m has instance or route rate limits, whose
+// entries sc1 holds (then telemetry keeps its sum with bit counters).
+func scopedLimits(m *Model) bool {
+	rl := m.Inbound.RateLimits
+	return rl != nil && IsHTTP(m.Inbound.Protocol) && (rl.Instance != nil || len(rl.Routes) > 0)
+}
+
 // newRates lays out the caller entries and the rate limits' rules.
 func newRates(m *Model, tel telemetry) (callers, rateView) {
 	c := callers{Tables: []callerTable{{Name: callersTable}}}

@@ -11,12 +11,28 @@ import (
 // lua/haconnect.lua accumulates them at scrape time.
 var latencyBucketsUS = []int{500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000, 2500000, 10000000}
 
-// sumBits is how many bits of a latency in microseconds are counted to
-// rebuild the histogram's _sum exactly: HAProxy 2.6's stick counters can
-// only be incremented, so for every bit i a counter counts the requests
-// whose latency has that bit set, and the sum is the sum of count_i * 2^i.
-// 26 bits cover 67 s.
+// The histogram's _sum is kept exactly, in one of two ways. HAProxy 2.6's
+// stick counters can only be incremented, and a general purpose tag can
+// be set to a value computed from its own (sc-set-gpt), which is exact
+// only when no other thread writes the same entry in between:
+//
+//   - thread sums (the usual case): each thread adds each latency to its
+//     own entry, "<thread>|<source>|<destination>" in SumTable, tracked
+//     on sc1: gpt0 holds the low 30 bits of the sum in microseconds, gpt1
+//     the carries, and lua/haconnect.lua adds the threads' entries up.
+//     Five rules a request.
+//   - bit counters, when an instance or route rate limit holds sc1: for
+//     every bit i of the latency a counter in the caller's entry counts
+//     the requests whose latency has that bit set, and the sum is the sum
+//     of count_i * 2^i. sumBits = 26 bits cover 67 s, one rule each.
 const sumBits = 26
+
+// SumTable is the thread sums' stick table, SumCarry the value at which
+// gpt0 carries into gpt1 (the sum is gpt1 * SumCarry + gpt0).
+const (
+	SumTable = "haconnect_sums"
+	SumCarry = 1 << 30
+)
 
 // bucketRule is one latency bucket: counter Index counts latencies in
 // [Lo, Hi] microseconds.
@@ -39,15 +55,22 @@ const statusClasses = 5
 type telemetry struct {
 	Classes   []classRule
 	Buckets   []bucketRule
-	Bits      []bitRule
-	Counters  int    // gpc array size
-	BucketsUS string // for lua: comma-separated bounds
+	Bits      []bitRule // bit counters' rules (none with thread sums)
+	Counters  int       // gpc array size
+	BucketsUS string    // for lua: comma-separated bounds
 	SumBits   int
-	Exporter  string // URL of HAProxy's exporter on the admin listener
+	// ThreadSums says the sum is kept by thread in SumTable (sc1).
+	ThreadSums bool
+	SumTable   string // "-" without thread sums (for lua)
+	SumCarry   int
+	SumMask    int // SumCarry - 1
+	Exporter   string // URL of HAProxy's exporter on the admin listener
 }
 
-func newTelemetry(adminBind string) telemetry {
-	t := telemetry{SumBits: sumBits}
+// newTelemetry lays out the counters; threadSums when sc1 is free for the
+// thread sums (no instance or route rate limit).
+func newTelemetry(adminBind string, threadSums bool) telemetry {
+	t := telemetry{ThreadSums: threadSums, SumTable: "-", SumCarry: SumCarry, SumMask: SumCarry - 1}
 	for c := 1; c <= statusClasses; c++ {
 		t.Classes = append(t.Classes, classRule{Index: c - 1, Lo: c * 100, Hi: c*100 + 99})
 	}
@@ -58,10 +81,16 @@ func newTelemetry(adminBind string) telemetry {
 		bounds = append(bounds, strconv.Itoa(hi))
 		lo = hi + 1
 	}
-	for bit := 0; bit < sumBits; bit++ {
-		t.Bits = append(t.Bits, bitRule{Index: statusClasses + len(latencyBucketsUS) + bit, Mask: 1 << bit})
+	t.Counters = statusClasses + len(latencyBucketsUS)
+	if threadSums {
+		t.SumTable = SumTable
+	} else {
+		t.SumBits = sumBits
+		for bit := 0; bit < sumBits; bit++ {
+			t.Bits = append(t.Bits, bitRule{Index: t.Counters + bit, Mask: 1 << bit})
+		}
+		t.Counters += sumBits
 	}
-	t.Counters = statusClasses + len(latencyBucketsUS) + sumBits
 	t.BucketsUS = strings.Join(bounds, ",")
 	if host, port, err := net.SplitHostPort(adminBind); err == nil {
 		if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
