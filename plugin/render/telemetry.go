@@ -63,7 +63,7 @@ type telemetry struct {
 	ThreadSums bool
 	SumTable   string // "-" without thread sums (for lua)
 	SumCarry   int
-	SumMask    int // SumCarry - 1
+	SumMask    int    // SumCarry - 1
 	Exporter   string // URL of HAProxy's exporter on the admin listener
 }
 
