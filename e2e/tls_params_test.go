@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"net"
 	"net/http"
@@ -27,19 +26,8 @@ type tlsPeer struct {
 
 func startTLSPeer(t *testing.T, leaf *harness.Leaf, rootsPEM string) *tlsPeer {
 	t.Helper()
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM([]byte(rootsPEM))
 	p := &tlsPeer{}
-	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
-		Certificates: []tls.Certificate{leaf.TLS},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    pool,
-		MaxVersion:   tls.VersionTLS13,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
+	l := peerListener(t, leaf, rootsPEM, func(cfg *tls.Config) { cfg.MaxVersion = tls.VersionTLS13 })
 	p.port = l.Addr().(*net.TCPAddr).Port
 	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.mu.Lock()

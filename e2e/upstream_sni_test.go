@@ -28,28 +28,39 @@ type sniRecorder struct {
 	names []string
 }
 
-func startSNIRecorder(t *testing.T, leaf *harness.Leaf, rootsPEM string) *sniRecorder {
+// peerListener is an upstream sidecar's public listener under the test's
+// control: TLS with leaf (the upstream's real Consul leaf), a client
+// certificate from Consul's CA required, as Envoy's public listener does;
+// with, when set, changes the TLS settings.
+func peerListener(t *testing.T, leaf *harness.Leaf, rootsPEM string, with func(*tls.Config)) net.Listener {
 	t.Helper()
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM([]byte(rootsPEM))
-	r := &sniRecorder{}
-	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
-		Certificates: []tls.Certificate{leaf.TLS},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    pool,
-		// Every connection makes a full handshake, so every one is seen.
-		SessionTicketsDisabled: true,
-		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-			r.mu.Lock()
-			r.names = append(r.names, h.ServerName)
-			r.mu.Unlock()
-			return nil, nil
-		},
-	})
+	cfg := &tls.Config{Certificates: []tls.Certificate{leaf.TLS}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool}
+	if with != nil {
+		with(cfg)
+	}
+	l, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+func startSNIRecorder(t *testing.T, leaf *harness.Leaf, rootsPEM string) *sniRecorder {
+	t.Helper()
+	r := &sniRecorder{}
+	l := peerListener(t, leaf, rootsPEM, func(cfg *tls.Config) {
+		// Every connection makes a full handshake, so every one is seen.
+		cfg.SessionTicketsDisabled = true
+		cfg.GetConfigForClient = func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			r.mu.Lock()
+			r.names = append(r.names, h.ServerName)
+			r.mu.Unlock()
+			return nil, nil
+		}
+	})
 	r.port = l.Addr().(*net.TCPAddr).Port
 	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "fake api")
