@@ -730,6 +730,17 @@ func failoverUnderLoad(t *testing.T) (m *mesh, v1, v2, web *instance, l *chainLo
 			return web.do(reuseClient(), "api", chainRequest{}).id == id
 		})
 	}
+	// The failover target must be usable in web's HAProxy before api goes
+	// down: on a loaded machine its instance turns passing in Consul (its
+	// first check) later than api's.
+	harness.WaitFor(t, 20*time.Second, "api-backup's server up in web's HAProxy", func() bool {
+		for _, line := range strings.Split(web.admin(t, "show stat -1 4 -1"), "\n") {
+			if f := strings.Split(line, ","); len(f) > 17 && f[0] == "upstream_api::api-backup.default.default.dc1" && f[17] == "UP" {
+				return true
+			}
+		}
+		return false
+	})
 	l = startChainLoad(web, "api", 4, 60*time.Second, func(int) chainRequest { return chainRequest{} })
 	time.Sleep(time.Second)
 	return m, v1, v2, web, l
