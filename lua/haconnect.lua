@@ -14,6 +14,9 @@
 --                           SPOA), appended before the exporter's; optional
 --   HACONNECT_BUCKETS_US    upper bounds of the latency buckets, microseconds, comma-separated
 --   HACONNECT_SUM_BITS      how many bits of the latency (us) are counted for _sum
+--                           (0 with thread sums)
+--   HACONNECT_SUM_TABLE     the thread sums' table ("-": the sum is in the bits)
+--   HACONNECT_SUM_CARRY     the thread sums' carry: sum = gpt1 * carry + gpt0
 --   HACONNECT_CALLER_TABLES the callers' tables, comma-separated
 --   HACONNECT_RATE_BASE     index of the first rate limit refusal counter
 --   HACONNECT_RATE_SCOPES   the refusal counters' scope labels, hex, comma-separated ("-": none)
