@@ -28,18 +28,14 @@ import (
 // callgrindTools are valgrind's programs the count needs (Debian's package
 // valgrind, installed by `make tools`).
 func callgrindTools(b testing.TB) (valgrind, control string) {
-	for _, name := range []string{"valgrind", "callgrind_control"} {
+	look := func(name string) string {
 		p, err := exec.LookPath(name)
 		if err != nil {
 			b.Fatalf("%s is not installed: `make tools` (scripts/tools.sh) installs Debian's package valgrind", name)
 		}
-		if name == "valgrind" {
-			valgrind = p
-		} else {
-			control = p
-		}
+		return p
 	}
-	return valgrind, control
+	return look("valgrind"), look("callgrind_control")
 }
 
 // featureInstructions counts, for every variant, the instructions each of
