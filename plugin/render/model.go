@@ -89,6 +89,31 @@ const TLS12Ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:
 // TLS12Ciphers is the TLS 1.2 cipher list (for templates).
 func (*Model) TLS12Ciphers() string { return TLS12Ciphers }
 
+// TCPBufSize is tune.bufsize for a sidecar whose listeners are all tcp.
+// A 16 KiB response (plus its headers) no longer fits HAProxy's default
+// 16 KiB buffer: each hop then reads and writes it in two halves. With 32
+// KiB it moves in one: measured on two TCP-mode hops with mTLS, 16 KiB
+// bodies, about 15% less CPU per request at 32 connections and 10-20% at
+// 512, the same at 100 B. HAProxy holds a buffer only while data is in
+// flight, so idle connections cost nothing more. An HTTP stream pays for
+// larger buffers instead (its L7 retries copy the whole buffer, and HTX
+// works on it), so any HTTP listener keeps the default.
+const TCPBufSize = 32768
+
+// BufSize is the tune.bufsize to set, 0 for HAProxy's default (16 KiB):
+// TCPBufSize when the inbound listener and every upstream are tcp.
+func (m *Model) BufSize() int {
+	if IsHTTP(m.Inbound.Protocol) {
+		return 0
+	}
+	for _, u := range m.Upstreams {
+		if IsHTTP(u.Protocol) {
+			return 0
+		}
+	}
+	return TCPBufSize
+}
+
 // InboundFrontend names the inbound frontend (for templates).
 func (*Model) InboundFrontend() string { return InboundFrontend }
 

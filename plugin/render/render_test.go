@@ -71,3 +71,33 @@ func TestValidateRefusesBrokenValues(t *testing.T) {
 		}
 	}
 }
+
+// A sidecar whose listeners are all tcp gets buffers that hold a 16 KiB
+// response whole; one HTTP listener, inbound or upstream, keeps HAProxy's
+// default, and the rendered configuration is one HAProxy accepts.
+func TestBufSizeOnlyForTCPSidecars(t *testing.T) {
+	for _, tc := range []struct {
+		name              string
+		inbound, upstream string
+		want              bool
+	}{
+		{"all tcp", ProtocolTCP, ProtocolTCP, true},
+		{"http inbound", ProtocolHTTP, ProtocolTCP, false},
+		{"http upstream", ProtocolTCP, ProtocolHTTP, false},
+		{"grpc upstream", ProtocolTCP, ProtocolGRPC, false},
+		{"all http", ProtocolHTTP, ProtocolHTTP, false},
+	} {
+		m := model()
+		m.Inbound.Protocol, m.Upstreams[0].Protocol = tc.inbound, tc.upstream
+		out, err := Render(m)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if got := strings.Contains(out.Config, "\n    tune.bufsize 32768\n"); got != tc.want {
+			t.Errorf("%s: tune.bufsize 32768 rendered %v, want %v", tc.name, got, tc.want)
+		}
+		if strings.Count(out.Config, "tune.bufsize") > 1 {
+			t.Errorf("%s: tune.bufsize set more than once", tc.name)
+		}
+	}
+}
