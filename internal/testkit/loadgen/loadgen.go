@@ -193,7 +193,7 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 				_ = conn.SetDeadline(dl.Add(2 * time.Second))
 			}
 		}
-		code, closed, err := roundTrip(conn, r, req)
+		code, closed, body, err := roundTrip(conn, r, req)
 		if err != nil {
 			conn.Close()
 			conn = nil
@@ -203,7 +203,7 @@ func (w *worker) run(ctx context.Context, cfg Config, req []byte) {
 			continue
 		}
 		if code != http.StatusOK {
-			w.fail(fmt.Errorf("status %d", code))
+			w.fail(fmt.Errorf("status %d %q", code, body))
 		} else {
 			w.lat = append(w.lat, time.Since(start))
 		}
@@ -233,28 +233,29 @@ func closeNow(c net.Conn) {
 // response itself, allocating nothing per request: with net/http's reader
 // the generator spent more CPU per request than a one-hop data plane, and
 // could not keep that data plane's core busy.
-func roundTrip(conn net.Conn, r *bufio.Reader, req []byte) (code int, closed bool, err error) {
+func roundTrip(conn net.Conn, r *bufio.Reader, req []byte) (code int, closed bool, body string, err error) {
 	if _, err := conn.Write(req); err != nil {
-		return 0, false, err
+		return 0, false, "", err
 	}
 	return readResponse(r)
 }
 
 // readResponse reads one HTTP/1.x response from r and discards its body
 // (Content-Length or chunked; a response with neither is read to the
-// connection's end).
-func readResponse(r *bufio.Reader) (code int, closed bool, err error) {
+// connection's end). The body of a short answer other than 200 is returned,
+// since it says why (HAProxy's and haconnect's refusals do).
+func readResponse(r *bufio.Reader) (code int, closed bool, body string, err error) {
 	line, err := r.ReadSlice('\n')
 	if err != nil {
-		return 0, false, err
+		return 0, false, "", err
 	}
 	// "HTTP/1.1 200 OK\r\n"
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) || line[8] != ' ' {
-		return 0, false, fmt.Errorf("malformed status line %q", line)
+		return 0, false, "", fmt.Errorf("malformed status line %q", line)
 	}
 	for _, c := range line[9:12] {
 		if c < '0' || c > '9' {
-			return 0, false, fmt.Errorf("malformed status line %q", line)
+			return 0, false, "", fmt.Errorf("malformed status line %q", line)
 		}
 		code = code*10 + int(c-'0')
 	}
@@ -263,21 +264,21 @@ func readResponse(r *bufio.Reader) (code int, closed bool, err error) {
 	for {
 		line, err = r.ReadSlice('\n')
 		if err != nil {
-			return 0, false, err
+			return 0, false, "", err
 		}
 		if len(line) <= 2 { // the empty line ending the header block
 			break
 		}
 		name, value, ok := bytes.Cut(line, []byte(":"))
 		if !ok {
-			return 0, false, fmt.Errorf("malformed header line %q", line)
+			return 0, false, "", fmt.Errorf("malformed header line %q", line)
 		}
 		value = bytes.TrimSpace(value)
 		switch {
 		case asciiEqualFold(name, "content-length"):
 			n, perr := strconv.ParseInt(string(value), 10, 64)
 			if perr != nil || n < 0 {
-				return 0, false, fmt.Errorf("malformed content-length %q", value)
+				return 0, false, "", fmt.Errorf("malformed content-length %q", value)
 			}
 			length = n
 		case asciiEqualFold(name, "transfer-encoding"):
@@ -295,12 +296,18 @@ func readResponse(r *bufio.Reader) (code int, closed bool, err error) {
 	case chunked:
 		err = discardChunked(r)
 	case length >= 0:
+		if code != http.StatusOK && length <= 512 {
+			var b []byte
+			if b, err = r.Peek(int(length)); err == nil {
+				body = string(b)
+			}
+		}
 		_, err = r.Discard(int(length))
 	default:
 		_, err = io.Copy(io.Discard, r)
 		closed = true
 	}
-	return code, closed, err
+	return code, closed, body, err
 }
 
 func discardChunked(r *bufio.Reader) error {

@@ -21,23 +21,24 @@ func TestReadResponse(t *testing.T) {
 		code   int
 		closed bool
 		rest   string
+		body   string // kept only for a short answer other than 200
 	}{
-		{"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokNEXT", 200, false, "NEXT"},
-		{"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nnoNEXT", 403, true, "NEXT"},
-		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nNEXT", 200, false, "NEXT"},
-		{"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\nNEXT", 200, true, "NEXT"},
-		{"HTTP/1.1 204 No Content\r\n\r\nNEXT", 204, false, "NEXT"},
+		{"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokNEXT", 200, false, "NEXT", ""},
+		{"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nnoNEXT", 403, true, "NEXT", "no"},
+		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nNEXT", 200, false, "NEXT", ""},
+		{"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\nNEXT", 200, true, "NEXT", ""},
+		{"HTTP/1.1 204 No Content\r\n\r\nNEXT", 204, false, "NEXT", ""},
 	} {
 		r := bufio.NewReader(strings.NewReader(c.in))
-		code, closed, err := readResponse(r)
+		code, closed, body, err := readResponse(r)
 		rest := make([]byte, 16)
 		n, _ := r.Read(rest)
-		if err != nil || code != c.code || closed != c.closed || string(rest[:n]) != c.rest {
-			t.Errorf("%q: code %d closed %v err %v rest %q", c.in, code, closed, err, rest[:n])
+		if err != nil || code != c.code || closed != c.closed || string(rest[:n]) != c.rest || body != c.body {
+			t.Errorf("%q: code %d closed %v body %q err %v rest %q", c.in, code, closed, body, err, rest[:n])
 		}
 	}
 	for _, bad := range []string{"HTTP/1.1 2x0 OK\r\n\r\n", "garbage\r\n\r\n", "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "HTTP/1.1 200 OK\r\nno colon\r\n\r\n"} {
-		if _, _, err := readResponse(bufio.NewReader(strings.NewReader(bad))); err == nil {
+		if _, _, _, err := readResponse(bufio.NewReader(strings.NewReader(bad))); err == nil {
 			t.Errorf("%q: no error", bad)
 		}
 	}
