@@ -114,6 +114,14 @@ func (m *Model) BufSize() int {
 	return TCPBufSize
 }
 
+// CheckBackend names the HTTP inbound's backend that checks requests
+// (authorization, L7 permissions) before the local app; the steady-state
+// requests skip it for local_app (see the template's inbound frontend).
+const CheckBackend = "local_app_check"
+
+// CheckBackend names the checking backend (for templates).
+func (*Model) CheckBackend() string { return CheckBackend }
+
 // InboundFrontend names the inbound frontend (for templates).
 func (*Model) InboundFrontend() string { return InboundFrontend }
 
