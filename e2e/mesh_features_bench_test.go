@@ -78,8 +78,9 @@ func meshFeatures() []feature {
 			"http-request track-sc0 var(txn.hc_ckey) table haconnect_callers",
 			`re:http-response set-var\(txn\.hc_lat\) .*`,
 			`re:http-response sc-inc-gpc\(\d+,0\) .*`,
-			`re:http-response set-var\(txn\.hc_(skey|sum)\) .*`,
+			`re:http-response set-var\(txn\.hc_(bkt|skey|sum)\) .*`,
 			"http-response track-sc1 var(txn.hc_skey) table haconnect_sums",
+			"http-response sc-inc-gpc0(1)",
 			`re:http-response sc-set-gpt\(\d,1\) .*`,
 		}}}},
 		// The check's decision exactly; the variables it is computed

@@ -30,8 +30,12 @@
 --   changed): they are added up.
 -- haconnect_denied: key "source|destination|reason", gpc0 = count.
 -- HACONNECT_SUM_TABLE (thread sums; "-" when the bits above are used): key
---   "thread|source|destination", the sum in microseconds is
---   gpt1 * HACONNECT_SUM_CARRY + gpt0.
+--   "thread|bucket|source|destination", gpc0 = answers in the latency
+--   bucket (0-based; past the last: +Inf only), the sum of their latencies
+--   in microseconds is gpt1 * HACONNECT_SUM_CARRY + gpt0. The caller's own
+--   bucket counters are then zero. It is read before the callers' tables:
+--   each answer is counted in its status class before its bucket, so the
+--   buckets read never exceed the count read after them.
 
 local function env(name)
   local v = os.getenv(name)
@@ -121,6 +125,34 @@ local function render()
   end
   local b = {}
 
+  -- Thread sums first (see above): each thread's share of a caller's
+  -- sum and buckets.
+  local fromSums = {} -- "source|destination" -> {sum, buckets[]}
+  local sumTable = env("HACONNECT_SUM_TABLE")
+  if sumTable ~= "-" then
+    local carry = tonumber(env("HACONNECT_SUM_CARRY"))
+    local text, err = admin("show table " .. sumTable)
+    if not text then
+      return nil, "runtime API: " .. tostring(err)
+    end
+    for _, e in ipairs(entries(text)) do
+      local bucket, id = string.match(e.key, "^%d+|(%d+)|(.*)$")
+      if id then
+        local t = fromSums[id]
+        if not t then
+          t = { sum = 0, buckets = {} }
+          for i = 1, #buckets do t.buckets[i] = 0 end
+          fromSums[id] = t
+        end
+        t.sum = t.sum + (e.gpt[1] or 0) * carry + (e.gpt[0] or 0)
+        local i = tonumber(bucket) + 1
+        if i <= #buckets then
+          t.buckets[i] = t.buckets[i] + (e.gpc[0] or 0)
+        end
+      end
+    end
+  end
+
   -- Every caller's counters, added up over the tables it is in.
   local series = {} -- "source|destination" -> {classes[], count, buckets[], sum, limited[]}
   local order = {}
@@ -158,19 +190,12 @@ local function render()
       end
     end
   end
-  -- Thread sums: each thread's share of a caller's sum.
-  local sumTable = env("HACONNECT_SUM_TABLE")
-  if sumTable ~= "-" then
-    local carry = tonumber(env("HACONNECT_SUM_CARRY"))
-    local text, err = admin("show table " .. sumTable)
-    if not text then
-      return nil, "runtime API: " .. tostring(err)
-    end
-    for _, e in ipairs(entries(text)) do
-      local id = string.match(e.key, "^%d+|(.*)$")
-      local s = id and series[id]
-      if s then
-        s.sum = s.sum + (e.gpt[1] or 0) * carry + (e.gpt[0] or 0)
+  for id, t in pairs(fromSums) do
+    local s = series[id]
+    if s then
+      s.sum = s.sum + t.sum
+      for i = 1, #buckets do
+        s.buckets[i] = s.buckets[i] + t.buckets[i]
       end
     end
   end

@@ -42,6 +42,7 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 		m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")
 		m.AdminBind, m.LuaFile = "127.0.0.1:19000", filepath.Join(dir, "haconnect.lua")
 		m.PeerMapFile = filepath.Join(dir, "upstream_peers.map")
+		m.LatencyMapFile = harness.WriteFile(t, dir, "latency_buckets.map", m.LatencyMapText())
 		if p, ok := strings.CutSuffix(proto, " without telemetry"); ok {
 			proto, m.AdminBind = p, ""
 		}

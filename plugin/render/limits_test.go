@@ -33,6 +33,7 @@ func checkConfig(t *testing.T, m *Model) string {
 	m.LeafFile, m.RootsFile = filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "roots.pem")
 	m.SPOEFile, m.AdminSocket = filepath.Join(dir, "spoe.conf"), filepath.Join(dir, "admin.sock")
 	m.LuaFile, m.PeerMapFile = filepath.Join(dir, "haconnect.lua"), filepath.Join(dir, "upstream_peers.map")
+	m.LatencyMapFile = harness.WriteFile(t, dir, "latency_buckets.map", m.LatencyMapText())
 	out, err := Render(m)
 	if err != nil {
 		t.Fatal(err)

@@ -163,6 +163,9 @@ type Model struct {
 	// RateLimitMapFile holds the rate limits' numbers (RateLimitMapText),
 	// changed through the runtime API; needed with Inbound.RateLimits.
 	RateLimitMapFile string
+	// LatencyMapFile holds the latency buckets (LatencyMapText); needed
+	// with telemetry (AdminBind) on an HTTP listener.
+	LatencyMapFile string
 	// Threads sets nbthread (0: HAProxy's default, one per CPU).
 	Threads int
 	// AccessLog logs every request/connection to stderr; off, the
@@ -458,6 +461,9 @@ func (m *Model) Validate() error {
 	validateRateLimits(bad, in.RateLimits)
 	if in.RateLimits != nil && !strings.HasPrefix(m.RateLimitMapFile, "/") {
 		bad("rate limit map file %q is not an absolute path", m.RateLimitMapFile)
+	}
+	if m.AdminBind != "" && IsHTTP(in.Protocol) && !strings.HasPrefix(m.LatencyMapFile, "/") {
+		bad("latency map file %q is not an absolute path", m.LatencyMapFile)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid sidecar configuration: %s", strings.Join(errs, "; "))

@@ -89,7 +89,7 @@ type view struct {
 
 func newView(m *Model) view {
 	// Thread sums need sc1, which instance and route rate limits hold.
-	tel := newTelemetry(m.AdminBind, m.AdminBind != "" && IsHTTP(m.Inbound.Protocol) && !scopedLimits(m))
+	tel := newTelemetry(m.AdminBind, m.LatencyMapFile, m.AdminBind != "" && IsHTTP(m.Inbound.Protocol) && !scopedLimits(m))
 	c, r := newRates(m, tel)
 	return view{Model: m, Telemetry: tel, Callers: c, Rate: r}
 }

@@ -8,7 +8,7 @@ import (
 func model() *Model {
 	return &Model{
 		Service: "web", SelfURI: "spiffe://td.consul/ns/default/dc/dc1/svc/web", LeafFile: "/d/leaf.pem", RootsFile: "/d/roots.pem", SPOEFile: "/d/spoe.conf",
-		AdminSocket: "/d/admin.sock", SPOAAddr: "unix@/d/spoa.sock", LuaFile: "/d/haconnect.lua", PeerMapFile: "/d/upstream_peers.map",
+		AdminSocket: "/d/admin.sock", SPOAAddr: "unix@/d/spoa.sock", LuaFile: "/d/haconnect.lua", PeerMapFile: "/d/upstream_peers.map", LatencyMapFile: "/d/latency_buckets.map",
 		Inbound: Inbound{BindAddr: "0.0.0.0", BindPort: 21000, Protocol: ProtocolHTTP, LocalAddr: "127.0.0.1", LocalPort: 8080},
 		Upstreams: []Upstream{{Name: "api", BindAddr: "127.0.0.1", BindPort: 9191, Protocol: ProtocolHTTP,
 			PeerURI: "spiffe://td.consul/ns/default/dc/dc1/svc/api",

@@ -1,6 +1,7 @@
 package render
 
 import (
+	"fmt"
 	"net"
 	"strconv"
 	"strings"
@@ -17,10 +18,14 @@ var latencyBucketsUS = []int{500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
 // only when no other thread writes the same entry in between:
 //
 //   - thread sums (the usual case): each thread adds each latency to its
-//     own entry, "<thread>|<source>|<destination>" in SumTable, tracked
-//     on sc1: gpt0 holds the low 30 bits of the sum in microseconds, gpt1
-//     the carries, and lua/haconnect.lua adds the threads' entries up.
-//     Five rules a request.
+//     own entry, "<thread>|<bucket>|<source>|<destination>" in SumTable,
+//     tracked on sc1: gpt0 holds the low 30 bits of the sum in
+//     microseconds, gpt1 the carries, and lua/haconnect.lua adds the
+//     threads' entries up. The entry is also the latency bucket's: the
+//     bucket is looked up in one map (LatencyMapText, map_int ranges)
+//     and the entry's gpc0 counts the answers, so the bucket costs two
+//     rules instead of one per bucket on the caller's entry (about 3.5k
+//     instructions a request less). Seven rules a request.
 //   - bit counters, when an instance or route rate limit holds sc1: for
 //     every bit i of the latency a counter in the caller's entry counts
 //     the requests whose latency has that bit set, and the sum is the sum
@@ -33,6 +38,20 @@ const (
 	SumTable = "haconnect_sums"
 	SumCarry = 1 << 30
 )
+
+// LatencyMapText is the latency map file's content: each bucket's range
+// of microseconds ("<lo>:<hi>") and its index (0-based). A latency beyond
+// the last bucket, or negative (the wall clock stepped back), maps to
+// len(latencyBucketsUS), which the scraper counts in +Inf only.
+func (*Model) LatencyMapText() string {
+	var b strings.Builder
+	lo := 0
+	for i, hi := range latencyBucketsUS {
+		fmt.Fprintf(&b, "%d:%d %d\n", lo, hi, i)
+		lo = hi + 1
+	}
+	return b.String()
+}
 
 // bucketRule is one latency bucket: counter Index counts latencies in
 // [Lo, Hi] microseconds.
@@ -63,21 +82,30 @@ type telemetry struct {
 	ThreadSums bool
 	SumTable   string // "-" without thread sums (for lua)
 	SumCarry   int
-	SumMask    int    // SumCarry - 1
+	SumMask    int // SumCarry - 1
+	// LatencyMap is the latency buckets' map file (thread sums), Overflow
+	// the bucket of a latency outside them.
+	LatencyMap string
+	Overflow   int
 	Exporter   string // URL of HAProxy's exporter on the admin listener
 }
 
 // newTelemetry lays out the counters; threadSums when sc1 is free for the
 // thread sums (no instance or route rate limit).
-func newTelemetry(adminBind string, threadSums bool) telemetry {
-	t := telemetry{ThreadSums: threadSums, SumTable: "-", SumCarry: SumCarry, SumMask: SumCarry - 1}
+func newTelemetry(adminBind, latencyMap string, threadSums bool) telemetry {
+	t := telemetry{ThreadSums: threadSums, SumTable: "-", SumCarry: SumCarry, SumMask: SumCarry - 1, LatencyMap: latencyMap, Overflow: len(latencyBucketsUS)}
 	for c := 1; c <= statusClasses; c++ {
 		t.Classes = append(t.Classes, classRule{Index: c - 1, Lo: c * 100, Hi: c*100 + 99})
 	}
 	lo := 0
 	var bounds []string
 	for i, hi := range latencyBucketsUS {
-		t.Buckets = append(t.Buckets, bucketRule{Index: statusClasses + i, Lo: lo, Hi: hi})
+		// With thread sums the buckets are counted in SumTable; their
+		// counters stay in the caller's entry (zero), so that the rate
+		// limits' counters keep their place.
+		if !threadSums {
+			t.Buckets = append(t.Buckets, bucketRule{Index: statusClasses + i, Lo: lo, Hi: hi})
+		}
 		bounds = append(bounds, strconv.Itoa(hi))
 		lo = hi + 1
 	}

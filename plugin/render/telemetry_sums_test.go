@@ -3,6 +3,7 @@ package render
 import (
 	"fmt"
 	"io"
+	"maps"
 	"math/rand"
 	"net/http"
 	"net/http/httptest"
@@ -27,15 +28,17 @@ import (
 // over threads as lua/haconnect.lua does, must equal the sums sent, and
 // several threads must have written.
 func TestThreadSumsAreExact(t *testing.T) {
+	dir := harness.TempDir(t)
 	m := model()
 	m.AdminBind = "127.0.0.1:9901"
+	m.LatencyMapFile = harness.WriteFile(t, dir, "latency_buckets.map", m.LatencyMapText())
 	out, err := Render(m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rules := block(t, out.Config, "    # Telemetry's latency sum")
+	rules := block(t, out.Config, "    # Telemetry's latency bucket and sum")
 	table := block(t, out.Config, "backend "+SumTable)
-	for _, want := range []string{"track-sc1 var(txn.hc_skey) table " + SumTable, "sc-set-gpt(0,1)", "sc-set-gpt(1,1)"} {
+	for _, want := range []string{"track-sc1 var(txn.hc_skey) table " + SumTable, "sc-inc-gpc0(1)", "sc-set-gpt(0,1)", "sc-set-gpt(1,1)"} {
 		if !strings.Contains(rules, want) {
 			t.Fatalf("the rendered thread sum rules have no %q:\n%s", want, rules)
 		}
@@ -43,7 +46,6 @@ func TestThreadSumsAreExact(t *testing.T) {
 
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
 	defer app.Close()
-	dir := harness.TempDir(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 	cfg := fmt.Sprintf(`global
     nbthread 4
@@ -67,6 +69,7 @@ backend app
 
 	callers := []string{"web|api", "batch|api"}
 	want := map[string]int64{}
+	wantBuckets := map[string]int64{} // "<bucket>|<caller>" -> answers
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	errs := make(chan error, 16)
@@ -79,6 +82,9 @@ backend app
 			cl := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
 			for i := 0; i < 250; i++ {
 				lat := rng.Int63n(1 << 29)
+				if i%2 == 0 { // within the buckets (up to 10 s) and past them
+					lat = rng.Int63n(12_000_000)
+				}
 				if i%50 == 7 {
 					lat = -rng.Int63n(1000) - 1
 				}
@@ -92,11 +98,12 @@ backend app
 				}
 				_, _ = io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()
+				mu.Lock()
 				if lat > 0 {
-					mu.Lock()
 					want[caller] += lat
-					mu.Unlock()
 				}
+				wantBuckets[fmt.Sprintf("%d|%s", bucketOf(lat), caller)]++
+				mu.Unlock()
 			}
 		}(c)
 	}
@@ -110,14 +117,16 @@ backend app
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := map[string]int64{}
+	got, gotBuckets := map[string]int64{}, map[string]int64{}
 	threads := map[string]bool{}
-	entry := regexp.MustCompile(` key=(\d+)\|(\S+) .*gpt0=(\d+) gpt1=(\d+)`)
+	entry := regexp.MustCompile(` key=(\d+)\|(\d+)\|(\S+) .*gpc0=(\d+) .*gpt0=(\d+) gpt1=(\d+)`)
 	for _, line := range strings.Split(text, "\n") {
 		if e := entry.FindStringSubmatch(line); e != nil {
-			lo, _ := strconv.ParseInt(e[3], 10, 64)
-			hi, _ := strconv.ParseInt(e[4], 10, 64)
-			got[e[2]] += hi*SumCarry + lo
+			n, _ := strconv.ParseInt(e[4], 10, 64)
+			lo, _ := strconv.ParseInt(e[5], 10, 64)
+			hi, _ := strconv.ParseInt(e[6], 10, 64)
+			got[e[3]] += hi*SumCarry + lo
+			gotBuckets[e[2]+"|"+e[3]] += n
 			threads[e[1]] = true
 		}
 	}
@@ -126,9 +135,25 @@ backend app
 			t.Errorf("%s: sum %d from the table, %d sent (%+d)", c, got[c], want[c], got[c]-want[c])
 		}
 	}
+	if !maps.Equal(gotBuckets, wantBuckets) {
+		t.Errorf("answers by bucket and caller: %v in the table, %v sent", gotBuckets, wantBuckets)
+	}
 	if len(threads) < 2 {
 		t.Errorf("entries of %d thread(s), want several:\n%s", len(threads), text)
 	}
+}
+
+// bucketOf is the latency bucket of lat microseconds (0-based), as the
+// rendered map has it: past the last, or negative, len(latencyBucketsUS).
+func bucketOf(lat int64) int {
+	lo := int64(0)
+	for i, hi := range latencyBucketsUS {
+		if lat >= lo && lat <= int64(hi) {
+			return i
+		}
+		lo = int64(hi) + 1
+	}
+	return len(latencyBucketsUS)
 }
 
 // block returns the lines of text from the one starting with first to the

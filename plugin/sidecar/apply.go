@@ -106,6 +106,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		LuaFile:           s.path("haconnect.lua"),
 		PeerMapFile:       s.path("upstream_peers.map"),
 		RateLimitMapFile:  s.path("rate_limits.map"),
+		LatencyMapFile:    s.path("latency_buckets.map"),
 		Threads:           s.cfg.Threads,
 		AccessLog:         s.cfg.AccessLog || reg.AccessLogs,
 		Inbound:           reg.Inbound,

@@ -80,7 +80,7 @@ func planApply(running bool, prev, next appliedState) plan {
 		// upstream_peers.map starts empty: HAProxy fills it in memory.
 		p.files = []file{{"leaf.pem", next.leafPEM}, {"roots.pem", next.rootsPEM},
 			{"spoe.conf", next.out.SPOE}, {"haconnect.lua", string(lua.Telemetry)}, {"upstream_peers.map", ""},
-			{"rate_limits.map", next.model.RateLimitMapText()}}
+			{"rate_limits.map", next.model.RateLimitMapText()}, {"latency_buckets.map", next.model.LatencyMapText()}}
 		return p
 	}
 	for _, f := range []struct{ name, data, old string }{
