@@ -155,7 +155,7 @@ func NewServer(cfg Config) (*Server, error) {
 		budget: spop.NewBudget(cfg.MaxInFlight),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "frames_rejected_total",
-			Help: "SPOP connections closed by the agent, by reason: an invalid frame, a refused TLS handshake, a hello or idle timeout.",
+			Help: "SPOP connections closed by the agent, by reason: an invalid frame, a refused TLS handshake, a hello or idle timeout, an idle connection evicted at -max-conns.",
 		}, []string{"reason"}),
 		mismatch: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "haconnect", Subsystem: "spoa", Name: "target_mismatch_total",

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -32,10 +33,14 @@ type Limits struct {
 	HelloTimeout time.Duration
 	// IdleTimeout is how long, after HELLO, the peer may take to send its
 	// next complete frame (default DefaultIdleTimeout). HAProxy closes an
-	// idle SPOE connection itself after its `timeout idle` (30s in the
+	// idle SPOE connection itself after its `timeout idle` (5s in the
 	// shipped spoe.conf); a peer that holds one open longer without
 	// sending anything is not HAProxy, or is stuck.
 	IdleTimeout time.Duration
+	// EvictIdleAfter is how long a connection must have been idle before
+	// a Listener at its connection limit closes it to admit a new one
+	// (default DefaultEvictIdleAfter).
+	EvictIdleAfter time.Duration
 	// WriteTimeout is how long writing one answer may take (default 10s).
 	// A peer that stops reading its answers is cut off, so that the
 	// goroutines and frames waiting to answer it are freed.
@@ -45,7 +50,8 @@ type Limits struct {
 const (
 	// MinFrameSize is the smallest max-frame-size HAProxy accepts.
 	MinFrameSize = 256
-	// DefaultIdleTimeout is above HAProxy's `timeout idle` of 30s.
+	// DefaultIdleTimeout is above HAProxy's `timeout idle` (5s shipped,
+	// up to 30s in older configurations).
 	DefaultIdleTimeout = 60 * time.Second
 )
 
@@ -65,6 +71,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.WriteTimeout <= 0 {
 		l.WriteTimeout = 10 * time.Second
+	}
+	if l.EvictIdleAfter <= 0 {
+		l.EvictIdleAfter = DefaultEvictIdleAfter
 	}
 	return l
 }
@@ -108,6 +117,9 @@ type Guard struct {
 
 	mu   sync.Mutex // guards held
 	held int        // NOTIFY frames read and not yet acknowledged
+	// lastFrame is when the last complete frame arrived (unix ns), 0
+	// before HELLO: how long the connection has been idle (Listener).
+	lastFrame atomic.Int64
 
 	wmu    sync.Mutex
 	wstate writeScanner
@@ -208,7 +220,26 @@ func (g *Guard) next() error {
 		}
 	}
 	g.pending = g.frame
+	g.lastFrame.Store(time.Now().UnixNano())
 	return nil
+}
+
+// idleSince returns when the connection last received a frame, if it is
+// idle now: past HELLO, with no NOTIFY waiting for its ACK.
+func (g *Guard) idleSince() (time.Time, bool) {
+	last := g.lastFrame.Load()
+	if last == 0 {
+		return time.Time{}, false
+	}
+	select {
+	case <-g.closed: // closing already
+		return time.Time{}, false
+	default:
+	}
+	g.mu.Lock()
+	held := g.held
+	g.mu.Unlock()
+	return time.Unix(0, last), held == 0
 }
 
 // acquire takes a slot of the connection, then one of the shared budget.
@@ -411,25 +442,70 @@ func NewListener(l net.Listener, limits Limits, maxConns int, budget *Budget, on
 	}
 }
 
-// Accept implements net.Listener.
+// DefaultEvictIdleAfter is how long a connection must have been idle
+// before a full Listener closes it to admit a new one. HAProxy keeps an idle SPOE
+// connection for its `timeout idle` (5s in haconnect's spoe.conf) and
+// opens one per message waiting at once: after a burst, or with several
+// HAProxies sharing the agent, idle connections could hold every place
+// while a new one waits in the backlog past HAProxy's hello timeout, and
+// its checks fail (closed). A connection idle this long is one HAProxy
+// would close itself, so closing it first costs nothing.
+const DefaultEvictIdleAfter = 5 * time.Second
+
+// Accept implements net.Listener. At the connection limit it takes the
+// next connection from the backlog anyway, then makes room for it: it
+// closes the longest-idle connection once one has been idle
+// Limits.EvictIdleAfter, or waits for one to finish. Only that one
+// connection waits in the agent; the others stay in the kernel's backlog.
 func (l *Listener) Accept() (net.Conn, error) {
 	select {
 	case l.conns <- struct{}{}:
 	case <-l.done:
 		return nil, net.ErrClosed
+	default:
+		c, err := l.l.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if err := l.makeRoom(); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return l.guard(c), nil
 	}
 	c, err := l.l.Accept()
 	if err != nil {
 		<-l.conns
 		return nil, err
 	}
+	return l.guard(c), nil
+}
+
+// makeRoom takes a place for a connection accepted at the limit, evicting
+// an idle connection if one qualifies, checking again as others go idle.
+func (l *Listener) makeRoom() error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		l.evictIdle(time.Now())
+		select {
+		case l.conns <- struct{}{}:
+			return nil
+		case <-l.done:
+			return net.ErrClosed
+		case <-tick.C:
+		}
+	}
+}
+
+func (l *Listener) guard(c net.Conn) *Guard {
 	g := NewGuard(c, l.limits, l.onReject)
 	g.budget = l.budget
 	g.onClose = l.forget
 	l.mu.Lock()
 	l.open[g] = struct{}{}
 	l.mu.Unlock()
-	return g, nil
+	return g
 }
 
 // Close stops accepting.
@@ -440,6 +516,28 @@ func (l *Listener) Close() error {
 
 // Addr implements net.Listener.
 func (l *Listener) Addr() net.Addr { return l.l.Addr() }
+
+// evictIdle closes the connection idle the longest, if it has been idle
+// Limits.EvictIdleAfter; its place frees once the agent library has
+// finished it.
+func (l *Listener) evictIdle(now time.Time) {
+	l.mu.Lock()
+	var oldest *Guard
+	var since time.Time
+	for g := range l.open {
+		if t, idle := g.idleSince(); idle && now.Sub(t) >= g.limits.EvictIdleAfter && (oldest == nil || t.Before(since)) {
+			oldest, since = g, t
+		}
+	}
+	l.mu.Unlock()
+	if oldest != nil {
+		if oldest.onReject != nil {
+			oldest.onReject(RejectEvicted, fmt.Errorf("peer %s: idle for %s while a new connection waited (-max-conns reached)",
+				peerName(oldest.Conn), now.Sub(since).Round(time.Millisecond)))
+		}
+		oldest.abort()
+	}
+}
 
 // Conns is the number of connections accepted and not yet finished.
 func (l *Listener) Conns() int {

@@ -300,3 +300,71 @@ func TestNegotiateHelloKeepsOtherKeys(t *testing.T) {
 		t.Fatal("length prefix not updated")
 	}
 }
+
+// TestListenerEvictsIdle: at its connection limit the Listener closes a
+// connection that has been idle Limits.EvictIdleAfter (one HAProxy keeps
+// after a burst, or another HAProxy's) to admit a new one, and counts it;
+// a connection idle for less, or one with a message in flight (see
+// TestListenerBounds), keeps its place and the new one waits.
+func TestListenerEvictsIdle(t *testing.T) {
+	// readFrames reads n frames from c within a second.
+	readFrames := func(c net.Conn, n int) error {
+		_ = c.SetReadDeadline(time.Now().Add(time.Second))
+		var hdr [4]byte
+		for i := 0; i < n; i++ {
+			if _, err := io.ReadFull(c, hdr[:]); err != nil {
+				return err
+			}
+			if _, err := io.ReadFull(c, make([]byte, binary.BigEndian.Uint32(hdr[:]))); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, tc := range []struct {
+		name    string
+		after   time.Duration
+		evicted bool
+	}{{"idle past the bound", 100 * time.Millisecond, true}, {"idle within the bound", time.Hour, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, reason := agentOn(t, spop.Limits{EvictIdleAfter: tc.after}, 1, nil, nil)
+			first, err := net.Dial("tcp", l.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer first.Close()
+			if _, err := first.Write(append(hello(), notify(1)...)); err != nil {
+				t.Fatal(err)
+			}
+			if err := readFrames(first, 2); err != nil { // AGENT-HELLO, ACK
+				t.Fatalf("first connection: %v", err)
+			}
+			time.Sleep(300 * time.Millisecond)
+			second, err := net.Dial("tcp", l.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer second.Close()
+			if _, err := second.Write(hello()); err != nil {
+				t.Fatal(err)
+			}
+			err = readFrames(second, 1)
+			if tc.evicted {
+				if err != nil {
+					t.Fatalf("the new connection was not served: %v", err)
+				}
+				waitClosed(t, first, time.Second)
+				if r, _ := reason.Load().(string); r != spop.RejectEvicted {
+					t.Fatalf("reason %q, want %q", r, spop.RejectEvicted)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("the new connection was served past the limit while the other was idle within the bound")
+			}
+			if r, _ := reason.Load().(string); r != "" {
+				t.Fatalf("a connection was closed (%q)", r)
+			}
+		})
+	}
+}

@@ -74,6 +74,9 @@ const (
 	RejectHelloTimeout = "hello_timeout"
 	RejectIdleTimeout  = "idle_timeout"
 	RejectTLS          = "tls_handshake"
+	// RejectEvicted: an idle connection closed to admit a new one at the
+	// connection limit (Listener.Accept); not the peer's fault.
+	RejectEvicted = "evicted_idle"
 )
 
 // FrameError says why a frame was refused; Reason is one of the Reject*
