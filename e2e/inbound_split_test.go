@@ -29,14 +29,14 @@ func backendRequests(t *testing.T, in *instance) map[string]int {
 	return out
 }
 
-// TestSteadyRequestsSkipTheChecks: on an HTTP inbound listener, the
+// TestSteadyRequestsGoToLocalApp: on an HTTP inbound listener, the
 // requests of an allowed caller whose decision is fresh and whose intention
 // has no HTTP permissions go to local_app, which has no SPOE filter and no
 // check rule, and are still tagged; a connection's first request goes to
 // local_app_check, which asks the SPOA. A denied caller's next requests on
 // the same connection go to local_app_check again and are denied again:
 // the shortcut is only ever taken with an allow in hand.
-func TestSteadyRequestsSkipTheChecks(t *testing.T) {
+func TestSteadyRequestsGoToLocalApp(t *testing.T) {
 	m := newMesh(t)
 	m.consul.SetIntentions(t, "api", harness.Source("web", api.IntentionActionAllow), harness.Source("evil", api.IntentionActionDeny))
 	// A decision fresh for the whole test: every request after the first

@@ -146,12 +146,10 @@ backend app
 // bucketOf is the latency bucket of lat microseconds (0-based), as the
 // rendered map has it: past the last, or negative, len(latencyBucketsUS).
 func bucketOf(lat int64) int {
-	lo := int64(0)
-	for i, hi := range latencyBucketsUS {
-		if lat >= lo && lat <= int64(hi) {
+	for i, r := range latencyRanges() {
+		if lat >= int64(r.Lo) && lat <= int64(r.Hi) {
 			return i
 		}
-		lo = int64(hi) + 1
 	}
 	return len(latencyBucketsUS)
 }
