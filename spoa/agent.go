@@ -28,6 +28,9 @@ type AgentConfig struct {
 	// by NewAgent). Nil: the decisions are served by another agent, and
 	// this one only revokes (the sidecar with an external SPOA).
 	Server *Config
+	// OnChange, if set, is told of every change the authorizer reports,
+	// after the revoker (it must not block).
+	OnChange func(destination string)
 }
 
 // Agent is an assembled authorization agent. Start it, then Serve.
@@ -51,6 +54,14 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 			return nil, err
 		}
 		cfg.Authz.OnChange = a.Revoker.Changed
+	}
+	if also, first := cfg.OnChange, cfg.Authz.OnChange; also != nil {
+		cfg.Authz.OnChange = func(destination string) {
+			if first != nil {
+				first(destination)
+			}
+			also(destination)
+		}
 	}
 	if a.Authorizer, err = authz.New(cfg.Authz); err != nil {
 		return nil, err

@@ -65,13 +65,22 @@ const (
 	VarReason   = "reason"
 	VarTTL      = "ttl_ms"
 	VarL7       = "l7"
+	VarL7Set    = "l7set"
 	VarL7Auth   = "l7_auth"
 	VarL7Reason = "l7_reason"
 )
 
 // boxedModes holds the l7 values HAProxy receives, converted to `any`
-// once: boxing allocates.
-var boxedModes = [3]any{0, 1, 2}
+// once: boxing allocates. 0: the decision is final; 1: each request's
+// method and path go to the SPOA; 2: its headers too; 3 and 4: HAProxy
+// matches each request against the set named in l7set (Config.NativeL7),
+// and a request no permission matches is denied (3) or allowed (4).
+var boxedModes = [5]any{0, 1, 2, 3, 4}
+
+const (
+	modeNativeDefaultDeny  = 3
+	modeNativeDefaultAllow = 4
+)
 
 // Decider makes authorization decisions; *authz.Authorizer is the real one.
 type Decider interface {
@@ -102,6 +111,12 @@ type Config struct {
 	MaxInFlight int
 	// Registerer receives the server's metrics (nil: not registered).
 	Registerer prometheus.Registerer
+	// NativeL7 says that HAProxy matches the permissions it can natively
+	// (the sidecar's configuration, which loads the sets into its maps):
+	// a caller whose intention has such permissions is answered l7 3 or 4
+	// with its set's name. Off (haconnect-spoa next to any HAProxy), the
+	// SPOA decides every request of an L7 caller.
+	NativeL7 bool
 }
 
 // Defaults of the bounds in Config.
@@ -256,7 +271,7 @@ func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
 	req.Actions.SetVar(action.ScopeSession, VarAuth, d.Allow)
 	req.Actions.SetVar(action.ScopeSession, VarReason, d.Boxed.Reason)
 	req.Actions.SetVar(action.ScopeSession, VarTTL, s.ttl)
-	req.Actions.SetVar(action.ScopeSession, VarL7, boxedModes[d.L7Mode()])
+	s.setL7Mode(req, d)
 	if d.Source != "" {
 		req.Actions.SetVar(action.ScopeSession, VarSource, d.Boxed.Source)
 		req.Actions.SetVar(action.ScopeSession, VarSPIFFE, d.Boxed.SPIFFE)
@@ -268,6 +283,22 @@ func (s *Server) handleConnection(req *request.Request, msg *message.Message) {
 		}
 		req.Actions.SetVar(action.ScopeSession, VarDest, dest)
 	}
+}
+
+// setL7Mode tells HAProxy how to check the caller's requests.
+func (s *Server) setL7Mode(req *request.Request, d *authz.Decision) {
+	if s.cfg.NativeL7 {
+		if id, defaultAllow := d.NativeSetID(); id != "" {
+			mode := modeNativeDefaultDeny
+			if defaultAllow {
+				mode = modeNativeDefaultAllow
+			}
+			req.Actions.SetVar(action.ScopeSession, VarL7, boxedModes[mode])
+			req.Actions.SetVar(action.ScopeSession, VarL7Set, id)
+			return
+		}
+	}
+	req.Actions.SetVar(action.ScopeSession, VarL7, boxedModes[d.L7Mode()])
 }
 
 // handleRequest answers the check of one HTTP request against the caller's

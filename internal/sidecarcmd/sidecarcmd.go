@@ -53,6 +53,7 @@ func (o *Options) Register(fs *flag.FlagSet, withProxy bool) {
 	fs.BoolVar(&c.AccessLog, "access-log", false, "log every request or connection (HAProxy's httplog/tcplog) to stderr")
 	fs.DurationVar(&c.StaleWindow, "stale-window", 5*time.Minute, "embedded SPOA: serve cached decisions this long while Consul is unreachable")
 	fs.DurationVar(&c.TTL, "ttl", time.Second, "embedded SPOA: how long HAProxy reuses a decision on an open connection")
+	fs.BoolVar(&c.SPOAOnlyL7, "spoa-only-l7", false, "embedded SPOA: send every request of a caller whose intention has HTTP permissions to the SPOA; by default HAProxy matches the permissions that test only methods and exact or prefix paths itself (an HTTP/1.1 listener with -admin-bind)")
 	fs.DurationVar(&c.StopGrace, "stop-grace", 10*time.Second, "on shutdown, how long HAProxy may take to finish its connections")
 	fs.StringVar(&c.DNSServer, "dns-server", "", "resolve the host names of upstream instances and of the local app through this DNS server (host:port, e.g. Consul's DNS on 127.0.0.1:8600) instead of /etc/resolv.conf's nameservers; /etc/hosts is read first either way")
 	fs.StringVar(&o.MetricsListen, "metrics-listen", "", "serve haconnect's own Prometheus /metrics (sidecar and SPOA) on this host:port")

@@ -16,6 +16,7 @@ import (
 
 	"github.com/haconnect/haconnect/internal/testkit/harness"
 	"github.com/haconnect/haconnect/lua"
+	"github.com/haconnect/haconnect/spoa/authz"
 )
 
 // TestRenderedConfigsPassHAProxyCheck renders HTTP, HTTP/2, gRPC and TCP sidecars and
@@ -53,6 +54,12 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 		}
 		m.Inbound.Protocol, m.Upstreams[0].Protocol = proto, proto
 		m.AccessLog, m.Threads = proto == ProtocolTCP, 1
+		// Native L7 matching, with a set loaded (it renders only where
+		// it applies: HTTP/1.1 with telemetry).
+		m.L7MapDir, m.L7Sets = dir, []*authz.NativeSet{sampleNativeSet()}
+		for _, f := range m.L7MapFiles() {
+			harness.WriteFile(t, dir, f[0], f[1])
+		}
 		out, err := Render(m)
 		if err != nil {
 			t.Fatal(err)

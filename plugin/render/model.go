@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/haconnect/haconnect/plugin/chain"
+	"github.com/haconnect/haconnect/spoa/authz"
 )
 
 // Protocols a listener may speak, as Consul names them. http2 and grpc
@@ -166,6 +167,15 @@ type Model struct {
 	// LatencyMapFile holds the latency buckets (LatencyMapText); needed
 	// with telemetry (AdminBind) on an HTTP listener.
 	LatencyMapFile string
+	// L7MapDir, if set (an absolute directory), turns on native L7
+	// matching on an HTTP/1.1 inbound listener with telemetry (l7native.go):
+	// the L7Sets are loaded into three map files there, kept current
+	// through the runtime API, and the requests of a caller whose
+	// intention they hold are decided by HAProxy's rules, not the SPOA.
+	L7MapDir string
+	// L7Sets are the destination's native L7 sets (the authorizer's
+	// NativeSets).
+	L7Sets []*authz.NativeSet
 	// Threads sets nbthread (0: HAProxy's default, one per CPU).
 	Threads int
 	// AccessLog logs every request/connection to stderr; off, the
@@ -461,6 +471,9 @@ func (m *Model) Validate() error {
 	validateRateLimits(bad, in.RateLimits)
 	if in.RateLimits != nil && !strings.HasPrefix(m.RateLimitMapFile, "/") {
 		bad("rate limit map file %q is not an absolute path", m.RateLimitMapFile)
+	}
+	if m.L7MapDir != "" && (!strings.HasPrefix(m.L7MapDir, "/") || strings.ContainsAny(m.L7MapDir, " \t\n,()#\"'")) {
+		bad("L7 map directory %q is not a plain absolute path", m.L7MapDir)
 	}
 	if m.AdminBind != "" && IsHTTP(in.Protocol) && !strings.HasPrefix(m.LatencyMapFile, "/") {
 		bad("latency map file %q is not an absolute path", m.LatencyMapFile)

@@ -112,6 +112,9 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		Inbound:           reg.Inbound,
 		Exposed:           exposedPaths(reg, snap.exposedChecks),
 	}
+	if snap.l7Native {
+		m.L7MapDir, m.L7Sets = s.cfg.Dir, snap.l7Sets
+	}
 	// -admin-bind, or the registration's envoy_*_bind_addr (settings.go).
 	m.AdminBind, m.AdminBindAlso = adminBinds(s.cfg.AdminBind, reg.MetricsBinds)
 	// The upstreams' identities: this sidecar's own, from its leaf, with

@@ -81,6 +81,9 @@ func planApply(running bool, prev, next appliedState) plan {
 		p.files = []file{{"leaf.pem", next.leafPEM}, {"roots.pem", next.rootsPEM},
 			{"spoe.conf", next.out.SPOE}, {"haconnect.lua", string(lua.Telemetry)}, {"upstream_peers.map", ""},
 			{"rate_limits.map", next.model.RateLimitMapText()}, {"latency_buckets.map", next.model.LatencyMapText()}}
+		for _, f := range next.model.L7MapFiles() {
+			p.files = append(p.files, file{f[0], f[1]})
+		}
 		return p
 	}
 	for _, f := range []struct{ name, data, old string }{
@@ -91,6 +94,14 @@ func planApply(running bool, prev, next appliedState) plan {
 	} {
 		if f.data != f.old {
 			p.files = append(p.files, file{f.name, f.data})
+		}
+	}
+	// The native L7 maps, for the next worker (a reload) or a restart;
+	// the running one gets them through the runtime API below.
+	oldL7 := prev.model.L7MapFiles()
+	for i, f := range next.model.L7MapFiles() {
+		if i >= len(oldL7) || oldL7[i][1] != f[1] {
+			p.files = append(p.files, file{f[0], f[1]})
 		}
 	}
 	switch {
@@ -140,6 +151,7 @@ func planApply(running bool, prev, next appliedState) plan {
 		// The rate limits' numbers: the same tables (same shape), so the
 		// counters are kept.
 		p.runtime = append(p.runtime, mapCommands(next.model.RateLimitMapFile, prev.model.RateLimitMap(), next.model.RateLimitMap())...)
+		p.runtime = append(p.runtime, l7MapCommands(prev.model, next.model)...)
 	}
 	if p.method == "" && len(p.runtime) > 0 {
 		p.method = methodRuntime

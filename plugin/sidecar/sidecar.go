@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -62,6 +63,12 @@ type Config struct {
 	AccessLog   bool
 	StaleWindow time.Duration // embedded SPOA (default 5m)
 	TTL         time.Duration // embedded SPOA's ttl_ms (default 1s)
+	// SPOAOnlyL7 turns native L7 matching off: every request of a caller
+	// whose intention has HTTP permissions is sent to the SPOA. On (the
+	// default, with the embedded SPOA, an HTTP/1.1 listener and
+	// AdminBind), HAProxy matches the permissions that test only methods
+	// and exact or prefix paths itself (plugin/render/l7native.go).
+	SPOAOnlyL7 bool
 	// StopGrace is how long HAProxy may take to finish its connections on
 	// shutdown (default 10s).
 	StopGrace time.Duration
@@ -171,6 +178,17 @@ func New(cfg Config) (*Sidecar, error) {
 	s.resolver = dnsresolve.New(dnsresolve.Config{Lookuper: lookup, Logger: cfg.Logger.Named("dns"),
 		OnChange: func() { s.update(func() {}) }, Registerer: cfg.Registerer})
 	return s, nil
+}
+
+// setL7Sets records the destination's native L7 sets, and wakes the apply
+// loop when they changed.
+func (s *Sidecar) setL7Sets(sets []*authz.NativeSet) {
+	s.mu.Lock()
+	same := render.SameL7Sets(s.l7Sets, sets)
+	s.mu.Unlock()
+	if !same {
+		s.update(func() { s.l7Sets = sets })
+	}
 }
 
 func (s *Sidecar) path(name string) string { return filepath.Join(s.cfg.Dir, name) }
@@ -317,13 +335,29 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 			Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
 		},
 	}
+	native := !external && !s.cfg.SPOAOnlyL7
+	var authorizer atomic.Pointer[authz.Authorizer]
+	if native {
+		// The native L7 sets follow every change the authorizer reports
+		// (intentions, protocol, Consul going stale): the apply loop loads
+		// them into HAProxy's maps.
+		cfg.OnChange = func(destination string) {
+			if a := authorizer.Load(); a != nil && destination == service {
+				s.setL7Sets(a.NativeSets(service))
+			}
+		}
+	}
 	if !external {
 		cfg.Server = &spoa.Config{Destination: service, TTL: s.cfg.TTL,
-			Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer}
+			Logger: s.log.Named("spoa"), Registerer: s.cfg.Registerer, NativeL7: native}
 	}
 	agent, err := spoa.NewAgent(cfg)
 	if err != nil {
 		return "", nil, err
+	}
+	authorizer.Store(agent.Authorizer)
+	if native {
+		s.update(func() { s.l7Native = true })
 	}
 	sctx, cancel := context.WithCancel(ctx)
 	agent.Start(sctx)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/haconnect/haconnect/internal/consulwatch"
 	"github.com/haconnect/haconnect/plugin/chain"
+	"github.com/haconnect/haconnect/spoa/authz"
 )
 
 // watched is what the watches fill and the apply loop reads, a snapshot at
@@ -22,6 +23,10 @@ type watched struct {
 	regErr error
 	leaf   *api.LeafCert
 	roots  *api.CARootList
+	// l7Native: the embedded SPOA answers native L7 sets, and l7Sets are
+	// the destination's (authz.Authorizer.NativeSets).
+	l7Native bool
+	l7Sets   []*authz.NativeSet
 	// endpoints are the instances of each upstream (by key), from its
 	// watch's first answer on: a key that is absent is not loaded yet.
 	// Each slice is replaced whole, never changed in place.
@@ -117,6 +122,8 @@ type snapshot struct {
 	regErr    error
 	leaf      *api.LeafCert
 	roots     *api.CARootList
+	l7Native  bool
+	l7Sets    []*authz.NativeSet
 	endpoints map[string][]endpoint
 	// chains are the upstreams' chain answers (absent: not read, served
 	// as the default chain); targetEndpoints the instances of the targets
@@ -148,7 +155,7 @@ type unreadUpstream struct {
 func (w *watched) snapshot() snapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots,
+	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots, l7Native: w.l7Native, l7Sets: w.l7Sets,
 		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt, exposedChecks: w.exposedChecks,
 		chains: map[string]chainAnswer{}, targetEndpoints: map[string][]endpoint{}}
 	w.pendingAt = time.Time{}

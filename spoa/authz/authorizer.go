@@ -82,8 +82,8 @@ type Config struct {
 	// OnChange, if set, is called (from a watch goroutine: it must not
 	// block) after the rules of a destination changed and the cache was
 	// re-evaluated, when Consul has not answered for a destination past the
-	// stale window, and again while a Recheck of a destination could not
-	// decide. Holders of open connections use it to Recheck their callers.
+	// stale window (and when it answers again), and again while a Recheck
+	// of a destination could not decide. Holders of open connections use it to Recheck their callers.
 	OnChange func(destination string)
 }
 

@@ -198,3 +198,43 @@ func TestRecheckRetriesUntilItDecides(t *testing.T) {
 		return d != nil && d.Allow && d.Reason == authz.ReasonDefaultAllow
 	})
 }
+
+// TestNativeSetsWithdrawnPastStaleWindow: the native L7 sets HAProxy
+// matches without asking the SPOA are listed only while the intentions
+// are fresh. Past the stale window the list is empty (the sidecar
+// withdraws the sets from HAProxy's maps, so that every request asks the
+// SPOA, which denies it), and holders are told; when Consul answers again
+// they are back.
+func TestNativeSetsWithdrawnPastStaleWindow(t *testing.T) {
+	c := harness.StartConsul(t)
+	c.SetProtocol(t, "api", "http")
+	c.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{
+		{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin"}},
+	}})
+	filter := harness.NewConsulFilter(t, c)
+	var seen changes
+	window := 2 * time.Second
+	a := startWith(t, c, authz.Config{Consul: filter.Config(), StaleWindow: window, OnChange: seen.record}, "api")
+	harness.WaitFor(t, 5*time.Second, "the native set listed", func() bool { return len(a.NativeSets("api")) == 1 })
+	web := c.IssueLeaf(t, "web").TLS.Certificate[0]
+	if id, _ := a.Decide("api", web).NativeSetID(); id != a.NativeSets("api")[0].ID {
+		t.Fatalf("the caller's decision names set %q, want the listed one", id)
+	}
+
+	filter.Fail("/v1/connect/intentions", "", 500, "No cluster leader")
+	cut := time.Now()
+	before := seen.api.Load()
+	harness.WaitFor(t, 3*window, "the native sets withdrawn", func() bool { return len(a.NativeSets("api")) == 0 })
+	if since := time.Since(cut); since < window {
+		t.Fatalf("withdrawn %v after the cut, before the %v window ran out", since, window)
+	}
+	if d := a.Decide("api", web); d.Allow || d.Reason != authz.ReasonConsulStale {
+		t.Fatalf("the caller past the window: %s, want denied %s", d.Reason, authz.ReasonConsulStale)
+	}
+	harness.WaitFor(t, 2*time.Second, "holders told", func() bool { return seen.api.Load() > before })
+
+	told := seen.api.Load()
+	filter.Clear()
+	harness.WaitFor(t, 10*time.Second, "the native set back", func() bool { return len(a.NativeSets("api")) == 1 })
+	harness.WaitFor(t, 2*time.Second, "holders told it is back", func() bool { return seen.api.Load() > told })
+}

@@ -50,6 +50,9 @@ type Permissions struct {
 	// expression Go's RE2 refuses): every request of the intention's callers
 	// is then denied, since the permission's meaning is unknown.
 	invalid Reason
+	// native is the form HAProxy can match itself (nil: the SPOA decides
+	// each request), see native.go.
+	native  *NativeSet
 	noMatch [2]prometheus.Counter // [defaultAllow] requests no permission matched
 }
 
@@ -229,6 +232,7 @@ func compilePermissions(destination string, ixn *api.Intention, m *Metrics) *Per
 		r.counter = m.l7Counter(destination, source, strconv.Itoa(i+1), r.allow)
 		p.rules = append(p.rules, r)
 	}
+	p.native = compileNative(destination, source, p)
 	p.noMatch[0] = m.l7Counter(destination, source, "none", false)
 	p.noMatch[1] = m.l7Counter(destination, source, "none", true)
 	return p

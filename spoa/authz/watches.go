@@ -155,6 +155,7 @@ func (a *Authorizer) checkFreshness(t *destination, now time.Time) {
 		return
 	}
 	a.log.Info("consul answers about this destination's intentions again: serving decisions", "destination", t.name)
+	a.notify(t.name) // the native L7 sets are listed again
 }
 
 func (a *Authorizer) expireIdle(now time.Time) {
