@@ -15,12 +15,17 @@ import (
 // sidecar in one run. Only the caller differs between the scenarios:
 //
 //	l4          web: an L4 intention, decided once per connection
-//	l7          batch: permissions on method and path, checked per request
-//	l7+headers  fresh: a permission on a header too (HAProxy sends the
-//	            header block)
+//	l7          batch: permissions on method and path, matched per
+//	            request by HAProxy (native L7 matching)
+//	l7-spoa     batch again, through a second sidecar run with
+//	            -spoa-only-l7: each request is sent to its SPOA
+//	l7+headers  fresh: a permission on a header too (the SPOA decides:
+//	            HAProxy sends the header block)
 //
 // The CPU per request counts HAProxy (pinned alone to CPU 0) and the
-// sidecar process, whose embedded SPOA answers each L7 check.
+// sidecar process, whose embedded SPOA answers each L7 check. Both
+// sidecars run with telemetry (-admin-bind), which native matching
+// needs for its counts.
 func BenchmarkL7Check(b *testing.B) {
 	m := &mesh{consul: harness.StartConsul(b)}
 	m.consul.SetProtocol(b, "api", "http")
@@ -36,7 +41,10 @@ func BenchmarkL7Check(b *testing.B) {
 		&api.SourceIntention{Name: "fresh", Permissions: perms(api.IntentionHTTPPermission{PathPrefix: "/api/",
 			Header: []api.IntentionHTTPHeaderPermission{{Name: "x-tenant", Exact: "blue"}}})},
 	)
-	in := benchRegister(b, m, "api-l7", benchApp(b))
+	app := benchApp(b)
+	admin := func() string { return fmt.Sprintf("127.0.0.1:%d", harness.FreePort(b)) }
+	in := benchRegister(b, m, "api-l7", app, "-admin-bind", admin())
+	spoaIn := benchRegister(b, m, "api-l7-spoa", app, "-admin-bind", admin(), "-spoa-only-l7")
 	roots, _ := m.consul.RootsPEM(b)
 	addr := fmt.Sprintf("127.0.0.1:%d", in.port)
 	pids, sidecar := haproxyPids(b, in), []int{in.sidecar.Cmd.Process.Pid}
@@ -46,6 +54,8 @@ func BenchmarkL7Check(b *testing.B) {
 	scenarios := []*scenario{
 		{name: "l4", addr: addr, pids: pids, alsoCPU: sidecar, load: as("web")},
 		{name: "l7", addr: addr, pids: pids, alsoCPU: sidecar, load: as("batch")},
+		{name: "l7-spoa", addr: fmt.Sprintf("127.0.0.1:%d", spoaIn.port), pids: haproxyPids(b, spoaIn),
+			alsoCPU: []int{spoaIn.sidecar.Cmd.Process.Pid}, load: as("batch")},
 		{name: "l7+headers", addr: addr, pids: pids, alsoCPU: sidecar, load: as("fresh", "x-tenant: blue")},
 	}
 	measure(b, scenarios)

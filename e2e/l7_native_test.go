@@ -24,7 +24,9 @@ type l7Instance struct {
 
 // TestL7NativeMatchesSPOA runs one table of requests through two api
 // sidecars: one that matches the permissions natively in HAProxy (the
-// default) and one that sends every L7 request to its SPOA (-spoa-only-l7).
+// default; after a connection's first request, in local_app_l7, which has
+// no SPOE filter) and one that sends every L7 request to its SPOA
+// (-spoa-only-l7).
 // Both must give every request the answer Consul's semantics give it, and
 // count it under the same permission: the native sidecar in
 // haconnect_l7_requests_total, without asking its SPOA, the other in
@@ -42,7 +44,11 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 	var sidecars []*l7Instance
 	for _, native := range []bool{true, false} {
 		admin := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-		args := []string{"-admin-bind", admin}
+		// Decisions fresh for the whole test on the native sidecar: every
+		// request after a connection's first is matched in local_app_l7,
+		// and a change of intention can only reach an open connection
+		// through the maps.
+		args := []string{"-admin-bind", admin, "-ttl", "10m"}
 		name := "api-native"
 		if !native {
 			args, name = append(args, "-spoa-only-l7"), "api-spoa"
@@ -169,6 +175,8 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 				}
 				conns := map[string]*keepAlive{}
 				want := map[string]float64{}
+				l7Requests := map[string]int{} // by caller
+				served := backendRequests(t, s.in)
 				for _, c := range g.cases {
 					if conns[c.caller] == nil {
 						conns[c.caller] = dial(s, c.caller)
@@ -179,6 +187,18 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 					}
 					if c.permission != "" {
 						want[l7MetricKey(c)]++
+						l7Requests[c.caller]++
+					}
+				}
+				if natively {
+					// A connection's first request is checked in
+					// local_app_check; the others skip the SPOE filter.
+					wantL7 := 0
+					for _, n := range l7Requests {
+						wantL7 += n - 1
+					}
+					if got := backendRequests(t, s.in)["local_app_l7"] - served["local_app_l7"]; got != wantL7 {
+						t.Errorf("%s: local_app_l7 served %d requests, want %d", s.name, got, wantL7)
 					}
 				}
 				for _, c := range g.cases {

@@ -360,7 +360,7 @@ func (r report) featureTable() string {
 	// is scenario 10 against scenario 4, run by the sidecars.
 	plain, l7 := r.scenarios[3], r.scenarios[9]
 	d := pairedDiff(l7.cpu["keep-alive"], plain.cpu["keep-alive"])
-	fmt.Fprintf(&s, "| L7 check on (scenario 10 against 4: an intention with HTTP permissions, each request sent to the SPOA) | %.0f | %.1f us | %+.1f us | %.0f%% of 4's CPU | %.2f | - | - |\n\n",
+	fmt.Fprintf(&s, "| L7 check on (scenario 10 against 4: an intention with HTTP permissions, each request matched natively) | %.0f | %.1f us | %+.1f us | %.0f%% of 4's CPU | %.2f | - | - |\n\n",
 		medianRPS(l7.rounds["keep-alive"]), median(l7.cpu["keep-alive"]), d, 100*d/median(plain.cpu["keep-alive"]), median(l7.busy["keep-alive"]))
 	return s.String()
 }

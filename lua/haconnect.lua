@@ -30,9 +30,10 @@
 --   changed): they are added up.
 -- haconnect_denied: key "source|destination|reason", gpc0 = count.
 -- HACONNECT_L7_TABLE (native L7 matching, plugin/render/l7native.go; "-":
---   off): key "source|destination|permission|result", the intention's
---   source, the permission's number or "none", allow or deny; gpc0 = the
---   requests HAProxy decided so.
+--   off): key "source|destination|code", the intention's source and the
+--   decision's code: the permission's number times two, plus one for
+--   allow; 0 and 1 when no permission matched (the default policy denied,
+--   allowed). gpc0 = the requests HAProxy decided so.
 -- HACONNECT_SUM_TABLE (thread sums; "-" when the bits above are used): key
 --   "thread|bucket|source|destination", gpc0 = answers in the latency
 --   bucket (0-based; past the last: +Inf only), the sum of their latencies
@@ -259,9 +260,17 @@ local function render()
     b[#b + 1] = "# HELP haconnect_l7_requests_total HTTP requests decided by an intention's permissions in HAProxy (native matching), by destination, intention source, permission (1-based index, or none: the default policy decided) and result. The SPOA counts the others in haconnect_spoa_l7_requests_total."
     b[#b + 1] = "# TYPE haconnect_l7_requests_total counter"
     for _, e in ipairs(entries(l7Text)) do
-      local source, destination, permission, result = string.match(e.key, "^([^|]*)|([^|]*)|([^|]*)|(.*)$")
-      if source then
-        b[#b + 1] = string.format('haconnect_l7_requests_total{%s,permission="%s",result="%s"} %d', labels(source, destination), label(permission), label(result), e.gpc[0] or 0)
+      local source, destination, code = string.match(e.key, "^([^|]*)|([^|]*)|(%d+)$")
+      code = tonumber(code)
+      if code then
+        local permission, result = "none", "deny"
+        if code >= 2 then
+          permission = tostring(code // 2)
+        end
+        if code % 2 == 1 then
+          result = "allow"
+        end
+        b[#b + 1] = string.format('haconnect_l7_requests_total{%s,permission="%s",result="%s"} %d', labels(source, destination), permission, result, e.gpc[0] or 0)
       end
     end
   end

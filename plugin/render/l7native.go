@@ -1,9 +1,9 @@
 package render
 
 import (
-	"fmt"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/haconnect/haconnect/spoa/authz"
@@ -12,31 +12,38 @@ import (
 // Native L7 matching. A caller whose intention carries HTTP permissions
 // that test only methods and exact or prefix paths (authz.NativeSet) is
 // answered l7 = 3 or 4 by the SPOA, with its set's name (l7set); each of
-// its requests is then decided by four map lookups instead of a SPOE round
-// trip (about 20 us a request here). The maps, keyed by the set's name:
+// its requests is then decided by map lookups instead of a SPOE round trip
+// (about 20 us a request here). Once its decision is fresh, a request goes
+// to local_app_l7, which has no SPOE filter. The maps:
 //
-//   - l7_sets.map: "<set>" -> the intention's source. A set is usable only
-//     once this entry is in; it is added after the set's other entries and
-//     removed before them, so that a request never sees half a set. A set
-//     missing here (not loaded yet, withdrawn because the intention changed
-//     or Consul went stale) sends the request to the SPOA, which decides
-//     with the same permissions.
+//   - l7_sets.map: "<set>|<method>" -> the intention's source, for each
+//     method a permission of the set names, and "<set>|*" for any other.
+//     A request's method is looked up first, "*" otherwise: the method
+//     part of the keys below. A set is usable only while "<set>|*" is in;
+//     it is added after the set's other entries and removed before them,
+//     so that a request never sees half a set. A request whose set is
+//     missing (not loaded yet, withdrawn because the intention changed or
+//     Consul went stale) is sent to the SPOA, which decides with the same
+//     permissions.
 //   - l7_exact.map (map_str): "<set>|<method>:<path>" -> code, for exact
-//     paths; the method is empty for a permission that tests none.
+//     paths.
 //   - l7_prefix.map (map_beg): "<set>|<method>:<prefix>" -> code, for
 //     prefixes (an empty prefix for a permission with no path).
 //
-// A code is the permission's number times two, plus one for allow: the
-// smallest code found decides, as the first permission that matches does
-// in Consul. Each prefix entry carries the smallest code of the prefixes
-// it extends (a prefix of a path matches any longer one, so both match
-// the same paths), so the answer is the same whether HAProxy returns the
-// longest matching prefix or the first one listed.
+// A permission that names no method is listed under every method of the
+// set and under "*". A code is the permission's number times two, plus
+// one for allow: the smaller code of the two lookups decides, as the first
+// permission that matches does in Consul. Each prefix entry carries the
+// smallest code of the prefixes it extends (a prefix of a path matches
+// any longer one, so both match the same paths): the answer is the same
+// whether HAProxy returns the longest matching prefix or the first one
+// listed. No match: the default policy, code 0 (deny, l7 = 3) or 1
+// (allow, l7 = 4).
 //
 // Requests decided so are counted in the haconnect_l7 table by
-// "<source>|<destination>|<permission or none>|<allow or deny>" (sc2: an HTTP/1.1
-// listener uses it only for upgraded streams, which never take this path),
-// which the scraper exports as haconnect_l7_requests_total.
+// "<source>|<destination>|<code>" (sc2: an HTTP/1.1 listener uses it
+// only for upgraded streams, which never take this path), which the
+// scraper exports as haconnect_l7_requests_total.
 
 // L7 map file names, in Model.L7MapDir.
 const (
@@ -49,6 +56,10 @@ const (
 
 // L7CountTable names the table counting the requests decided natively.
 func (m *Model) L7CountTable() string { return l7CountTable }
+
+// L7Backend is the inbound backend of the requests matched natively once
+// their caller's decision is fresh.
+func (m *Model) L7Backend() string { return "local_app_l7" }
 
 // L7Native reports whether the configuration matches native L7 sets:
 // L7MapDir set, an HTTP/1.1 inbound listener (h2 and gRPC listeners use
@@ -74,23 +85,36 @@ func (m *Model) L7Maps() L7Maps {
 		return out
 	}
 	for _, set := range m.L7Sets {
-		out.Sets = append(out.Sets, MapEntry{set.ID, set.Source})
-		exact, prefix := nativeEntries(set)
+		sets, exact, prefix := nativeEntries(set)
+		out.Sets = append(out.Sets, sets...)
 		out.Exact = append(out.Exact, exact...)
 		out.Prefix = append(out.Prefix, prefix...)
 	}
 	return out
 }
 
-// nativeEntries are one set's exact and prefix entries.
-func nativeEntries(set *authz.NativeSet) (exact, prefix []MapEntry) {
+// anyMethod is the method part of the keys for a method no permission of
+// the set names.
+const anyMethod = "*"
+
+// nativeEntries are one set's entries in the three maps; its "*" entry in
+// the sets map comes last.
+func nativeEntries(set *authz.NativeSet) (sets, exact, prefix []MapEntry) {
 	type pfx struct {
 		value string
 		code  int
 	}
+	var methods []string // the methods named, in order of appearance
+	for _, r := range set.Rules {
+		for _, meth := range r.Methods {
+			if !slices.Contains(methods, meth) {
+				methods = append(methods, meth)
+			}
+		}
+	}
+	spaces := append(slices.Clone(methods), anyMethod)
 	exactSeen := map[string]bool{}
-	prefixes := map[string][]pfx{} // by method ("": any)
-	var methods []string           // in order of appearance
+	prefixes := map[string][]pfx{} // by method space
 	for _, r := range set.Rules {
 		code := r.Permission * 2
 		if r.Allow {
@@ -98,25 +122,21 @@ func nativeEntries(set *authz.NativeSet) (exact, prefix []MapEntry) {
 		}
 		ms := r.Methods
 		if len(ms) == 0 {
-			ms = []string{""}
+			ms = spaces
 		}
 		for _, meth := range ms {
-			key := set.ID + "|" + meth + ":" + r.Path.Value
-			switch r.Path.Kind {
-			case authz.NativeExactPath:
+			if r.Path.Kind == authz.NativeExactPath {
+				key := set.ID + "|" + meth + ":" + r.Path.Value
 				if !exactSeen[key] { // the first permission wins
 					exactSeen[key] = true
-					exact = append(exact, MapEntry{key, fmt.Sprint(code)})
+					exact = append(exact, MapEntry{key, strconv.Itoa(code)})
 				}
-			default: // any path: the empty prefix
-				if _, ok := prefixes[meth]; !ok {
-					methods = append(methods, meth)
-				}
-				prefixes[meth] = append(prefixes[meth], pfx{r.Path.Value, code})
+				continue
 			}
+			prefixes[meth] = append(prefixes[meth], pfx{r.Path.Value, code}) // any path: ""
 		}
 	}
-	for _, meth := range methods {
+	for _, meth := range spaces {
 		list := prefixes[meth]
 		seen := map[string]bool{}
 		for _, p := range list {
@@ -130,11 +150,18 @@ func nativeEntries(set *authz.NativeSet) (exact, prefix []MapEntry) {
 					best = min(best, q.code)
 				}
 			}
-			prefix = append(prefix, MapEntry{set.ID + "|" + meth + ":" + p.value, fmt.Sprint(best)})
+			prefix = append(prefix, MapEntry{set.ID + "|" + meth + ":" + p.value, strconv.Itoa(best)})
 		}
 	}
-	return exact, prefix
+	for _, meth := range spaces {
+		sets = append(sets, MapEntry{set.ID + "|" + meth, set.Source})
+	}
+	return sets, exact, prefix
 }
+
+// IsL7SetGate reports whether a sets map entry is a set's "*" entry, which
+// makes the set usable: added last, removed first.
+func IsL7SetGate(e MapEntry) bool { return strings.HasSuffix(e.Key, "|"+anyMethod) }
 
 // MapText renders entries as a map file.
 func MapText(entries []MapEntry) string {

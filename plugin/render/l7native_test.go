@@ -19,19 +19,22 @@ func sampleNativeSet() *authz.NativeSet {
 
 // TestNativeEntries checks the maps' entries of a set: exact paths by
 // method, prefixes carrying the smallest code of the prefixes they extend
-// (so that /api/public, listed after /api/, still gets /api/'s deny, as
+// (so that /api/public, listed after /api/, still gets /api/'s code, as
 // the first matching permission decides), the empty prefix of a
-// permission with no path, and the set's entry.
+// permission with no path, and the sets map's entries, its gate last.
 func TestNativeEntries(t *testing.T) {
 	m := &Model{L7MapDir: "/x", AdminBind: "127.0.0.1:1", Inbound: Inbound{Protocol: ProtocolHTTP}, L7Sets: []*authz.NativeSet{sampleNativeSet()}}
 	got := m.L7Maps()
 	id := "0123456789abcdef|"
 	want := L7Maps{
-		Sets:  []MapEntry{{"0123456789abcdef", "web"}},
-		Exact: []MapEntry{{id + ":/admin", "2"}},
+		// The set's methods, then its gate.
+		Sets: []MapEntry{{id + "GET", "web"}, {id + "HEAD", "web"}, {id + "*", "web"}},
+		// A permission with no method, under each method and "*".
+		Exact: []MapEntry{{id + "GET:/admin", "2"}, {id + "HEAD:/admin", "2"}, {id + "*:/admin", "2"}},
 		Prefix: []MapEntry{
-			{id + "GET:/api/", "5"}, {id + "GET:", "11"}, {id + "HEAD:/api/", "5"},
-			{id + ":/api/", "6"}, {id + ":/api/public", "6"},
+			{id + "GET:/api/", "5"}, {id + "GET:/api/public", "5"}, {id + "GET:", "11"},
+			{id + "HEAD:/api/", "5"}, {id + "HEAD:/api/public", "5"},
+			{id + "*:/api/", "6"}, {id + "*:/api/public", "6"},
 		},
 	}
 	if !slices.Equal(got.Sets, want.Sets) || !slices.Equal(got.Exact, want.Exact) || !slices.Equal(got.Prefix, want.Prefix) {

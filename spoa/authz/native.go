@@ -82,9 +82,10 @@ func compileNative(destination, source string, p *Permissions) *NativeSet {
 			return nil
 		}
 		// A method or path HAProxy's map keys cannot carry (a key ends at
-		// white space; ':' separates the method from the path) stays
-		// with the SPOA.
-		if !nativeSafe(nr.Path.Value) || slices.ContainsFunc(nr.Methods, func(m string) bool { return m == "" || !nativeSafe(m) || strings.Contains(m, ":") }) {
+		// white space; '|' and ':' separate the parts of a key, "*"
+		// stands for the methods the set does not name) stays with the
+		// SPOA.
+		if !nativeSafe(nr.Path.Value) || slices.ContainsFunc(nr.Methods, func(m string) bool { return m == "" || m == "*" || !nativeSafe(m) || strings.ContainsAny(m, ":|") }) {
 			return nil
 		}
 		fmt.Fprintf(h, " %d %t %q %d %q", nr.Permission, nr.Allow, nr.Methods, nr.Path.Kind, nr.Path.Value)
