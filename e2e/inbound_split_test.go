@@ -16,7 +16,7 @@ import (
 
 // backendRequests reads how many streams (requests, in HTTP) each of in's
 // backends has served, from `show stat` (stot).
-func backendRequests(t *testing.T, in *instance) map[string]int {
+func backendRequests(t testing.TB, in *instance) map[string]int {
 	t.Helper()
 	out := map[string]int{}
 	for _, line := range strings.Split(in.admin(t, "show stat -1 2 -1"), "\n") {

@@ -59,5 +59,8 @@ func BenchmarkL7Check(b *testing.B) {
 		{name: "l7+headers", addr: addr, pids: pids, alsoCPU: sidecar, load: as("fresh", "x-tenant: blue")},
 	}
 	measure(b, scenarios)
+	if got := backendRequests(b, in)["local_app_l7"]; got == 0 {
+		b.Fatal("the l7 scenario's requests were not matched natively (local_app_l7 served none)")
+	}
 	reportRatios(b, scenarios, scenarios[0])
 }

@@ -42,6 +42,9 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 		leaves[svc] = m.consul.IssueLeaf(t, svc)
 	}
 	var sidecars []*l7Instance
+	// The first group's intentions are in before the sidecars start: its
+	// set must be loaded from the first answer, with no change after.
+	m.consul.SetIntentions(t, "api", l7NativeGroups()[0].sources...)
 	for _, native := range []bool{true, false} {
 		admin := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
 		// Decisions fresh for the whole test on the native sidecar: every
@@ -73,83 +76,12 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 		return 0
 	}
 
-	groups := []struct {
-		name    string
-		sources []*api.SourceIntention
-		cases   []l7Case
-		native  bool // every permission can be matched natively
-	}{{
-		name:   "methods, exact paths and prefixes",
-		native: true,
-		sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
-			/* 1 */ httpPerm(deny, api.IntentionHTTPPermission{PathExact: "/admin"}),
-			/* 2 */ httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/api/", Methods: []string{"GET", "HEAD"}}),
-			/* 3 */ httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/api/"}),
-			/* 4 */ httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/api/public"}),
-			/* 5 */ httpPerm(allow, api.IntentionHTTPPermission{PathExact: "/upload", Methods: []string{"POST"}}),
-			/* 6 */ httpPerm(deny, api.IntentionHTTPPermission{PathExact: "/upload"}),
-			/* 7 */ httpPerm(allow, api.IntentionHTTPPermission{Methods: []string{"GET"}}),
-			/* 8 */ httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/x"}),
-		}}},
-		cases: []l7Case{
-			{caller: "web", method: "GET", path: "/admin", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/admin?debug=1", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "//admin", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/api/../admin", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "POST", path: "/%61dmin", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/admin/", permission: "7"},
-			{caller: "web", method: "POST", path: "/admin/", permission: "none"},
-			{caller: "web", method: "GET", path: "/api/users", permission: "2"},
-			{caller: "web", method: "HEAD", path: "/api/users", permission: "2"},
-			{caller: "web", method: "DELETE", path: "/api/users", reason: "l7_permission_deny", permission: "3"},
-			// /api/public is listed after /api/, which decides first.
-			{caller: "web", method: "POST", path: "/api/public/x", reason: "l7_permission_deny", permission: "3"},
-			{caller: "web", method: "GET", path: "/api/public", permission: "2"},
-			{caller: "web", method: "POST", path: "/api", permission: "none"},
-			{caller: "web", method: "POST", path: "/upload", permission: "5"},
-			{caller: "web", method: "PUT", path: "/upload", reason: "l7_permission_deny", permission: "6"},
-			{caller: "web", method: "GET", path: "/upload", reason: "l7_permission_deny", permission: "6"},
-			{caller: "web", method: "POST", path: "/upload/", permission: "none"},
-			{caller: "web", method: "GET", path: "/API/users", permission: "7"},
-			{caller: "web", method: "PATCH", path: "/xyz", reason: "l7_permission_deny", permission: "8"},
-			{caller: "web", method: "GET", path: "/xyz", permission: "7"},
-			{caller: "web", method: "PURGE", path: "/elsewhere", permission: "none"},
-			{caller: "web", method: "PURGE", path: "/x", reason: "l7_permission_deny", permission: "8"},
-			{caller: "batch", method: "DELETE", path: "/admin"},
-		},
-	}, {
-		name:   "a wildcard source with permissions; an exact L4 source beats it",
-		native: true,
-		sources: []*api.SourceIntention{
-			{Name: "*", Permissions: []*api.IntentionPermission{
-				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/secret"}),
-				httpPerm(allow, api.IntentionHTTPPermission{Methods: []string{"GET"}}),
-				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/"}),
-			}},
-			{Name: "web", Action: allow},
-		},
-		cases: []l7Case{
-			{caller: "fresh", method: "GET", path: "/secret/x", reason: "l7_permission_deny", permission: "1"},
-			{caller: "fresh", method: "GET", path: "/x", permission: "2"},
-			{caller: "fresh", method: "PUT", path: "/x", reason: "l7_permission_deny", permission: "3"},
-			{caller: "batch", method: "GET", path: "/secret", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/secret/x"},
-		},
-	}, {
-		name: "a header test: the SPOA decides in both",
-		sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
-			httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/h/", Header: header("x-env", func(h *api.IntentionHTTPHeaderPermission) { h.Exact = "prod" })}),
-			httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/"}),
-		}}},
-		cases: []l7Case{
-			{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: prod"}, reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: dev"}, permission: "2"},
-		},
-	}}
-
-	for _, g := range groups {
+	groups := l7NativeGroups()
+	for i, g := range groups {
 		t.Run(g.name, func(t *testing.T) {
-			m.consul.SetIntentions(t, "api", g.sources...)
+			if i > 0 { // the first group's are in since the start
+				m.consul.SetIntentions(t, "api", g.sources...)
+			}
 			first := g.cases[0]
 			for _, s := range sidecars {
 				// The new intentions are in, and on the native sidecar
@@ -261,4 +193,84 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 			t.Errorf("GET /other was not decided natively after the changes (count %v -> %v)", before, after)
 		}
 	})
+}
+
+// l7Group is intentions for api and requests against them.
+type l7Group struct {
+	name    string
+	sources []*api.SourceIntention
+	cases   []l7Case
+	native  bool // every permission can be matched natively
+}
+
+// l7NativeGroups is TestL7NativeMatchesSPOA's table.
+func l7NativeGroups() []l7Group {
+	return []l7Group{{
+		name:   "methods, exact paths and prefixes",
+		native: true,
+		sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
+			/* 1 */ httpPerm(deny, api.IntentionHTTPPermission{PathExact: "/admin"}),
+			/* 2 */ httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/api/", Methods: []string{"GET", "HEAD"}}),
+			/* 3 */ httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/api/"}),
+			/* 4 */ httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/api/public"}),
+			/* 5 */ httpPerm(allow, api.IntentionHTTPPermission{PathExact: "/upload", Methods: []string{"POST"}}),
+			/* 6 */ httpPerm(deny, api.IntentionHTTPPermission{PathExact: "/upload"}),
+			/* 7 */ httpPerm(allow, api.IntentionHTTPPermission{Methods: []string{"GET"}}),
+			/* 8 */ httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/x"}),
+		}}},
+		cases: []l7Case{
+			{caller: "web", method: "GET", path: "/admin", reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "GET", path: "/admin?debug=1", reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "GET", path: "//admin", reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "GET", path: "/api/../admin", reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "POST", path: "/%61dmin", reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "GET", path: "/admin/", permission: "7"},
+			{caller: "web", method: "POST", path: "/admin/", permission: "none"},
+			{caller: "web", method: "GET", path: "/api/users", permission: "2"},
+			{caller: "web", method: "HEAD", path: "/api/users", permission: "2"},
+			{caller: "web", method: "DELETE", path: "/api/users", reason: "l7_permission_deny", permission: "3"},
+			// /api/public is listed after /api/, which decides first.
+			{caller: "web", method: "POST", path: "/api/public/x", reason: "l7_permission_deny", permission: "3"},
+			{caller: "web", method: "GET", path: "/api/public", permission: "2"},
+			{caller: "web", method: "POST", path: "/api", permission: "none"},
+			{caller: "web", method: "POST", path: "/upload", permission: "5"},
+			{caller: "web", method: "PUT", path: "/upload", reason: "l7_permission_deny", permission: "6"},
+			{caller: "web", method: "GET", path: "/upload", reason: "l7_permission_deny", permission: "6"},
+			{caller: "web", method: "POST", path: "/upload/", permission: "none"},
+			{caller: "web", method: "GET", path: "/API/users", permission: "7"},
+			{caller: "web", method: "PATCH", path: "/xyz", reason: "l7_permission_deny", permission: "8"},
+			{caller: "web", method: "GET", path: "/xyz", permission: "7"},
+			{caller: "web", method: "PURGE", path: "/elsewhere", permission: "none"},
+			{caller: "web", method: "PURGE", path: "/x", reason: "l7_permission_deny", permission: "8"},
+			{caller: "batch", method: "DELETE", path: "/admin"},
+		},
+	}, {
+		name:   "a wildcard source with permissions; an exact L4 source beats it",
+		native: true,
+		sources: []*api.SourceIntention{
+			{Name: "*", Permissions: []*api.IntentionPermission{
+				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/secret"}),
+				httpPerm(allow, api.IntentionHTTPPermission{Methods: []string{"GET"}}),
+				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/"}),
+			}},
+			{Name: "web", Action: allow},
+		},
+		cases: []l7Case{
+			{caller: "fresh", method: "GET", path: "/secret/x", reason: "l7_permission_deny", permission: "1"},
+			{caller: "fresh", method: "GET", path: "/x", permission: "2"},
+			{caller: "fresh", method: "PUT", path: "/x", reason: "l7_permission_deny", permission: "3"},
+			{caller: "batch", method: "GET", path: "/secret", reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "GET", path: "/secret/x"},
+		},
+	}, {
+		name: "a header test: the SPOA decides in both",
+		sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
+			httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/h/", Header: header("x-env", func(h *api.IntentionHTTPHeaderPermission) { h.Exact = "prod" })}),
+			httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/"}),
+		}}},
+		cases: []l7Case{
+			{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: prod"}, reason: "l7_permission_deny", permission: "1"},
+			{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: dev"}, permission: "2"},
+		},
+	}}
 }

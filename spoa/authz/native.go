@@ -108,15 +108,21 @@ func nativeSafe(s string) bool {
 }
 
 // NativeSets lists the native sets of destination's current intentions, in
-// the intentions' order. It lists none while the intentions are not loaded
-// or past the stale window: every request then goes to the SPOA, which
+// the intentions' order. It lists none before the intentions are loaded
+// and past the stale window: every request then goes to the SPOA, which
 // denies it for the same reason. OnChange reports every change of the
 // list.
 func (a *Authorizer) NativeSets(destination string) []*NativeSet {
 	a.mu.RLock()
 	t := a.destinations[destination]
 	a.mu.RUnlock()
-	if t == nil || !a.fresh(t, time.Now()) {
+	if t == nil {
+		return nil
+	}
+	// An answer counts from when its apply returns: during the first
+	// one's (which reports this change), the status is not loaded yet,
+	// and the rules hold nothing older than that answer.
+	if t.intentions.IsLoaded() && !a.fresh(t, time.Now()) {
 		return nil
 	}
 	t.mu.RLock()
