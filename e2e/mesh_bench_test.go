@@ -363,8 +363,9 @@ func BenchmarkMesh(b *testing.B) {
 		code, _, err := l7webIn.callPath("l7api", "/admin")
 		return err == nil && code == http.StatusForbidden
 	})
-	// ... natively, in HAProxy: the denial is counted in its table.
-	if tbl := l7apiIn.admin(b, "show table haconnect_l7"); !strings.Contains(tbl, "key=l7web|l7api|1|deny") {
+	// ... natively, in HAProxy: the denial (permission 1, code 2) is
+	// counted in its table.
+	if tbl := l7apiIn.admin(b, "show table haconnect_l7"); !strings.Contains(tbl, "key=l7web|l7api|2 ") {
 		b.Fatalf("scenario 10's requests are not matched natively: haconnect_l7 holds\n%s", tbl)
 	}
 	for _, sc := range append(append(append([]*meshScenario{}, scenarios...), features...), parts...) {
