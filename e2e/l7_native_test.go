@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -191,6 +192,36 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 		}
 		if after := count(native, "haconnect_l7_requests_total", l7Case{caller: "web", permission: "2"}); after != before+1 {
 			t.Errorf("GET /other was not decided natively after the changes (count %v -> %v)", before, after)
+		}
+	})
+
+	t.Run("a new worker loads the current sets from their files", func(t *testing.T) {
+		// The sets changed through the runtime API only; a reload's
+		// worker reads the map files, which must hold them too.
+		native := sidecars[0]
+		m.consul.SetIntentions(t, "api", &api.SourceIntention{Name: "web", Permissions: []*api.IntentionPermission{
+			httpPerm(deny, api.IntentionHTTPPermission{PathExact: "/reloaded", Methods: []string{"GET"}}),
+		}})
+		reloaded := l7Case{caller: "web", method: "GET", path: "/reloaded", reason: "l7_permission_deny", permission: "1"}
+		harness.WaitFor(t, 5*time.Second, "the new set loaded", func() bool {
+			was := count(native, "haconnect_l7_requests_total", reloaded)
+			code, body := dial(native, "web").do(t, "GET", "/reloaded")
+			return matchesCase(code, body, reloaded) && count(native, "haconnect_l7_requests_total", reloaded) > was
+		})
+		worker := workerPid(t, native.in.dir)
+		if err := syscall.Kill(parentOf(t, worker), syscall.SIGUSR2); err != nil {
+			t.Fatal(err)
+		}
+		harness.WaitFor(t, 10*time.Second, "a new worker", func() bool { return workerPid(t, native.in.dir) != worker })
+		// The new worker's counters start at zero.
+		k := dial(native, "web")
+		for i := 1; i <= 3; i++ {
+			if code, body := k.do(t, "GET", "/reloaded"); !matchesCase(code, body, reloaded) {
+				t.Fatalf("request %d after the reload: %d %q, want denied by permission 1", i, code, body)
+			}
+		}
+		if got := count(native, "haconnect_l7_requests_total", reloaded); got != 3 {
+			t.Errorf("the new worker decided %v of 3 requests natively", got)
 		}
 	})
 }
