@@ -13,18 +13,21 @@ import (
 // that test only methods and exact or prefix paths (authz.NativeSet) is
 // answered l7 = 3 or 4 by the SPOA, with its set's name (l7set); each of
 // its requests is then decided by map lookups instead of a SPOE round trip
-// (about 20 us a request here). Once its decision is fresh, a request goes
-// to local_app_l7, which has no SPOE filter. The maps:
+// (about 20 us a request here). Once its decision is fresh, a request whose
+// set's gate is in goes to local_app_l7, which has no SPOE filter. The
+// maps:
 //
 //   - l7_sets.map: "<set>|<method>" -> the intention's source, for each
 //     method a permission of the set names, and "<set>|*" for any other.
 //     A request's method is looked up first, "*" otherwise: the method
-//     part of the keys below. A set is usable only while "<set>|*" is in;
-//     it is added after the set's other entries and removed before them,
-//     so that a request never sees half a set. A request whose set is
-//     missing (not loaded yet, withdrawn because the intention changed or
-//     Consul went stale) is sent to the SPOA, which decides with the same
-//     permissions.
+//     part of the keys below. The set's entries here are added after its
+//     other entries ("<set>|*", the gate, last) and removed before them
+//     (the gate first), and the entry a request found its set by is looked
+//     up again after its lookups: still in, they saw the whole set. A
+//     request whose set is missing (not loaded yet, withdrawn because the
+//     intention changed or Consul went stale) is sent to the SPOA, which
+//     decides with the same permissions, or denied in local_app_l7, which
+//     has no SPOA to ask (a change racing the request on another thread).
 //   - l7_exact.map (map_str): "<set>|<method>:<path>" -> code, for exact
 //     paths.
 //   - l7_prefix.map (map_beg): "<set>|<method>:<prefix>" -> code, for
