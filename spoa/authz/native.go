@@ -97,10 +97,11 @@ func compileNative(destination, source string, p *Permissions) *NativeSet {
 
 // nativeSafe reports whether s can be part of a map key: no white space,
 // no control character and nothing outside ASCII (HAProxy's map files and
-// runtime API split on white space and read escapes).
+// runtime API split on white space and read escapes), no ';' (the runtime
+// API's command separator) and no '#' (a comment in a map file).
 func nativeSafe(s string) bool {
 	for i := 0; i < len(s); i++ {
-		if c := s[i]; c <= ' ' || c >= 0x7f || c == '\\' || c == '#' {
+		if c := s[i]; c <= ' ' || c >= 0x7f || c == '\\' || c == '#' || c == ';' {
 			return false
 		}
 	}

@@ -53,6 +53,7 @@ func TestCompileNative(t *testing.T) {
 		"regex":          perm(api.IntentionHTTPPermission{PathRegex: "/a.*"}),
 		"jwt":            jwt,
 		"space in path":  perm(api.IntentionHTTPPermission{PathPrefix: "/a b"}),
+		"; in path":      perm(api.IntentionHTTPPermission{PathExact: "/a;show info"}),
 		"colon, method":  perm(api.IntentionHTTPPermission{Methods: []string{"GET:"}}),
 		"invalid regexp": perm(api.IntentionHTTPPermission{PathRegex: "("}),
 	} {
