@@ -275,7 +275,25 @@ func l7NativeGroups() []l7Group {
 			{caller: "web", method: "PURGE", path: "/x", reason: "l7_permission_deny", permission: "8"},
 			{caller: "batch", method: "DELETE", path: "/admin"},
 		},
-	}, {
+	},
+		wildcardL7Group(),
+		{}, {
+			name: "a header test: the SPOA decides in both",
+			sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
+				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/h/", Header: header("x-env", func(h *api.IntentionHTTPHeaderPermission) { h.Exact = "prod" })}),
+				httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/"}),
+			}}},
+			cases: []l7Case{
+				{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: prod"}, reason: "l7_permission_deny", permission: "1"},
+				{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: dev"}, permission: "2"},
+			},
+		}}
+}
+
+// wildcardL7Group: a wildcard source with permissions, which an exact L4
+// source beats (TestL7Intentions, TestL7NativeMatchesSPOA).
+func wildcardL7Group() l7Group {
+	return l7Group{
 		name:   "a wildcard source with permissions; an exact L4 source beats it",
 		native: true,
 		sources: []*api.SourceIntention{
@@ -293,15 +311,5 @@ func l7NativeGroups() []l7Group {
 			{caller: "batch", method: "GET", path: "/secret", reason: "l7_permission_deny", permission: "1"},
 			{caller: "web", method: "GET", path: "/secret/x"},
 		},
-	}, {
-		name: "a header test: the SPOA decides in both",
-		sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
-			httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/h/", Header: header("x-env", func(h *api.IntentionHTTPHeaderPermission) { h.Exact = "prod" })}),
-			httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/"}),
-		}}},
-		cases: []l7Case{
-			{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: prod"}, reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/h/", headers: []string{"X-Env: dev"}, permission: "2"},
-		},
-	}}
+	}
 }

@@ -57,11 +57,7 @@ func TestL7Intentions(t *testing.T) {
 		/* 13 */ httpPerm(allow, api.IntentionHTTPPermission{PathPrefix: "/h/"}),
 	}
 	tok := "X-Token: t"
-	groups := []struct {
-		name    string
-		sources []*api.SourceIntention
-		cases   []l7Case
-	}{{
+	groups := []l7Group{{
 		name: "match kinds",
 		sources: []*api.SourceIntention{
 			{Name: "web", Permissions: webPerms},
@@ -109,24 +105,9 @@ func TestL7Intentions(t *testing.T) {
 			{caller: "batch", method: "GET", path: "/private/x"},
 			{caller: "fresh", method: "GET", path: "/public", reason: "intention_deny"},
 		},
-	}, {
-		name: "a wildcard source with permissions; an exact L4 source beats it",
-		sources: []*api.SourceIntention{
-			{Name: "*", Permissions: []*api.IntentionPermission{
-				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/secret"}),
-				httpPerm(allow, api.IntentionHTTPPermission{Methods: []string{"GET"}}),
-				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/"}),
-			}},
-			{Name: "web", Action: allow},
-		},
-		cases: []l7Case{
-			{caller: "fresh", method: "GET", path: "/secret/x", reason: "l7_permission_deny", permission: "1"},
-			{caller: "fresh", method: "GET", path: "/x", permission: "2"},
-			{caller: "fresh", method: "PUT", path: "/x", reason: "l7_permission_deny", permission: "3"},
-			{caller: "batch", method: "GET", path: "/secret", reason: "l7_permission_deny", permission: "1"},
-			{caller: "web", method: "GET", path: "/secret/x"},
-		},
-	}}
+	},
+		wildcardL7Group(),
+	}
 
 	for _, g := range groups {
 		t.Run(g.name, func(t *testing.T) {
