@@ -185,14 +185,18 @@ func TestL7NativeMatchesSPOA(t *testing.T) {
 			took = append(took, time.Since(start))
 		}
 		t.Logf("a change of intention reached the open connection in %v (the write to Consul included)", took)
-		// Answered natively at the end: the new set was loaded.
-		before := count(native, "haconnect_l7_requests_total", l7Case{caller: "web", permission: "2"})
-		if code, _ := k.do(t, "GET", "/other"); code != 200 {
-			t.Fatalf("GET /other: %d, want 200", code)
-		}
-		if after := count(native, "haconnect_l7_requests_total", l7Case{caller: "web", permission: "2"}); after != before+1 {
-			t.Errorf("GET /other was not decided natively after the changes (count %v -> %v)", before, after)
-		}
+		// The first 200 above may be the SPOA's, while the maps were
+		// between the two sets; then the open connection is matched
+		// natively again (the last set is the first one: the name its
+		// decision carries).
+		other := l7Case{caller: "web", permission: "2"}
+		harness.WaitFor(t, 5*time.Second, "GET /other decided natively", func() bool {
+			before := count(native, "haconnect_l7_requests_total", other)
+			if code, _ := k.do(t, "GET", "/other"); code != 200 {
+				t.Fatalf("GET /other: %d, want 200", code)
+			}
+			return count(native, "haconnect_l7_requests_total", other) == before+1
+		})
 	})
 
 	t.Run("a new worker loads the current sets from their files", func(t *testing.T) {
@@ -277,7 +281,7 @@ func l7NativeGroups() []l7Group {
 		},
 	},
 		wildcardL7Group(),
-		{}, {
+		{
 			name: "a header test: the SPOA decides in both",
 			sources: []*api.SourceIntention{{Name: "web", Permissions: []*api.IntentionPermission{
 				httpPerm(deny, api.IntentionHTTPPermission{PathPrefix: "/h/", Header: header("x-env", func(h *api.IntentionHTTPHeaderPermission) { h.Exact = "prod" })}),
