@@ -225,13 +225,7 @@ func (m *Model) RateLimitMap() []MapEntry {
 }
 
 // RateLimitMapText is RateLimitMap as a map file.
-func (m *Model) RateLimitMapText() string {
-	var b strings.Builder
-	for _, e := range m.RateLimitMap() {
-		b.WriteString(e.Key + " " + e.Value + "\n")
-	}
-	return b.String()
-}
+func (m *Model) RateLimitMapText() string { return MapText(m.RateLimitMap()) }
 
 // callers is the layout of a caller's entry: the telemetry counters, then
 // one counter per scope a request of it can be refused in.

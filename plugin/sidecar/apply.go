@@ -112,7 +112,7 @@ func (s *Sidecar) buildModel(snap snapshot, spoaAddr string, slots map[string][]
 		Inbound:           reg.Inbound,
 		Exposed:           exposedPaths(reg, snap.exposedChecks),
 	}
-	if snap.l7Native {
+	if s.nativeL7() {
 		m.L7MapDir, m.L7Sets = s.cfg.Dir, snap.l7Sets
 	}
 	// -admin-bind, or the registration's envoy_*_bind_addr (settings.go).

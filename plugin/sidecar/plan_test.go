@@ -65,7 +65,9 @@ func TestPlanStartsWhatDoesNotRun(t *testing.T) {
 	if p.method != methodStart || p.runtime != nil || p.next.out != next.out {
 		t.Fatalf("plan %+v, want a start of next", p)
 	}
-	want := []string{"leaf.pem", "roots.pem", "spoe.conf", "haconnect.lua", "upstream_peers.map", "rate_limits.map", "latency_buckets.map"}
+	// The native L7 maps too: the test sidecar runs its own SPOA.
+	want := []string{"leaf.pem", "roots.pem", "spoe.conf", "haconnect.lua", "upstream_peers.map", "rate_limits.map", "latency_buckets.map",
+		"l7_sets.map", "l7_exact.map", "l7_prefix.map"}
 	if got := fileNames(p.files); !slices.Equal(got, want) {
 		t.Fatalf("a start writes %v, want every file %v", got, want)
 	}

@@ -191,6 +191,10 @@ func (s *Sidecar) setL7Sets(sets []*authz.NativeSet) {
 	}
 }
 
+// nativeL7 says whether HAProxy matches native L7 sets: the embedded SPOA
+// answers them, unless -spoa-only-l7.
+func (s *Sidecar) nativeL7() bool { return s.cfg.SPOAAddr == "" && !s.cfg.SPOAOnlyL7 }
+
 func (s *Sidecar) path(name string) string { return filepath.Join(s.cfg.Dir, name) }
 
 // Run serves until ctx is done, then stops HAProxy gracefully. It returns
@@ -335,7 +339,7 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 			Logger: s.log.Named("revoke"), Registerer: s.cfg.Registerer,
 		},
 	}
-	native := !external && !s.cfg.SPOAOnlyL7
+	native := s.nativeL7()
 	var authorizer atomic.Pointer[authz.Authorizer]
 	if native {
 		// The native L7 sets follow every change the authorizer reports
@@ -356,9 +360,6 @@ func (s *Sidecar) startSPOA(ctx context.Context, service string) (string, func()
 		return "", nil, err
 	}
 	authorizer.Store(agent.Authorizer)
-	if native {
-		s.update(func() { s.l7Native = true })
-	}
 	sctx, cancel := context.WithCancel(ctx)
 	agent.Start(sctx)
 	var running sync.WaitGroup

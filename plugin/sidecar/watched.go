@@ -23,10 +23,9 @@ type watched struct {
 	regErr error
 	leaf   *api.LeafCert
 	roots  *api.CARootList
-	// l7Native: the embedded SPOA answers native L7 sets, and l7Sets are
-	// the destination's (authz.Authorizer.NativeSets).
-	l7Native bool
-	l7Sets   []*authz.NativeSet
+	// l7Sets are the destination's native L7 sets
+	// (authz.Authorizer.NativeSets), when the embedded SPOA answers them.
+	l7Sets []*authz.NativeSet
 	// endpoints are the instances of each upstream (by key), from its
 	// watch's first answer on: a key that is absent is not loaded yet.
 	// Each slice is replaced whole, never changed in place.
@@ -122,7 +121,6 @@ type snapshot struct {
 	regErr    error
 	leaf      *api.LeafCert
 	roots     *api.CARootList
-	l7Native  bool
 	l7Sets    []*authz.NativeSet
 	endpoints map[string][]endpoint
 	// chains are the upstreams' chain answers (absent: not read, served
@@ -155,7 +153,7 @@ type unreadUpstream struct {
 func (w *watched) snapshot() snapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots, l7Native: w.l7Native, l7Sets: w.l7Sets,
+	snap := snapshot{reg: w.reg, regErr: w.regErr, leaf: w.leaf, roots: w.roots, l7Sets: w.l7Sets,
 		endpoints: map[string][]endpoint{}, pendingAt: w.pendingAt, exposedChecks: w.exposedChecks,
 		chains: map[string]chainAnswer{}, targetEndpoints: map[string][]endpoint{}}
 	w.pendingAt = time.Time{}

@@ -83,7 +83,8 @@ type Config struct {
 	// block) after the rules of a destination changed and the cache was
 	// re-evaluated, when Consul has not answered for a destination past the
 	// stale window (and when it answers again), and again while a Recheck
-	// of a destination could not decide. Holders of open connections use it to Recheck their callers.
+	// of a destination could not decide. Holders of open connections use
+	// it to Recheck their callers.
 	OnChange func(destination string)
 }
 
