@@ -45,6 +45,25 @@ type feature struct {
 }
 
 func meshFeatures() []feature {
+	fs := singleFeatures()
+	// Every feature off at once, measured in one pair of runs: what they
+	// cost together, which a sum of the single costs (each with its own
+	// noise) tells less well, and how near the ceiling (scenario 8) the
+	// rest of the rendered configurations is.
+	every := feature{name: everyFeatureOff}
+	for _, f := range fs[1:] {
+		every.edits = append(every.edits, f.edits...)
+	}
+	return append(fs, every)
+}
+
+// everyFeatureOff names the variant with every feature of singleFeatures
+// switched off.
+const everyFeatureOff = "every feature above off"
+
+// singleFeatures are F0, all features on, then one variant per feature
+// switched off alone.
+func singleFeatures() []feature {
 	whenChecked := " if { var(txn.hc_check) -m bool }"
 	header := func(name string) string { return `re:http-request (add|set)-header ` + regexp.QuoteMeta(name) + ` .*` }
 	return []feature{
