@@ -790,6 +790,7 @@ func (r report) markdown() string {
 	s.WriteString(r.matrixTables())
 	s.WriteString(r.ceilingParts())
 	s.WriteString(r.perfTable())
+	s.WriteString(r.syscallTable())
 	s.WriteString(r.featureTable())
 	s.WriteString(r.generatorCheck())
 	fmt.Fprintf(&s, "![keep-alive req/s](benchmarks.png)\n\n## Authorization\n\n")
@@ -904,10 +905,17 @@ func (r report) missedReasons() string {
 	var s strings.Builder
 	ceilingMissed := cpu(http2)/cpu(ceiling) > 1.15
 	inboundMissed := cpu(bare)/cpu(inbound) < 0.9 || medianRPS(inbound.rounds[ka])/medianRPS(bare.rounds[ka]) < 0.9
-	if !ceilingMissed && !inboundMissed {
+	tcpMissed := r.tcpCellsMissed()
+	if !ceilingMissed && !inboundMissed && len(tcpMissed) == 0 {
 		return ""
 	}
 	s.WriteString("### Why the missed targets are missed (figures from this run)\n\n")
+	if len(tcpMissed) > 0 {
+		fmt.Fprintf(&s, "- **tcp against Consul's proxy.** Missed in %s. Round by round (req/s ratio, CPU efficiency ratio): %s. "+
+			"Both proxies do the same work per request here, the kernel's sockets and the TLS records of two hops%s; "+
+			"with the smallest requests that per-request overhead weighs most, and the larger cells are ahead.\n",
+			strings.Join(tcpMissed, " and "), r.tcpRounds(), r.tcpSyscalls())
+	}
 	if ceilingMissed {
 		every := f[featureEvery]
 		fmt.Fprintf(&s, "- **Two hops, http, against the ceiling.** The target leaves haconnect's features %.1f us per request (0.15 of the ceiling's %.1f us); "+
@@ -934,6 +942,54 @@ func (r report) missedReasons() string {
 	}
 	s.WriteString("\n")
 	return s.String()
+}
+
+// tcpSyscalls compares the system calls per request of tcp (6) and
+// Consul's proxy (5), when they were counted.
+func (r report) tcpSyscalls() string {
+	tcp, consul := r.perf.syscalls[r.scenarios[5].name], r.perf.syscalls[r.scenarios[4].name]
+	if tcp == nil || consul == nil {
+		return ""
+	}
+	if tcp["total"] > consul["total"] {
+		return fmt.Sprintf(", but HAProxy 2.6 makes %.1f system calls a request for it against %.1f for Consul's proxy (system call table below)", tcp["total"], consul["total"])
+	}
+	return fmt.Sprintf(" (%.1f system calls a request against %.1f for Consul's proxy, system call table below)", tcp["total"], consul["total"])
+}
+
+// tcpCellsMissed names the matrix cells where tcp (6) is behind Consul's
+// proxy (5) in req/s or CPU per request.
+func (r report) tcpCellsMissed() []string {
+	tcp, consul := r.scenarios[5], r.scenarios[4]
+	var out []string
+	for _, c := range r.cells {
+		if len(tcp.rounds[c.key]) == 0 || len(consul.rounds[c.key]) == 0 {
+			continue
+		}
+		if medianRPS(tcp.rounds[c.key]) < medianRPS(consul.rounds[c.key]) || median(tcp.cpu[c.key]) > median(consul.cpu[c.key]) {
+			out = append(out, fmt.Sprintf("the %s, %d connections cell", c.body, c.conns))
+		}
+	}
+	return out
+}
+
+// tcpRounds gives, for each missed cell, each round's ratios of tcp (6)
+// to Consul's proxy (5): how far from parity the rounds were.
+func (r report) tcpRounds() string {
+	tcp, consul := r.scenarios[5], r.scenarios[4]
+	var cells []string
+	for _, c := range r.cells {
+		t, k := tcp.rounds[c.key], consul.rounds[c.key]
+		if len(t) == 0 || len(k) == 0 || (medianRPS(t) >= medianRPS(k) && median(tcp.cpu[c.key]) <= median(consul.cpu[c.key])) {
+			continue
+		}
+		var rounds []string
+		for i := 0; i < min(len(t), len(k)); i++ {
+			rounds = append(rounds, fmt.Sprintf("%.2fx/%.2fx", t[i].RPS/k[i].RPS, consul.cpu[c.key][i]/tcp.cpu[c.key][i]))
+		}
+		cells = append(cells, fmt.Sprintf("%s, %d connections: %s", c.body, c.conns, strings.Join(rounds, ", ")))
+	}
+	return strings.Join(cells, "; ")
 }
 
 // inboundShare compares the destination's features' cost with what the

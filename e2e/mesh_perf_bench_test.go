@@ -32,6 +32,10 @@ type perfBreakdown struct {
 	note      string
 	scenarios []*meshScenario
 	shares    map[string]cpuShares
+	// The system calls per request (mesh_syscalls_bench_test.go), or why
+	// there are none.
+	syscallNote string
+	syscalls    map[string]syscallCounts
 }
 
 // The categories, in the report's order.
@@ -75,7 +79,19 @@ func profileScenario(b *testing.B, app *benchAppServer, sc *meshScenario, tlsCfg
 	if err != nil {
 		return nil, fmt.Errorf("perf report: %v", err)
 	}
+	b.Logf("perf, %s: the busiest symbols\n%s", sc.name, topPerfLines(string(report), 15))
 	return parsePerfReport(string(report)), nil
+}
+
+// topPerfLines is the first n sample lines of a perf report, for the log.
+func topPerfLines(out string, n int) string {
+	var lines []string
+	for _, l := range strings.Split(out, "\n") {
+		if len(lines) < n && perfLine.MatchString(l) {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 var perfLine = regexp.MustCompile(`^\s+([0-9.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)$`)
@@ -145,21 +161,34 @@ func (r report) perfTable() string {
 // profileAll samples each scenario that has a data plane, keep-alive, for
 // dur each, or says why it cannot.
 func profileAll(b *testing.B, app *benchAppServer, tlsCfg *tls.Config, scenarios []*meshScenario, dur time.Duration) perfBreakdown {
-	if note := perfCheck(b); note != "" {
-		b.Logf("no CPU breakdown: %s", note)
-		return perfBreakdown{note: note}
+	p := perfBreakdown{note: perfCheck(b), shares: map[string]cpuShares{}, syscallNote: syscallCheck(), syscalls: map[string]syscallCounts{}}
+	if p.note != "" {
+		b.Logf("no CPU breakdown: %s", p.note)
 	}
-	p := perfBreakdown{shares: map[string]cpuShares{}}
+	if p.syscallNote != "" {
+		b.Logf("no system call count: %s", p.syscallNote)
+	}
 	for _, sc := range scenarios {
 		if len(sc.pids) == 0 {
 			continue
 		}
-		sh, err := profileScenario(b, app, sc, tlsCfg, dur)
-		if err != nil {
-			b.Fatalf("%s: CPU breakdown: %v", sc.name, err)
+		p.scenarios = append(p.scenarios, sc)
+		if p.note == "" {
+			sh, err := profileScenario(b, app, sc, tlsCfg, dur)
+			if err != nil {
+				b.Fatalf("%s: CPU breakdown: %v", sc.name, err)
+			}
+			p.shares[sc.name] = sh
+			b.Logf("CPU breakdown %-48s %v", sc.name, sh)
 		}
-		p.scenarios, p.shares[sc.name] = append(p.scenarios, sc), sh
-		b.Logf("CPU breakdown %-48s %v", sc.name, sh)
+		if p.syscallNote == "" {
+			c, err := countSyscalls(b, app, sc, tlsCfg, dur)
+			if err != nil {
+				b.Fatalf("%s: system calls: %v", sc.name, err)
+			}
+			p.syscalls[sc.name] = c
+			b.Logf("system calls per request %-48s %v", sc.name, c)
+		}
 	}
 	return p
 }
